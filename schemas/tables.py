@@ -1,0 +1,128 @@
+"""Every Arrow table the pipeline writes, declared once.
+
+Each stage reads only what the stage before it wrote, through these schemas:
+
+    URL_TABLE        jobs.ingest    normalized url list, one row per image to fetch
+    SHARD_MANIFEST   jobs.ingest    manifest.parquet, one row per webdataset shard
+    LABEL_TABLE      jobs.labels    <labels>/<shard>.parquet, one row per downloaded sample
+    VOCAB            jobs.labels    <labels>/vocab.parquet, one row per label
+    PREDICTIONS      jobs.evaluate  predictions.parquet, one row per validation sample
+    REPORT           jobs.evaluate  report.parquet, one row per (dataset, k)
+
+The version lives in each schema's metadata (``schema_name``, ``schema_version``); bump
+it whenever a field changes so that a reader meets a clear error instead of a silent
+mismatch.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = [
+    "LABEL_TABLE",
+    "PREDICTIONS",
+    "REPORT",
+    "SCHEMAS",
+    "SHARD_MANIFEST",
+    "URL_TABLE",
+    "VOCAB",
+]
+
+
+def _schema(name: str, version: int, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"schema_name": name, "schema_version": str(version)})
+
+
+URL_TABLE = _schema(
+    "url_table",
+    1,
+    [
+        # stable, unique within a source: the same input always yields the same keys
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        # several captions of one image (COCO, OpenImages narratives) are joined by "\n"
+        pa.field("caption", pa.string()),
+        pa.field("source", pa.string(), nullable=False),  # cc3m | coco | laion | openimages | folder
+        pa.field("split", pa.string(), nullable=False),
+    ],
+)
+
+SHARD_MANIFEST = _schema(
+    "shard_manifest",
+    1,
+    [
+        pa.field("shard", pa.string(), nullable=False),  # path of the .tar
+        pa.field("samples", pa.int64(), nullable=False),  # url rows assigned to the shard
+        pa.field("successes", pa.int64(), nullable=False),  # samples written into the tar
+        pa.field("failures", pa.int64(), nullable=False),
+        # failure reason (http_404, not_an_image, decode_error, timeout, ...) -> count
+        pa.field("failures_by_reason", pa.map_(pa.string(), pa.int64()), nullable=False),
+        pa.field("attempts", pa.int64(), nullable=False),  # 1 + retries the job spent on it
+        pa.field("seconds", pa.float64(), nullable=False),
+    ],
+)
+
+LABEL_TABLE = _schema(
+    "label_table",
+    1,
+    [
+        # the webdataset sample key (__key__ in the tar, "key" in its json)
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),  # shard name without extension, e.g. "00012"
+        pa.field("caption", pa.string()),
+        pa.field("labels", pa.list_(pa.string()), nullable=False),
+        pa.field("extractor", pa.string(), nullable=False),  # spacy | nltk
+    ],
+)
+
+VOCAB = _schema(
+    "vocab",
+    1,
+    [
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),  # captions whose label list holds it
+        pa.field("document_frequency", pa.float64(), nullable=False),  # count / captions
+    ],
+)
+
+PREDICTIONS = _schema(
+    "predictions",
+    1,
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("targets", pa.list_(pa.string()), nullable=False),
+        pa.field("predictions", pa.list_(pa.string()), nullable=False),  # sorted, most likely first
+        pa.field("probabilities", pa.list_(pa.float64()), nullable=False),
+        # semantic recall / precision / F1 of the top-k (largest k of the run); null on error
+        pa.field("recall", pa.float64()),
+        pa.field("precision", pa.float64()),
+        pa.field("f1", pa.float64()),
+        pa.field("error", pa.string()),  # why the sample could not be scored, e.g. a decode error
+    ],
+)
+
+REPORT = _schema(
+    "report",
+    1,
+    [
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("k", pa.int64(), nullable=False),
+        pa.field("samples", pa.int64(), nullable=False),  # scored samples
+        pa.field("failed", pa.int64(), nullable=False),  # samples that could not be scored
+        pa.field("recall", pa.float64(), nullable=False),  # semantic R, the paper's headline
+        pa.field("precision", pa.float64(), nullable=False),
+        pa.field("f1", pa.float64(), nullable=False),
+        pa.field("exact_recall", pa.float64(), nullable=False),  # exact-match recall@k
+        pa.field("exact_precision", pa.float64(), nullable=False),  # exact-match precision@k
+        pa.field("checkpoint", pa.string(), nullable=False),
+        pa.field("code_version", pa.string(), nullable=False),
+        pa.field("wall_time_s", pa.float64(), nullable=False),
+        pa.field("images_per_s", pa.float64(), nullable=False),
+    ],
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    s.metadata[b"schema_name"].decode(): s
+    for s in (URL_TABLE, SHARD_MANIFEST, LABEL_TABLE, VOCAB, PREDICTIONS, REPORT)
+}

@@ -1,0 +1,92 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import (
+    LABEL_TABLE,
+    PREDICTIONS,
+    REPORT,
+    SCHEMAS,
+    SHARD_MANIFEST,
+    URL_TABLE,
+    VOCAB,
+    SchemaError,
+    conform,
+    read_table,
+    validate,
+    write_table,
+)
+
+
+def _label_rows():
+    return pa.table(
+        {
+            "key": ["000000000", "000000001"],
+            "shard": ["00000", "00000"],
+            "caption": ["a red star on the table", None],
+            "labels": [["star", "table"], []],
+            "extractor": ["spacy", "spacy"],
+        }
+    )
+
+
+def test_every_schema_is_versioned_and_named():
+    assert set(SCHEMAS) == {"url_table", "shard_manifest", "label_table", "vocab", "predictions", "report"}
+    for name, schema in SCHEMAS.items():
+        assert schema.metadata[b"schema_name"].decode() == name
+        assert int(schema.metadata[b"schema_version"]) >= 1
+
+
+def test_declared_columns():
+    assert URL_TABLE.names == ["key", "url", "caption", "source", "split"]
+    assert LABEL_TABLE.field("labels").type == pa.list_(pa.string())
+    assert {"shard", "samples", "successes", "failures_by_reason"} <= set(SHARD_MANIFEST.names)
+    assert {"label", "count", "document_frequency"} <= set(VOCAB.names)
+    assert {"key", "targets", "predictions", "probabilities", "recall", "precision", "f1"} <= set(PREDICTIONS.names)
+    assert {"dataset", "k", "samples", "recall", "precision", "f1", "exact_recall", "checkpoint", "code_version", "wall_time_s", "images_per_s"} <= set(REPORT.names)
+
+
+def test_conform_round_trip(tmp_path):
+    path = tmp_path / "labels.parquet"
+    write_table(_label_rows(), path, LABEL_TABLE)
+    table = read_table(path, LABEL_TABLE)
+    assert table.column("labels").to_pylist() == [["star", "table"], []]
+    assert table.schema.metadata[b"schema_version"] == b"1"
+    assert not list(tmp_path.glob("*.tmp-*")), "atomic write left its temporary file"
+
+
+def test_missing_column_is_named():
+    with pytest.raises(SchemaError, match="missing column 'extractor'"):
+        validate(_label_rows().drop(["extractor"]), LABEL_TABLE)
+
+
+def test_wrong_type_is_named():
+    bad = _label_rows().set_column(3, "labels", pa.array(["star,table", ""]))
+    with pytest.raises(SchemaError, match="column 'labels' has type string"):
+        validate(bad, LABEL_TABLE)
+
+
+def test_null_in_required_column_is_named():
+    bad = _label_rows().set_column(0, "key", pa.array(["a", None]))
+    with pytest.raises(SchemaError, match="column 'key' holds 1 null"):
+        validate(bad, LABEL_TABLE)
+
+
+def test_unexpected_column_is_named():
+    with pytest.raises(SchemaError, match="unexpected column 'score'"):
+        validate(_label_rows().append_column("score", pa.array([1.0, 2.0])), LABEL_TABLE)
+
+
+def test_other_schema_version_is_refused(tmp_path):
+    table = conform(_label_rows(), LABEL_TABLE)
+    meta = dict(table.schema.metadata)
+    meta[b"schema_version"] = b"99"
+    path = tmp_path / "future.parquet"
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    with pytest.raises(SchemaError, match=r"future.parquet: label_table: written with schema version 99"):
+        read_table(path, LABEL_TABLE)
+
+
+def test_conform_reorders_and_casts():
+    shuffled = _label_rows().select(["labels", "extractor", "key", "caption", "shard"])
+    assert conform(shuffled, LABEL_TABLE).column_names == LABEL_TABLE.names
