@@ -44,3 +44,35 @@ def ray_head():
     head = ray_local.start_head(num_cpus=2)
     yield head
     head.stop()
+
+
+def build_shards(source_parquet: str, out: str, image_size: int = 64, per_shard: int = 20) -> str:
+    """Real img2dataset output (webdataset tars + per-shard parquet + stats) from a LAION-format file."""
+    import img2dataset
+
+    img2dataset.download(
+        url_list=source_parquet,
+        input_format="parquet",
+        url_col="URL",
+        caption_col="TEXT",
+        output_folder=out,
+        output_format="webdataset",
+        processes_count=1,
+        thread_count=8,
+        image_size=image_size,
+        resize_mode="center_crop",
+        number_sample_per_shard=per_shard,
+        distributor="multiprocessing",
+        extract_exif=False,
+        enable_wandb=False,
+        timeout=5,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(served_world, tmp_path_factory):
+    """{split: folder} of webdataset shards downloaded by img2dataset from the served world."""
+    world, _, sources = served_world
+    root = tmp_path_factory.mktemp("shards")
+    return {split: build_shards(sources[split]["laion"], str(root / split)) for split in ("train", "val")}
