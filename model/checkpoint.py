@@ -352,3 +352,20 @@ def import_nxtp(
     model = NxTP(NxTPConfig(vision=vcfg, decoder=dcfg))
     load_state_strict(model, mapped, checkpoint)
     return model.eval(), tok, notes
+
+
+def load_model(
+    checkpoint: str,
+    tokenizer_path: str | None = None,
+    clip_weights: str | None = None,
+    llama_params: str | None = None,
+) -> tuple[NxTP, Tokenizer, list[str]]:
+    """An exported model folder, or a released NxTP ``.pth`` (which needs ``tokenizer_path``)."""
+    if os.path.isdir(checkpoint):
+        model, tok = load_pretrained(checkpoint)
+        return model, tok, []
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if not tokenizer_path:
+        raise ValueError(f"{checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
+    return import_nxtp(checkpoint, tokenizer_path, clip_weights, llama_params)
