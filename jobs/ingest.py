@@ -1,0 +1,306 @@
+"""Ingest a CC3M / CC12M / COCO / LAION / OpenImages subset into webdataset shards, on Ray.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m jobs.ingest --source cc3m --input /data/cc3m_train.tsv --output /data/shards/cc3m \\
+            --limit 500000 --seed 0 --image-size 512
+
+or directly, ``python -m jobs.ingest ...``, which connects to ``--ray-address`` (default:
+$RAY_ADDRESS) or starts a local Ray instance. Writes into ``--output``: the shards
+(``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` ...), ``manifest.parquet``,
+``urls.parquet`` (the URL table that was sharded), ``ingest_config.json`` and
+``ingest_summary.json``. Re-running the same command completes the missing shards.
+Exit status: 0 when every shard is done, 1 when some failed after retries (re-run to
+retry them), 2 on a usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
+
+import pyarrow as pa  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from pipeline import ingest, sources  # noqa: E402
+from schemas import URL_TABLE, read_table, write_table  # noqa: E402
+
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}  # albumentations would call home from every worker
+SUBMITTED = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the job supervisor under `ray job submit`
+
+
+@dataclass
+class IngestConfig:
+    """Everything one ingestion run depends on; saved as ``<output>/ingest_config.json``."""
+
+    source: str
+    """Format of --input: cc3m | cc12m (tsv), coco (captions json), laion (parquet), openimages (narratives jsonl)."""
+    input: str
+    """The URL list: a .tsv, a COCO captions .json, a LAION .parquet or an OpenImages narratives .jsonl."""
+    output: str
+    """Folder for shards, manifest and URL table; re-running on it completes missing shards."""
+    split: str = "train"
+    """Written into the split column of every row (and each sample's json)."""
+    limit: int | None = None
+    """Keep at most this many URLs (after filtering), chosen reproducibly from --seed."""
+    fraction: float | None = None
+    """Keep about this share of the URLs (after filtering, before --limit), chosen from --seed."""
+    seed: int = 0
+    """Seed of the --limit / --fraction selection: the same seed selects the same keys."""
+    images_dir: str | None = None
+    """coco only: pack the images of this local folder (file_name of each image) instead of downloading."""
+    url_map: str | None = None
+    """openimages only: csv with ImageID and OriginalURL columns mapping image ids to URLs."""
+    blocklist: str | None = None
+    """File of host / URL patterns never to download, one per line, added to the default (.onion hosts)."""
+    min_width: int = 0
+    """laion only: drop rows whose WIDTH is known and smaller."""
+    min_height: int = 0
+    """laion only: drop rows whose HEIGHT is known and smaller."""
+    min_similarity: float = 0.0
+    """laion only: drop rows whose CLIP similarity is below this."""
+    image_size: int = 256
+    """Target image size in pixels, applied according to --resize-mode."""
+    resize_mode: str = "keep_ratio"
+    """img2dataset resize mode: keep_ratio (smaller side = size) | center_crop | border | keep_ratio_largest | no."""
+    processes: int = 0
+    """Shards downloaded at once, one Ray task (1 CPU) each; 0: every CPU of the Ray cluster."""
+    threads: int = 32
+    """Download threads inside each shard task."""
+    samples_per_shard: int = 1000
+    """URL rows per shard (a shard holds the successes among them)."""
+    timeout: int = 10
+    """Seconds before one image download is given up (counted as timeout)."""
+    max_shard_retries: int = 2
+    """Times a failed shard is retried before the run gives up on it (a re-run tries again)."""
+    ray_address: str | None = None
+    """Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray instance is started)."""
+
+    def __post_init__(self):
+        if self.source not in sources.SOURCES:
+            raise ValueError(f"--source {self.source!r}: expected one of {', '.join(sources.SOURCES)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.images_dir is not None and self.source != "coco":
+            raise ValueError("--images-dir is for --source coco (pack a local COCO images folder)")
+        if (self.url_map is None) != (self.source != "openimages"):
+            raise ValueError("--url-map (ImageID -> OriginalURL csv) is required by, and only by, --source openimages")
+        if self.source != "laion" and (self.min_width or self.min_height or self.min_similarity):
+            raise ValueError("--min-width / --min-height / --min-similarity apply to --source laion only")
+        if min(self.min_width, self.min_height) < 0 or self.min_similarity < 0:
+            raise ValueError("--min-width / --min-height / --min-similarity must be >= 0")
+        if self.processes < 0 or self.max_shard_retries < 0:
+            raise ValueError("--processes and --max-shard-retries must be >= 0")
+        if not self.split or "/" in self.split:
+            raise ValueError(f"--split {self.split!r}: a plain name such as train or val")
+        self.shard_settings()  # checks image size, resize mode, threads, shard size, timeout
+
+    def shard_settings(self) -> ingest.ShardSettings:
+        return ingest.ShardSettings(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            samples_per_shard=self.samples_per_shard,
+            threads=self.threads,
+            timeout=self.timeout,
+        )
+
+    def paths(self) -> dict[str, str]:
+        """The path options that are set, by flag."""
+        names = ("input", "output", "images_dir", "url_map", "blocklist")
+        return {f"--{n.replace('_', '-')}": getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+# fields that decide which rows go into which shard and how they look: a re-run must keep them
+DATASET_FIELDS = (
+    "source", "input", "split", "limit", "fraction", "seed", "images_dir", "url_map", "blocklist",
+    "min_width", "min_height", "min_similarity", "image_size", "resize_mode", "samples_per_shard",
+)  # fmt: skip
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field, for --help."""
+    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def parse_args(argv: list[str] | None) -> IngestConfig:
+    p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = _field_docs(IngestConfig)
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(IngestConfig):
+        required = f.default is dataclasses.MISSING
+        typ = types[str(f.type).split(" |")[0]]
+        default = "" if required or f.default is None else f" (default {f.default})"
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, required=required, default=None if required else f.default, help=docs[f.name] + default)
+    try:
+        return IngestConfig(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        p.error(str(e))
+
+
+def check_paths(cfg: IngestConfig, submitted: bool) -> None:
+    """Clear errors for paths the cluster cannot use (they are resolved where the job runs)."""
+    where = "on the cluster (under `ray job submit` the job runs on the head node, in a copy of the working dir)" if submitted else "on this machine"
+    for flag, path in cfg.paths().items():
+        if submitted and not os.path.isabs(path):
+            raise ValueError(f"{flag} {path}: give an absolute path; paths are resolved {where}")
+        if flag != "--output" and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder (paths are resolved {where})")
+    if cfg.images_dir is not None and not os.path.isdir(cfg.images_dir):
+        raise FileNotFoundError(f"--images-dir {cfg.images_dir}: not a folder")
+
+
+def read_source(cfg: IngestConfig) -> sources.SourceRows:
+    if cfg.source in ("cc3m", "cc12m"):
+        return sources.read_tsv(cfg.input, cfg.split, source=cfg.source)
+    if cfg.source == "coco":
+        return sources.read_coco(cfg.input, cfg.split, images_dir=cfg.images_dir)
+    if cfg.source == "laion":
+        return sources.read_laion(cfg.input, cfg.split, cfg.min_width, cfg.min_height, cfg.min_similarity)
+    return sources.read_openimages(cfg.input, cfg.url_map, cfg.split)
+
+
+def check_resume(cfg: IngestConfig, urls: pa.Table) -> None:
+    """A re-run must describe the same shards as the run that wrote the output."""
+    config_path = os.path.join(cfg.output, "ingest_config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            before = json.load(f)
+        changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in DATASET_FIELDS if before.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(
+                f"{cfg.output} holds an ingestion made with other settings ({'; '.join(changed)}): "
+                "use a new --output, or delete this one to start over"
+            )
+    urls_path = os.path.join(cfg.output, "urls.parquet")
+    if os.path.exists(urls_path):
+        before = read_table(urls_path, URL_TABLE)
+        same = before.num_rows == urls.num_rows and all(before.column(c).equals(urls.column(c)) for c in ("key", "url"))
+        if not same:
+            raise ValueError(
+                f"{cfg.input} now gives a different URL table ({urls.num_rows} rows) than the one the shards in "
+                f"{cfg.output} were made from ({urls_path}, {before.num_rows} rows): the input changed; "
+                "use a new --output"
+            )
+
+
+def _save_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: IngestConfig) -> Iterator:
+    """Ray for the run: the caller's connection when it has one, else --ray-address / $RAY_ADDRESS
+    (set by `ray job submit`), else a private local instance on loopback; shut down if opened here."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=cfg.processes or None, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def run(cfg: IngestConfig) -> int:
+    os.makedirs(cfg.output, exist_ok=True)
+    with ingest.output_lock(cfg.output):
+        t0 = time.time()
+        rows = read_source(cfg)
+        local_root = cfg.images_dir
+        blocklist = sources.Blocklist.from_file(cfg.blocklist)
+        filtered = sources.filter_urls(rows.table, blocklist, local_root=local_root)
+        urls = sources.select_subset(filtered.table, cfg.limit, cfg.fraction, cfg.seed)
+        print(
+            f"read {rows.rows_read} input rows -> {rows.table.num_rows} urls, {filtered.table.num_rows} after filters, "
+            f"{urls.num_rows} selected ({time.time() - t0:.1f} s); blocklist: {', '.join(blocklist.patterns())}",
+            flush=True,
+        )
+        check_resume(cfg, urls)
+        write_table(urls, os.path.join(cfg.output, "urls.parquet"), URL_TABLE)
+        _save_json(os.path.join(cfg.output, "ingest_config.json"), dataclasses.asdict(cfg))
+
+        bar = tqdm(total=urls.num_rows, unit="img", desc="ingest", mininterval=1.0 if sys.stderr.isatty() else 10.0)
+
+        def progress(p: ingest.Progress) -> None:
+            bar.set_description(f"shards {p.shards_done}/{p.shards_total}")
+            bar.set_postfix(ok=p.successes, refresh=False)
+            bar.update(p.samples_done - bar.n)
+
+        try:
+            with ray_session(cfg):
+                result = ingest.run_ingest(
+                    urls,
+                    cfg.output,
+                    cfg.shard_settings(),
+                    processes=cfg.processes,
+                    max_shard_retries=cfg.max_shard_retries,
+                    local_root=local_root,
+                    worker_env=WORKER_ENV,
+                    progress=progress,
+                )
+        finally:
+            bar.close()
+        summary = ingest.summarize(
+            source=cfg.source,
+            input_path=cfg.input,
+            output=cfg.output,
+            rows_read=rows.rows_read,
+            url_rows=rows.table.num_rows,
+            skipped=rows.skipped,
+            filtered=filtered.dropped,
+            examples={**rows.examples, **filtered.examples},
+            selected=urls.num_rows,
+            result=result,
+        )
+        _save_json(os.path.join(cfg.output, "ingest_summary.json"), summary)
+        print(ingest.format_summary(summary), flush=True)
+        if result.shards_failed:
+            print(f"{len(result.shards_failed)} shard(s) failed after {cfg.max_shard_retries} retries: re-run the same command to retry them", file=sys.stderr)
+            return 1
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    print("ingest config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+    try:
+        check_paths(cfg, submitted=SUBMITTED in os.environ)
+        for name in ("input", "output", "images_dir", "url_map", "blocklist"):
+            if getattr(cfg, name) is not None:
+                setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
+        return run(cfg)
+    except (FileNotFoundError, ValueError, ingest.OutputBusyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
