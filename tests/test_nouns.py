@@ -1,0 +1,206 @@
+"""The noun extractor: the NxTP rule on hand-written captions, the synthetic world, bad input, both backends."""
+
+from __future__ import annotations
+
+import os
+
+import nltk
+import pytest
+
+from pipeline import nouns, synthetic
+from pipeline.nouns import ExtractorUnavailable, NounExtractor, caption_kind
+
+
+@pytest.fixture(scope="module")
+def spacy_extractor() -> NounExtractor:
+    return NounExtractor("spacy")
+
+
+@pytest.fixture(scope="module")
+def spacy_keep_numbers() -> NounExtractor:
+    return NounExtractor("spacy", keep_numbers=True)
+
+
+HAND_WRITTEN = [
+    ("a dog sitting on a bench", ["dog", "bench"]),
+    # regular and irregular plurals are lemmatized
+    ("three cats and two dogs on the sofas", ["cat", "dog", "sofa"]),
+    ("two mice and three children playing with leaves", ["mouse", "child", "leaf"]),
+    ("the wolves and the sheep", ["wolf", "sheep"]),
+    ("an old photo of the city streets with buses and taxis", ["photo", "city", "street", "bus", "taxi"]),
+    # noise words go, as whole words only: "laptop" keeps its "top"
+    ("a stock image of a dog in the background on a sunny day", ["dog"]),
+    ("person holding a laptop on top of a desk, illustration", ["laptop", "desk"]),
+    # hyphenated words stay whole
+    ("a close-up of a t-shirt on a well-known man", ["close-up", "t-shirt", "man"]),
+    ("the dog's bone, an x-ray and an e-mail", ["dog", "bone", "x-ray", "e-mail"]),
+    # characters outside the rule's set become spaces, so "/" separates words
+    ("dog/cat on the table", ["dog", "cat", "table"]),
+    # a period inside a line, capitals, repeated nouns counted once
+    ("A cup. A dog on the floor next to another dog.", ["cup", "dog", "floor"]),
+    # several lines: labels united in order of first appearance
+    ("a red circle on the grass\ntwo circles and a star on the grass", ["circle", "grass", "star"]),
+    # words with digits are dropped, unless keep_numbers
+    ("an mp3 player next to 3 dogs", ["player", "dog"]),
+    # lemmas shorter than 3 characters are dropped
+    ("an ox in the field", ["field"]),
+]
+
+
+@pytest.mark.parametrize("caption,expected", HAND_WRITTEN)
+def test_hand_written_captions(spacy_extractor, caption, expected):
+    assert spacy_extractor([caption]) == [expected]
+
+
+def test_keep_numbers(spacy_extractor, spacy_keep_numbers):
+    caption = "an mp3 player next to a b52 bomber"
+    assert spacy_extractor([caption]) == [["player", "bomber"]]
+    assert spacy_keep_numbers([caption]) == [["mp3", "player", "bomber"]]
+
+
+def test_batch_equals_one_by_one(spacy_extractor):
+    captions = [c for c, _ in HAND_WRITTEN] + [None, "", "😀"]
+    assert spacy_extractor(captions) == [spacy_extractor([c])[0] for c in captions]
+
+
+def _world_rows(world, n: int) -> list[dict]:
+    rows = world.samples("train") + world.samples("val")
+    # the same pure function write_world uses, for a few hundred samples of seed 0
+    for i in range(len(world.samples("train")), n):
+        s = synthetic.make_sample(0, "train", i, bad_fraction=0.1)
+        rows.append({"caption": "\n".join(s.captions), "labels": s.labels, "kind": s.kind})
+    return rows
+
+
+def test_synthetic_world_captions_give_the_ground_truth(world, spacy_extractor):
+    rows = _world_rows(world, 300)
+    assert len(rows) >= 300
+    lines, expected = [], []
+    for row in rows:
+        for line in row["caption"].split("\n"):
+            lines.append(line)
+            expected.append(sorted(row["labels"]) if row["kind"] != "empty_caption" else [])
+    assert len(lines) > 900
+    got = spacy_extractor(lines)
+    wrong = [(line, g, e) for line, g, e in zip(lines, got, expected) if sorted(g) != e]
+    assert not wrong, f"{len(wrong)} of {len(lines)} caption lines differ, e.g. {wrong[:3]}"
+
+
+@pytest.mark.parametrize(
+    "caption,kind",
+    [
+        (None, "null"),
+        ("", "empty"),
+        ("   \t\n ", "whitespace"),
+        ("😀😀😀 🎉", "no_words"),
+        ("!!! ??? 2019", "no_words"),
+        ("Ein Hund auf dem Tisch", "non_english"),
+        ("les enfants jouent dans le parc", "non_english"),
+        ("un perro en la playa", "non_english"),
+        ("een hond in het park", "non_english"),
+        ("一只狗坐在桌子上", "non_english"),
+        ("собака сидит на столе", "non_english"),
+        ("a dog on a table", "ok"),
+        ("wedding rings", "ok"),
+        ("Café de Flore in Paris at night", "ok"),
+        # documented limit: a short foreign caption without two function words passes
+        ("un chien", "ok"),
+    ],
+)
+def test_caption_kind(caption, kind):
+    assert caption_kind(caption) == kind
+
+
+def test_bad_captions_get_no_labels(spacy_extractor):
+    bad = [None, "", "  ", "😀😀😀", "Ein Hund auf dem Tisch", "一只狗坐在桌子上"]
+    assert spacy_extractor(bad) == [[] for _ in bad]
+
+
+def test_very_long_caption_is_truncated(spacy_extractor):
+    head = "a red circle on the table "
+    caption = head * (100_000 // len(head) + 1) + "and a zebra"
+    assert len(caption) > 100_000 and nouns.is_truncated(caption)
+    assert not nouns.is_truncated(head)
+    assert spacy_extractor([caption]) == [["circle", "table"]]  # the zebra lies past MAX_CAPTION_CHARS
+
+
+def test_backends_tokenize_as_documented(spacy_extractor):
+    from nltk.tokenize import TreebankWordTokenizer
+
+    treebank = TreebankWordTokenizer()
+    nlp = spacy_extractor._nlp
+    line = nouns.normalize("A cup. A dog")
+    assert treebank.tokenize(line) == ["a", "cup.", "a", "dog"]
+    assert [t.text for t in nlp(line)] == ["a", "cup", ".", "a", "dog"]
+    for tokens in (treebank.tokenize("the dog's bone & a t-shirt"), [t.text for t in nlp("the dog's bone & a t-shirt")]):
+        assert tokens == ["the", "dog", "'s", "bone", "&", "a", "t-shirt"]
+    tags = {t.text: t.tag_ for t in nlp("the sky is blue and orange")}
+    assert tags["orange"] == "JJ"
+    assert {t.text: t.tag_ for t in nlp("cacti in the desert")}["cacti"] == "RB"
+
+
+# ----------------------------------------------------------------------------- nltk backend
+
+# hand-tagged sentences (Penn tags) for a tiny perceptron tagger trained by the test
+TAGGED = [
+    "a/DT dog/NN sitting/VBG on/IN a/DT bench/NN",
+    "two/CD mice/NNS and/CC a/DT red/JJ cup/NN on/IN the/DT table/NN",
+    "the/DT children/NNS playing/VBG with/IN leaves/NNS in/IN the/DT grass/NN",
+    "a/DT man/NN in/IN a/DT t-shirt/NN holding/VBG a/DT cup/NN",
+    "three/CD red/JJ stars/NNS and/CC a/DT blue/JJ circle/NN in/IN the/DT sky/NN",
+    "a/DT small/JJ dog/NN with/IN two/CD children/NNS on/IN the/DT grass/NN",
+    "the/DT cup/NN is/VBZ on/IN the/DT table/NN",
+    "a/DT blue/JJ bench/NN in/IN the/DT snow/NN",
+]
+
+
+def _tagged_sentences() -> list[list[tuple[str, str]]]:
+    return [[tuple(token.rsplit("/", 1)) for token in s.split()] for s in TAGGED]
+
+
+def _wordnet_root() -> str:
+    return os.path.dirname(os.path.dirname(nltk.data.find("corpora/wordnet")))
+
+
+def test_nltk_backend_names_the_missing_tagger(tmp_path, monkeypatch):
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path), _wordnet_root()])
+    with pytest.raises(ExtractorUnavailable, match="averaged_perceptron_tagger_eng"):
+        NounExtractor("nltk")
+    with pytest.raises(ExtractorUnavailable, match="averaged_perceptron_tagger_eng"):
+        nouns.check_available("nltk")
+    nouns.check_available("spacy")  # the spacy backend does not need it
+
+
+def test_nltk_backend_with_a_tagger_trained_here(tmp_path, monkeypatch):
+    from nltk.tag import PerceptronTagger
+
+    root = tmp_path / "nltk_data"
+    folder = root / "taggers" / nouns.NLTK_TAGGER
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(nltk.data, "path", [str(root), _wordnet_root()])
+    tagger = PerceptronTagger(load=False)
+    tagger.train(_tagged_sentences(), nr_iter=10)
+    tagger.save_to_json(lang="eng", loc=str(folder))  # NLTK's on-disk format, found as taggers/averaged_perceptron_tagger_eng/
+    assert sorted(os.listdir(folder)) == [f"{nouns.NLTK_TAGGER}.{part}.json" for part in ("classes", "tagdict", "weights")]
+
+    extractor = NounExtractor("nltk")
+    captions = [
+        "A dog sitting on a bench",
+        "two mice and a red cup on the table",
+        "the children playing with leaves in the grass",
+        "a man in a t-shirt holding a cup, a dog",
+        "a stock image of three red stars in the sky",
+        None,
+        "Ein Hund auf dem Tisch",
+    ]
+    expected = [
+        ["dog", "bench"],
+        ["mouse", "cup", "table"],
+        ["child", "leaf", "grass"],
+        ["man", "t-shirt", "cup", "dog"],
+        ["star", "sky"],
+        [],
+        [],
+    ]
+    assert extractor(captions) == expected
+    assert NounExtractor("spacy")(captions) == expected
