@@ -7,8 +7,8 @@
 or directly, ``python -m jobs.ingest ...``, which connects to ``--ray-address`` (default:
 $RAY_ADDRESS) or starts a local Ray instance. Writes into ``--output``: the shards
 (``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` ...), ``manifest.parquet``,
-``urls.parquet`` (the URL table that was sharded), ``ingest_config.json`` and
-``ingest_summary.json``. Re-running the same command completes the missing shards.
+``urls.parquet`` (the URL table that was sharded), ``ingest_config.json``,
+``ingest_summary.json`` and ``ingest_attempts.json`` (attempts per shard, across runs). Re-running the same command completes the missing shards.
 Exit status: 0 when every shard is done, 1 when some failed after retries (re-run to
 retry them), 2 on a usage or input error.
 """
@@ -179,6 +179,8 @@ def read_source(cfg: IngestConfig) -> sources.SourceRows:
 def check_resume(cfg: IngestConfig, urls: pa.Table) -> None:
     """A re-run must describe the same shards as the run that wrote the output."""
     config_path = os.path.join(cfg.output, "ingest_config.json")
+    if not os.path.exists(config_path) and ingest.done_shards(cfg.output):
+        raise ValueError(f"{cfg.output} holds shards that jobs.ingest did not write (no ingest_config.json): use a new --output")
     if os.path.exists(config_path):
         with open(config_path) as f:
             before = json.load(f)

@@ -329,14 +329,31 @@ def done_shards(output: str) -> set[int]:
 
 
 def read_stats(output: str, shard_id: int, digits: int) -> dict | None:
+    """A done shard's stats, or None when it is not done."""
     path = os.path.join(output, f"{shard_id:0{digits}d}{STATS_SUFFIX}")
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: unreadable shard stats ({e}); delete it to redo the shard") from None
+
+
+def drop_unreadable_stats(output: str, shards: int) -> list[str]:
+    """Remove stats files cut short by a crash (img2dataset writes them in place): their shards are redone."""
+    dropped = []
+    digits = shard_digits(shards)
+    for shard_id in sorted(done_shards(output)):
+        path = os.path.join(output, f"{shard_id:0{digits}d}{STATS_SUFFIX}")
+        try:
+            with open(path) as f:
+                stats = json.load(f)
+            if not {"count", "successes", "duration", "status_dict"} <= set(stats):
+                raise ValueError("fields missing")
+        except (ValueError, OSError) as e:
+            log.warning("%s: unreadable shard stats (%s): the shard will be redone", path, e)
+            os.remove(path)
+            dropped.append(path)
+    return dropped
 
 
 def check_urls(urls: pa.Table, local_root: str | None) -> None:
@@ -540,6 +557,7 @@ def run_ingest(
 
     shards = shard_count(urls.num_rows, settings.samples_per_shard)
     digits = shard_digits(shards)
+    drop_unreadable_stats(output, shards)
     done = {s for s in done_shards(output) if s < shards}
     attempts_path = os.path.join(output, "ingest_attempts.json")
     attempts = _load_attempts(attempts_path)

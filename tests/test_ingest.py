@@ -192,6 +192,13 @@ def test_usage_errors_name_the_path(tmp_path, capsys):
         ingest_job.IngestConfig(source="openimages", input="/x", output="/y")
     with pytest.raises(SystemExit):
         ingest_job.parse_args(["--source", "cc3m", "--input", "/x", "--output", "/y", "--resize-mode", "stretch"])
+    url_list = tmp_path / "list.tsv"
+    url_list.write_text("a caption\thttp://127.0.0.1:9/a.jpg\n")
+    foreign = tmp_path / "foreign"  # shards some other tool wrote
+    foreign.mkdir()
+    (foreign / "00000_stats.json").write_text("{}")
+    assert ingest_job.main(["--source", "cc3m", "--input", str(url_list), "--output", str(foreign)]) == 2
+    assert "did not write" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -302,7 +309,8 @@ def test_killed_run_resumes_without_duplicates(served_world, ray_head, repo_root
 
 
 def test_failed_shard_is_retried_then_completed_by_a_rerun(served_world, ray_driver, tmp_path):
-    """A shard whose tar cannot be put in place fails on every attempt: bounded retries, exit 1, then a re-run finishes it."""
+    """A shard whose tar cannot be put in place fails on every attempt: bounded retries, exit 1, then a
+    re-run finishes it (and redoes a shard whose stats file a crash cut short)."""
     world, _, paths = served_world
     out = tmp_path / "out"
     (out / "00001.tar").mkdir(parents=True)  # a folder where shard 1's tar must go
@@ -316,9 +324,11 @@ def test_failed_shard_is_retried_then_completed_by_a_rerun(served_world, ray_dri
         assert json.load(f)["1"] == 3
 
     shutil.rmtree(out / "00001.tar")
+    (out / "00000_stats.json").write_text('{"count": 8, "succ')  # as if a crash cut it short
     assert run_job(*args) == 0
     manifest = read_table(str(out / "manifest.parquet"), SHARD_MANIFEST).to_pylist()
-    assert {os.path.basename(r["shard"]): r["attempts"] for r in manifest} == {"00000.tar": 1, "00001.tar": 4, "00002.tar": 1}
+    assert {os.path.basename(r["shard"]): r["attempts"] for r in manifest} == {"00000.tar": 2, "00001.tar": 4, "00002.tar": 1}
+    assert summary_of(str(out))["shards"]["done_before"] == 1
     samples = world.samples("val")
     check_against_world(str(out), samples, lambda s: f"cc3m-{s['index']:09d}", lambda s: s["caption"].split("\n")[0])
 
