@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        labels.check_extractor(cfg.extractor, cfg.spacy_model, cfg.nltk_data)
+    except ExtractorUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     import ray
 
     started_ray = _start_ray(cfg)

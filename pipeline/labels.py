@@ -302,6 +302,12 @@ class ExtractLabels:
         )
 
 
+def check_extractor(extractor: str, spacy_model: str | None = None, nltk_data: Sequence[str] = ()) -> None:
+    """Raise ``ExtractorUnavailable`` naming what ``extractor`` lacks (model, WordNet, tagger data); loads nothing."""
+    _add_nltk_data(nltk_data)
+    check_available(extractor, spacy_model)
+
+
 def _add_nltk_data(folders: Sequence[str]) -> None:
     if folders:
         import nltk
@@ -405,8 +411,7 @@ def label_shards(
 
     log = log or (lambda message: None)
     stage_args = {"extractor": extractor, "keep_numbers": keep_numbers, "spacy_model": spacy_model, "nltk_data": tuple(nltk_data)}
-    _add_nltk_data(nltk_data)
-    check_available(extractor, spacy_model)  # fails here, in the driver, when the model or data is missing
+    check_extractor(extractor, spacy_model, nltk_data)  # fails here, in the driver, when the model or data is missing
 
     specs = [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in shards]
     log(f"reading {len(specs)} shard(s)")
@@ -501,7 +506,11 @@ def staged_output(output: str) -> Iterator[str]:
         if os.path.exists(output):
             old = os.path.join(parent, f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(output, old)
-            os.rename(tmp, output)
+            try:
+                os.rename(tmp, output)
+            except BaseException:
+                os.rename(old, output)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, output)

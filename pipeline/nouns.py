@@ -52,8 +52,8 @@ same WordNet lemmatizer; they differ in tokenization and in the tagging model):
   and when it calls it a noun the period is stripped ("cup"). Both tokenizers split
   "'s" and "&" off ("the dog's bone" -> "dog", "'s", "bone") and keep hyphenated
   words whole.
-- The taggers are different models (spaCy's CNN trained on OntoNotes, NLTK's
-  perceptron trained on the Wall Street Journal), so they disagree on ambiguous words:
+- The taggers are different models (spaCy's CNN trained on OntoNotes 5, NLTK's
+  averaged perceptron on its own data), so they disagree on ambiguous words:
   spaCy tags "orange" in "the sky is blue and orange" JJ and "cacti" in "cacti in the
   desert" RB, so neither is a label; whether NLTK's tagger agrees depends on its
   model.

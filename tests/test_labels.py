@@ -234,6 +234,19 @@ def test_job_rejects_missing_and_relative_paths(tmp_path, monkeypatch, capsys):
         job.parse_args(["--shards", str(tmp_path), "--output", str(tmp_path / "o"), "--batch-size", "0"])
 
 
+def test_job_names_the_missing_nltk_tagger_before_starting_ray(job_shards, tmp_path, monkeypatch, capsys):
+    import nltk
+
+    from jobs import labels as job
+
+    wordnet_root = os.path.dirname(os.path.dirname(nltk.data.find("corpora/wordnet")))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path), wordnet_root])
+    argv = ["--shards", job_shards, "--output", str(tmp_path / "out"), "--extractor", "nltk", "--nltk-data", str(tmp_path)]
+    assert job.main(argv) == 1
+    assert "averaged_perceptron_tagger_eng" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- the job on a real Ray head
 
 
