@@ -36,7 +36,12 @@ from tqdm import tqdm  # noqa: E402
 from pipeline import ingest, sources  # noqa: E402
 from schemas import URL_TABLE, read_table, write_table  # noqa: E402
 
-WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}  # albumentations would call home from every worker
+WORKER_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations would call home from every worker
+    # Ray starts workers at nice 15; the download tasks run at 0, like img2dataset's own processes
+    # and Ray's job supervisor, so that other work on a busy node does not starve them
+    "RAY_worker_niceness": "0",
+}
 SUBMITTED = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the job supervisor under `ray job submit`
 
 
