@@ -76,3 +76,40 @@ def shards(served_world, tmp_path_factory):
     world, _, sources = served_world
     root = tmp_path_factory.mktemp("shards")
     return {split: build_shards(sources[split]["laion"], str(root / split)) for split in ("train", "val")}
+
+
+def write_label_tables(shards_dir: str, out_dir: str) -> str:
+    """Label tables for img2dataset shards, written with the noun extractor (no Ray)."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.nouns import NounExtractor
+    from schemas import LABEL_TABLE, write_table
+
+    extractor = NounExtractor()
+    os.makedirs(os.path.join(out_dir, "labels"), exist_ok=True)
+    for path in sorted(glob.glob(os.path.join(shards_dir, "*.parquet"))):
+        shard = os.path.basename(path).removesuffix(".parquet")
+        rows = pq.read_table(path, columns=["key", "caption", "status"]).to_pylist()
+        rows = [r for r in rows if r["status"] == "success"]
+        labels = extractor([r["caption"] for r in rows])
+        table = pa.table(
+            {
+                "key": [r["key"] for r in rows],
+                "shard": [shard] * len(rows),
+                "caption": [r["caption"] for r in rows],
+                "labels": labels,
+                "extractor": ["spacy"] * len(rows),
+            }
+        )
+        write_table(table, os.path.join(out_dir, "labels", f"{shard}.parquet"), LABEL_TABLE)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def labelled_shards(shards, tmp_path_factory):
+    """{split: (shards folder, labels folder)} for the served world's shards."""
+    root = tmp_path_factory.mktemp("labels")
+    return {split: (path, write_label_tables(path, str(root / split))) for split, path in shards.items()}
