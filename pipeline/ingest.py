@@ -338,12 +338,10 @@ def read_stats(output: str, shard_id: int, digits: int) -> dict | None:
         return None
 
 
-def drop_unreadable_stats(output: str, shards: int) -> list[str]:
+def drop_unreadable_stats(output: str) -> list[str]:
     """Remove stats files cut short by a crash (img2dataset writes them in place): their shards are redone."""
     dropped = []
-    digits = shard_digits(shards)
-    for shard_id in sorted(done_shards(output)):
-        path = os.path.join(output, f"{shard_id:0{digits}d}{STATS_SUFFIX}")
+    for path in sorted(glob.glob(os.path.join(glob.escape(output), f"*{STATS_SUFFIX}"))):
         try:
             with open(path) as f:
                 stats = json.load(f)
@@ -557,7 +555,7 @@ def run_ingest(
 
     shards = shard_count(urls.num_rows, settings.samples_per_shard)
     digits = shard_digits(shards)
-    drop_unreadable_stats(output, shards)
+    drop_unreadable_stats(output)
     done = {s for s in done_shards(output) if s < shards}
     attempts_path = os.path.join(output, "ingest_attempts.json")
     attempts = _load_attempts(attempts_path)
