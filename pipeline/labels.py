@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tarfile
@@ -104,11 +105,14 @@ def find_shards(folder: str) -> list[Shard]:
 # ----------------------------------------------------------------------------- reading
 
 
+# webdataset's rule (tariterators.base_plus_ext), without importing webdataset, which imports torch
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
 def sample_key(member: str) -> tuple[str | None, str | None]:
     """(key, extension) of a tar member, as webdataset splits it: ``a/b.seg.txt`` -> (``a/b``, ``seg.txt``)."""
-    from webdataset.tariterators import base_plus_ext
-
-    return base_plus_ext(member)
+    match = _KEY_EXT.match(member)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 def _tar_members(tar: tarfile.TarFile, path: str) -> list[tarfile.TarInfo]:

@@ -106,6 +106,13 @@ def test_parquet_and_tar_give_the_same_captions(shards):
     assert len(keys) < len(status)  # the world's bad rows were not downloaded: not in the tar, not labelled
 
 
+def test_sample_key_follows_webdataset():
+    from webdataset.tariterators import base_plus_ext
+
+    for member in ("0000001.jpg", "0000001.txt", "a/b/000.seg.txt", "dir.v2/abc.json", "noext", "x/.hidden", "k.tar.gz"):
+        assert labels.sample_key(member) == base_plus_ext(member), member
+
+
 def test_bad_caption_tar_is_read(job_shards):
     keys, captions = labels.read_tar_captions(os.path.join(job_shards, "00003.tar"))
     assert keys == [k for k, _, _ in BAD_CAPTIONS]
