@@ -215,22 +215,43 @@ def _save_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _submitted_env_vars() -> dict:
+    """Env vars the submitter put in the job's runtime env (``ray job submit --runtime-env-json``)."""
+    try:
+        return json.loads(os.environ.get(SUBMITTED, "{}")).get("runtime_env", {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
 @contextlib.contextmanager
-def ray_session(cfg: IngestConfig) -> Iterator:
+def ray_session(cfg: IngestConfig) -> Iterator[dict[str, str] | None]:
     """Ray for the run: the caller's connection when it has one, else --ray-address / $RAY_ADDRESS
-    (set by `ray job submit`), else a private local instance on loopback; shut down if opened here."""
+    (set by `ray job submit`), else a private local instance on loopback; shut down if opened here.
+
+    Yields the env vars the download tasks still need per task: None when WORKER_ENV went
+    into the job's own runtime env, so that the tasks run in the job's (prestarted) workers
+    rather than in extra ones started for a per-task env.
+    """
     import ray
 
     if ray.is_initialized():
-        yield ray
+        yield dict(WORKER_ENV)
         return
+    taken = _submitted_env_vars()  # the submitter's own setting wins; Ray refuses a conflicting one
+    runtime_env = {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in taken}}
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=cfg.processes or None, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=cfg.processes or None,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+        )
     try:
-        yield ray
+        yield None
     finally:
         ray.shutdown()
 
@@ -261,7 +282,7 @@ def run(cfg: IngestConfig) -> int:
             bar.update(p.samples_done - bar.n)
 
         try:
-            with ray_session(cfg):
+            with ray_session(cfg) as task_env:
                 result = ingest.run_ingest(
                     urls,
                     cfg.output,
@@ -269,7 +290,7 @@ def run(cfg: IngestConfig) -> int:
                     processes=cfg.processes,
                     max_shard_retries=cfg.max_shard_retries,
                     local_root=local_root,
-                    worker_env=WORKER_ENV,
+                    worker_env=task_env,
                     progress=progress,
                 )
         finally:
