@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                     print(json.dumps(results["big"][side]), flush=True)
                     shutil.rmtree(out, ignore_errors=True)
             results["commands"] = {
-                "ray": " ".join(ray_cmd(args.ab_images, "<out>")[1:]).replace(work, "<work>"),
+                "ray": " ".join(ray_cmd(args.ab_images, "<out>")[1:]).replace(work, "<work>").replace(head.gcs_address, "<head>"),
                 "multiprocessing": "python -c <img2dataset.download(...)> "
                 + " ".join(mp_cmd(args.ab_images, "<out>")[3:]).replace(work, "<work>"),
                 "baseline_source": BASELINE.strip(),
@@ -262,7 +262,7 @@ def render_markdown(res: dict) -> str:
         "(keep_ratio), JPEG quality 95, sha256, no EXIF, on both sides. Each run is a fresh process; "
         "`jobs.ingest` connects to a running Ray head (as under `ray job submit`).",
         "",
-        f"## A/B, {cfg['ab_images']} rows, {cfg['rounds']} rounds alternating",
+        f"## A/B, the first {cfg['ab_images']} rows ({res['runs'][0]['rows']} with a caption), {cfg['rounds']} rounds alternating",
         "",
         "| round | side | images | wall s | images/s (wall) | shard phase s | images/s (shard phase) | load (1 min) before |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -285,7 +285,8 @@ def render_markdown(res: dict) -> str:
         "",
     ]
     if "big" in res:
-        lines += [f"## {cfg['big_images']}-row subset (one run each)", ""]
+        rows = res["big"]["ray"]["rows"]
+        lines += [f"## The first {cfg['big_images']} rows ({rows} with a caption), one run each", ""]
         for side, label in (("ray", "jobs.ingest (Ray)"), ("multiprocessing", "img2dataset.download (multiprocessing)")):
             b = res["big"][side]
             lines.append(
