@@ -277,9 +277,9 @@ def run(cfg: IngestConfig) -> int:
         bar = tqdm(total=urls.num_rows, unit="img", desc="ingest", mininterval=1.0 if sys.stderr.isatty() else 10.0)
 
         def progress(p: ingest.Progress) -> None:
-            bar.set_description(f"shards {p.shards_done}/{p.shards_total}")
+            bar.set_description(f"shards {p.shards_done}/{p.shards_total}", refresh=False)
             bar.set_postfix(ok=p.successes, refresh=False)
-            bar.update(p.samples_done - bar.n)
+            bar.update(p.samples_done - bar.n)  # prints at most every mininterval
 
         try:
             with ray_session(cfg) as task_env:

@@ -34,7 +34,7 @@ from schemas import SHARD_MANIFEST, URL_TABLE, read_table
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 EXPECTED_REASON = {"dead_url": "http_404", "not_image": "not_an_image", "truncated_jpeg": "decode_error"}
-TEST_LIMIT_S = 100
+TEST_LIMIT_S = 150  # a bound, not a target: the runs take 10-40 s, more when the machine is busy
 
 
 @pytest.fixture(autouse=True)
@@ -300,7 +300,7 @@ def test_killed_run_resumes_without_duplicates(served_world, ray_head, repo_root
         with tarfile.open(tar) as t:
             t.getmembers()
 
-    second = subprocess.run(cmd, cwd=repo_root, env=ray_head.env, capture_output=True, text=True, timeout=TEST_LIMIT_S - 40)
+    second = subprocess.run(cmd, cwd=repo_root, env=ray_head.env, capture_output=True, text=True, timeout=TEST_LIMIT_S - 60)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary = summary_of(out)
     assert summary["shards"]["done_before"] == len(done_at_kill)
@@ -405,7 +405,7 @@ def test_openimages_direct_run_starts_its_own_ray(served_world, repo_root, tmp_p
     cmd = [
         sys.executable, "-m", "jobs.ingest", "--source", "openimages", "--input", paths["val"]["openimages"],
         "--url-map", paths["val"]["openimages_urls"], "--output", out, "--split", "val",
-        "--image-size", "64", "--samples-per-shard", "12", "--threads", "4", "--processes", "2",
+        "--image-size", "64", "--samples-per-shard", "12", "--threads", "4", "--processes", "1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=TEST_LIMIT_S - 10)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
