@@ -232,6 +232,7 @@ def test_submit_cc3m_every_row_lands_once_or_is_counted(served_world, ray_head, 
         assert json.load(f)["input"] == paths["train"]["cc3m"]
 
 
+@pytest.mark.cluster
 def test_file_urls_never_land_and_filters_are_counted(served_world, ray_driver, tmp_path):
     """A URL list (with a header line) holding file:// URLs to real local images, blocked hosts, dupes."""
     world, base_url, _ = served_world
@@ -308,6 +309,7 @@ def test_killed_run_resumes_without_duplicates(served_world, ray_head, repo_root
     check_against_world(out, samples, lambda s: f"cc3m-{s['index']:09d}", lambda s: s["caption"].split("\n")[0])
 
 
+@pytest.mark.cluster
 def test_failed_shard_is_retried_then_completed_by_a_rerun(served_world, ray_driver, tmp_path):
     """A shard whose tar cannot be put in place fails on every attempt: bounded retries, exit 1, then a
     re-run finishes it (and redoes a shard whose stats file a crash cut short)."""
@@ -333,6 +335,7 @@ def test_failed_shard_is_retried_then_completed_by_a_rerun(served_world, ray_dri
     check_against_world(str(out), samples, lambda s: f"cc3m-{s['index']:09d}", lambda s: s["caption"].split("\n")[0])
 
 
+@pytest.mark.cluster
 def test_coco_captions_json(served_world, ray_driver, tmp_path):
     world, _, paths = served_world
     out = str(tmp_path / "coco")
@@ -343,6 +346,7 @@ def test_coco_captions_json(served_world, ray_driver, tmp_path):
     assert {e["json"]["split"] for v in shard_samples(out).values() for e in v} == {"val"}
 
 
+@pytest.mark.cluster
 def test_coco_local_images_folder_is_packed_without_download(served_world, ray_driver, tmp_path):
     world, _, paths = served_world
     with open(paths["val"]["coco"]) as f:
@@ -366,6 +370,7 @@ def test_coco_local_images_folder_is_packed_without_download(served_world, ray_d
     assert all(e["json"]["url"].startswith(images_dir + os.sep) for v in landed.values() for e in v)
 
 
+@pytest.mark.cluster
 def test_laion_filters_and_reproducible_limit(served_world, ray_driver, tmp_path):
     world, _, paths = served_world
     raw = pq.read_table(paths["train"]["laion"]).to_pylist()
