@@ -35,10 +35,13 @@ def single_node_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
     Ray resolves ``--node-ip-address=127.0.0.1`` to the machine's routable address unless
     told that no multi-node cluster is wanted (the variable's name says Windows/OSX, but
-    the switch is generic).
+    the switch is generic). Token authentication is off for this loopback-only head: Ray
+    would otherwise switch it on as soon as any local ``ray.init()`` has written
+    ``~/.ray/auth_token``, and clients that do not know the token would be refused.
     """
     env = dict(os.environ if base is None else base)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["RAY_AUTH_MODE"] = "disabled"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in env.get("PATH", "").split(os.pathsep):

@@ -14,6 +14,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every Ray address on loopback
+os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback heads; no ~/.ray/auth_token written by local ray.init()
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
