@@ -29,9 +29,6 @@ from jobs import ingest as ingest_job
 from pipeline import ingest, synthetic
 from schemas import SHARD_MANIFEST, URL_TABLE, read_table
 
-# Ray 2.60 turns token authentication on for every `ray start` once ~/.ray/auth_token exists
-# (any local ray.init() writes it), and the head fixture's readiness probe sends no token.
-
 EXPECTED_REASON = {"dead_url": "http_404", "not_image": "not_an_image", "truncated_jpeg": "decode_error"}
 TEST_LIMIT_S = 150  # a bound, not a target: the runs take 10-40 s, more when the machine is busy
 
