@@ -131,7 +131,10 @@ def _start_ray(cfg: LabelsConfig) -> bool:
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address, log_to_driver=True)
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local instance on 127.0.0.1
+    # a local instance for this job only: on 127.0.0.1, without token auth (which would also write
+    # ~/.ray/auth_token and so turn auth on for every later `ray start` on the machine)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
 

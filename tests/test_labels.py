@@ -16,10 +16,6 @@ from pipeline.labels import Shard, ShardReadError
 from schemas import LABEL_TABLE, VOCAB
 from schemas.validate import read_table, validate
 
-# Ray 2.60 turns token authentication on for every `ray start` once ~/.ray/auth_token exists
-# (any local ray.init() writes it), and the head fixture's readiness probe sends no token.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 LONG_CAPTION = "a red circle on the table " * 4000 + "and a zebra"  # 104k characters
 # the tar-only shard of bad captions: (key, members), with the kind each caption is counted as
 BAD_CAPTIONS = [
