@@ -223,7 +223,7 @@ def read_shard(shard: Shard) -> tuple[list[str], list[str | None]]:
 
 
 def read_shards_batch(batch: pa.Table) -> pa.Table:
-    """Ray stage: shard specs (shard, tar, parquet) -> one row per shard (shard, keys, captions, error).
+    """Ray stage: shard specs (shard, tar, parquet) -> one row per shard (shard, keys, captions, rows, error).
 
     A shard that cannot be read gets empty lists and its reason in ``error``: the
     driver decides whether that fails the job.
@@ -247,6 +247,7 @@ def read_shards_batch(batch: pa.Table) -> pa.Table:
             "shard": pa.array(names, pa.string()),
             "keys": pa.array(keys, pa.list_(pa.string())),
             "captions": pa.array(captions, pa.list_(pa.string())),
+            "rows": pa.array([len(k) for k in keys], pa.int64()),
             "error": pa.array(errors, pa.string()),
         }
     )
@@ -424,7 +425,7 @@ def label_shards(
         .map_batches(read_shards_batch, batch_size=1, batch_format="pyarrow")
         .materialize()
     )
-    status = read.select_columns(["shard", "error"]).take_all()
+    status = read.select_columns(["shard", "rows", "error"]).take_all()
     bad = sorted((r["shard"], r["error"]) for r in status if r["error"])
     if bad and not skip_bad_shards:
         raise BadShardsError(bad)
@@ -452,9 +453,15 @@ def label_shards(
             .take_all()
         )
         per_shard = {row["shard"]: json.loads(row["stats"]) for row in written}
+        if len(per_shard) != len(written):
+            raise RuntimeError("a shard's rows reached the writer in more than one group")
     for name in good:
         if name not in per_shard:  # a readable shard without samples still gets its (empty) table
             per_shard[name] = _write_empty(name, labels_dir)
+    read_rows = {r["shard"]: r["rows"] for r in status if not r["error"]}
+    lost = {n: (read_rows[n], per_shard[n]["captions"]) for n in good if per_shard[n]["captions"] != read_rows[n]}
+    if lost:
+        raise RuntimeError(f"rows read and written differ for shard(s) {lost} (read, written)")
 
     vocab, summary = merge_stats(per_shard)
     write_table(vocab, os.path.join(out_dir, VOCAB_FILE), VOCAB)
