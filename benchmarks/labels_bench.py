@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # per-core figures: one BLAS thread (Ray actors get one too)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # per-core figures: one BLAS thread, set before numpy loads (Ray actors get one too)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance that writes no ~/.ray/auth_token
 
@@ -256,12 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-only", action="store_true", help="recompute the CC3M estimate and labels.md from <out>/labels.json")
     args = p.parse_args(argv)
     if args.add_overhead:
-        from threadpoolctl import threadpool_limits
-
         with open(os.path.join(args.out, "labels.json")) as f:
             results = json.load(f)
-        with threadpool_limits(1):
-            results["job_overhead"] = job_overhead(build_corpus(results["corpus"]["captions"]))
+        results["job_overhead"] = job_overhead(build_corpus(results["corpus"]["captions"]))
         results["cc3m"] = cc3m_estimate(results)
         return write_results(results, args.out)
     if args.render_only:
@@ -270,8 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         results["cc3m"] = cc3m_estimate(results)
         return write_results(results, args.out)
     import spacy
-    from threadpoolctl import threadpool_limits
-
     info = device()
     print(f"device: {info}", flush=True)
     corpus = build_corpus(args.captions)
@@ -284,26 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": BATCH,
         "per_core": {},
     }
-    with threadpool_limits(1):
-        for name, make in (("spacy", lambda: nouns.NounExtractor("spacy")), ("spacy_blis", spacy_with_blis)):
-            start = time.perf_counter()
-            extractor = make()
-            load_s = time.perf_counter() - start
-            results["per_core"][name] = {"load_s": round(load_s, 2), **time_extractor(extractor, corpus)}
-            print(f"{name}: {results['per_core'][name]}", flush=True)
-        nltk_dir = tempfile.mkdtemp(prefix="labels_bench_nltk")
-        try:
-            trained_on = train_nltk_tagger(extractor._nlp, [c for c in corpus[:6000] if nouns.caption_kind(c) == "ok" and len(c) < 300], nltk_dir)
-            start = time.perf_counter()
-            extractor = nouns.NounExtractor("nltk")
-            load_s = time.perf_counter() - start
-            results["per_core"]["nltk_trained_here"] = {"load_s": round(load_s, 2), "tagger_trained_on_sentences": trained_on, **time_extractor(extractor, corpus)}
-            print(f"nltk: {results['per_core']['nltk_trained_here']}", flush=True)
-        finally:
-            shutil.rmtree(nltk_dir, ignore_errors=True)
+    for name, make in (("spacy", lambda: nouns.NounExtractor("spacy")), ("spacy_blis", spacy_with_blis)):
+        start = time.perf_counter()
+        extractor = make()
+        load_s = time.perf_counter() - start
+        results["per_core"][name] = {"load_s": round(load_s, 2), **time_extractor(extractor, corpus)}
+        print(f"{name}: {results['per_core'][name]}", flush=True)
+    nltk_dir = tempfile.mkdtemp(prefix="labels_bench_nltk")
+    try:
+        trained_on = train_nltk_tagger(extractor._nlp, [c for c in corpus[:6000] if nouns.caption_kind(c) == "ok" and len(c) < 300], nltk_dir)
+        start = time.perf_counter()
+        extractor = nouns.NounExtractor("nltk")
+        load_s = time.perf_counter() - start
+        results["per_core"]["nltk_trained_here"] = {"load_s": round(load_s, 2), "tagger_trained_on_sentences": trained_on, **time_extractor(extractor, corpus)}
+        print(f"nltk: {results['per_core']['nltk_trained_here']}", flush=True)
+    finally:
+        shutil.rmtree(nltk_dir, ignore_errors=True)
 
-    with threadpool_limits(1):
-        results["job_overhead"] = job_overhead(corpus)
+    results["job_overhead"] = job_overhead(corpus)
     print(f"job overhead: {results['job_overhead']}", flush=True)
 
     if not args.skip_scaling:
