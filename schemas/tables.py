@@ -7,7 +7,7 @@ Each stage reads only what the stage before it wrote, through these schemas:
     LABEL_TABLE      jobs.labels    <labels>/<shard>.parquet, one row per downloaded sample
     VOCAB            jobs.labels    <labels>/vocab.parquet, one row per label
     PREDICTIONS      jobs.evaluate  predictions.parquet, one row per validation sample
-    REPORT           jobs.evaluate  report.parquet, one row per (dataset, k)
+    REPORT           jobs.evaluate  report.parquet, one row per (dataset, k, embedding model)
 
 The version lives in each schema's metadata (``schema_name``, ``schema_version``); bump
 it whenever a field changes so that a reader meets a clear error instead of a silent
@@ -104,21 +104,24 @@ PREDICTIONS = _schema(
 
 REPORT = _schema(
     "report",
-    1,
+    2,
     [
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("k", pa.int64(), nullable=False),
+        # the model that embeds labels for R / P / F1: all-MiniLM-L6-v2 (the paper's), or clip-text:<file>
+        pa.field("embedding", pa.string(), nullable=False),
         pa.field("samples", pa.int64(), nullable=False),  # scored samples
-        pa.field("failed", pa.int64(), nullable=False),  # samples that could not be scored
-        pa.field("recall", pa.float64(), nullable=False),  # semantic R, the paper's headline
+        pa.field("failed", pa.int64(), nullable=False),  # samples without a usable image (unreadable, undecodable)
+        pa.field("no_targets", pa.int64(), nullable=False),  # samples with no target label: predicted, not scored
+        pa.field("recall", pa.float64(), nullable=False),  # semantic R, the paper's headline; NaN when nothing was scored
         pa.field("precision", pa.float64(), nullable=False),
         pa.field("f1", pa.float64(), nullable=False),
         pa.field("exact_recall", pa.float64(), nullable=False),  # exact-match recall@k
         pa.field("exact_precision", pa.float64(), nullable=False),  # exact-match precision@k
-        pa.field("checkpoint", pa.string(), nullable=False),
-        pa.field("code_version", pa.string(), nullable=False),
-        pa.field("wall_time_s", pa.float64(), nullable=False),
-        pa.field("images_per_s", pa.float64(), nullable=False),
+        pa.field("checkpoint", pa.string(), nullable=False),  # path and md5 prefix of the weights file
+        pa.field("code_version", pa.string(), nullable=False),  # git:<commit>[+dirty] or source:<sha256 of the code>
+        pa.field("wall_time_s", pa.float64(), nullable=False),  # the whole job
+        pa.field("images_per_s", pa.float64(), nullable=False),  # samples / seconds of the Ray pipeline
     ],
 )
 

