@@ -46,6 +46,8 @@ class TrainConfig:
     """pretrained: decoder blocks kept"""
     image_size: int = 224
     """input resolution"""
+    patch_size: int = 16
+    """tiny: the ViT's patch size in pixels"""
     train_vision_blocks: int = 6
     """last ViT blocks that train, with ln_post (the projection always trains); -1: the whole ViT"""
     train_embeddings: str = "special"

@@ -117,9 +117,15 @@ def g3m_config() -> NxTPConfig:
     return NxTPConfig(VisionConfig(), DecoderConfig())
 
 
-def tiny_config(vocab_size: int, image_size: int = 64) -> NxTPConfig:
-    """A model that trains in minutes on a CPU (the synthetic world's demo model)."""
+def tiny_config(vocab_size: int, image_size: int = 64, patch_size: int = 16) -> NxTPConfig:
+    """A model that trains in minutes on a CPU (the synthetic world's demo model).
+
+    At 64 px with 16 px patches the ViT reads 16 tokens: each object of the synthetic
+    world spans about 2x2 of them.
+    """
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     return NxTPConfig(
-        VisionConfig(name=None, image_size=image_size, patch_size=8, width=128, layers=4, heads=4, quick_gelu=False),
+        VisionConfig(name=None, image_size=image_size, patch_size=patch_size, width=128, layers=4, heads=4, quick_gelu=False),
         DecoderConfig(dim=128, n_layers=3, n_heads=4, hidden_dim=344, vocab_size=vocab_size, max_seq_len=160),
     )

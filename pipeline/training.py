@@ -177,7 +177,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if cfg.model == "tiny":
             tok = Tokenizer(cfg.tokenizer)
-            model = NxTP(tiny_config(tok.n_base, image_size=cfg.image_size))
+            model = NxTP(tiny_config(tok.n_base, image_size=cfg.image_size, patch_size=cfg.patch_size))
             model.init_weights()
         elif cfg.model == "pretrained":
             model, tok = build_from_pretrained(cfg.tokenizer, cfg.llama, cfg.decoder_layers, cfg.clip_weights, cfg.vision, cfg.image_size)
