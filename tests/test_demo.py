@@ -1,0 +1,95 @@
+"""The whole chain, as `make demo` runs it, at a smaller size: the demo model must learn.
+
+``python -m jobs.demo`` in a subprocess: the synthetic world served on 127.0.0.1, its own
+Ray head, ``ray job submit`` ingestion / labels / evaluation, the ``deepspeed`` launcher
+with 2 ranks. Fixed seeds (world, training, data stream) make the figures reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from schemas import LABEL_TABLE, PREDICTIONS, REPORT, SHARD_MANIFEST, read_table
+
+pytestmark = [pytest.mark.cluster, pytest.mark.launcher]
+
+# smaller than `make demo` (held-out samples); the training recipe is the demo's own
+DEMO_ARGS = ["--n", "6000", "--val", "100", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo(repo_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo") / "out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.demo", "--out", out, *DEMO_ARGS],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    return out, proc
+
+
+def test_demo_model_learns(demo):
+    out, proc = demo
+    assert proc.returncode == 0, f"jobs.demo exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    trained, untrained = summary["trained_exact_recall_at_5"], summary["untrained_exact_recall_at_5"]
+    assert trained >= 0.7, summary
+    assert trained >= 3 * untrained, summary
+    assert summary["trained_semantic_recall_at_5"] >= summary["untrained_semantic_recall_at_5"] + 0.15, summary
+    assert summary["learned"] is True
+    assert "learning check" in proc.stdout and ": PASS" in proc.stdout
+
+
+def test_demo_reports_every_held_out_sample_with_valid_tables(demo):
+    out, proc = demo
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    from pipeline import synthetic
+
+    world = synthetic.load_world(os.path.join(out, "world"))
+    good = [s for s in world.samples("val") if s["kind"] == "good"]
+    manifest = read_table(os.path.join(out, "shards", "val", "manifest.parquet"), SHARD_MANIFEST)
+    downloaded = sum(manifest.column("successes").to_pylist())
+    assert downloaded == len(good)  # every good held-out image, and none of the bad rows
+    labels_dir = os.path.join(out, "labels", "val", "labels")
+    label_rows = sum(read_table(os.path.join(labels_dir, f), LABEL_TABLE).num_rows for f in os.listdir(labels_dir))
+    assert label_rows == downloaded
+    for name in ("trained", "untrained"):
+        report = read_table(os.path.join(out, "reports", name, "report.parquet"), REPORT).to_pylist()
+        assert sorted(r["k"] for r in report) == [5, 10]
+        assert {(r["samples"], r["failed"], r["no_targets"]) for r in report} == {(downloaded, 0, 0)}
+        predictions = read_table(os.path.join(out, "reports", name, "predictions.parquet"), PREDICTIONS)
+        keys = list(zip(predictions.column("shard").to_pylist(), predictions.column("key").to_pylist()))
+        assert len(keys) == len(set(keys)) == downloaded  # exactly once each
+        # the targets are the labels spaCy extracted from the captions: exactly the world's ground truth
+        targets = Counter(tuple(sorted(t)) for t in predictions.column("targets").to_pylist())
+        assert targets == Counter(tuple(sorted(s["labels"])) for s in good)
+
+
+def test_demo_infer_names_the_objects_of_a_held_out_image(demo):
+    out, proc = demo
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = re.findall(r"\| prob: ([0-9.]+) - (\S.*)", proc.stdout)
+    truth = re.search(r"ground truth of \S+: (.+?)  \(caption", proc.stdout).group(1).split(", ")
+    predicted = [label.strip() for _, label in lines[:5]]
+    assert predicted, proc.stdout[-3000:]
+    assert sum(t in predicted for t in truth) >= len(truth) - 1, (truth, predicted)
+
+
+def test_demo_lists_its_outputs_and_stops_its_ray_head(demo):
+    out, proc = demo
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for rel in ("run/export/model.safetensors", "run/loss.png", "reports/trained/report.png", "logs/train.log", "summary.json"):
+        assert os.path.isfile(os.path.join(out, rel)), rel
+        assert os.path.join(out, rel.split("/")[0]) in proc.stdout
+    assert "Ray head stopped" in proc.stdout
+    metrics = [json.loads(line) for line in open(os.path.join(out, "run", "metrics.jsonl"))]
+    assert metrics[-1]["loss"] < 0.6 * metrics[0]["loss"]
