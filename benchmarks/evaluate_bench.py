@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     p.add_argument("--threads", type=int, default=1, help="torch threads per predictor (CPU)")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray head (default: all)")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: LLaMA-2's from the shared assets)")
+    p.add_argument("--tokenizer", help="LLaMA-2's tokenizer.model (default: $NXTP_TOKENIZER)")
     p.add_argument("--workdir", default=os.path.join(REPO, ".cache", "evaluate_bench"))
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "evaluate"))
     args = p.parse_args(argv)
