@@ -4,7 +4,7 @@ Each stage reads only what the stage before it wrote, through these schemas:
 
     URL_TABLE        jobs.ingest    normalized url list, one row per image to fetch
     SHARD_MANIFEST   jobs.ingest    manifest.parquet, one row per webdataset shard
-    LABEL_TABLE      jobs.labels    <labels>/<shard>.parquet, one row per downloaded sample
+    LABEL_TABLE      jobs.labels    <labels>/labels/<shard>.parquet, one row per downloaded sample
     VOCAB            jobs.labels    <labels>/vocab.parquet, one row per label
     PREDICTIONS      jobs.evaluate  predictions.parquet, one row per validation sample
     REPORT           jobs.evaluate  report.parquet, one row per (dataset, k, embedding model)

@@ -1,0 +1,230 @@
+"""Training throughput: tokens/s, samples/s, data wait and model FLOPs utilization.
+
+    python -m benchmarks.train_bench                      # the demo preset, 2 ranks, CPU (this machine)
+    python -m benchmarks.train_bench --ranks 1 --steps 80
+
+What runs: the real ``deepspeed`` launcher on ``jobs/train.py`` with ``jobs/configs/demo.yaml``
+and ZeRO-2, on shards of the synthetic world written at the preset's image size (what
+``jobs.ingest`` would write) with their ground-truth label tables. The figures come from
+the run's own ``metrics.jsonl`` (every step logged), past the first ``--skip`` steps
+(start-up, the workers' first batches): median step time, samples/s = global batch /
+step time, tokens/s (image tokens + target tokens, the run's own count), and the data
+wait's share of step time.
+
+MFU = train FLOPs per sample (``benchmarks.flops``, the formula stated there) x samples/s
+/ peak. On a CPU the peak is measured here: the best fp32 matmul rate of
+``torch.matmul`` on all cores (so MFU says how close the tiny model gets to what the
+same BLAS reaches on large square matrices). On a GPU it is the vendor's dense bf16 peak.
+Results: benchmarks/results/train_<device>_<preset>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import pyarrow as pa
+import torch
+import yaml
+
+from benchmarks.flops import sample_flops
+from benchmarks.sampling_bench import device_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
+
+
+def write_inputs(work: str, n: int, image_size: int, seed: int = 0) -> tuple[str, str, str]:
+    """(shards, labels, tokenizer): ``n`` synthetic training samples as shards of 250."""
+    from PIL import Image
+
+    from pipeline import synthetic
+    from schemas import LABEL_TABLE, write_table
+
+    world = synthetic.write_world(os.path.join(work, "world"), n_train=n, n_val=0, seed=seed, bad_fraction=0.0)
+    shards, labels = os.path.join(work, "shards"), os.path.join(work, "labels")
+    os.makedirs(shards)
+    os.makedirs(os.path.join(labels, "labels"))
+    samples = world.samples("train")
+    for start in range(0, len(samples), 250):
+        shard, rows = f"{start // 250:05d}", samples[start : start + 250]
+        with tarfile.open(os.path.join(shards, f"{shard}.tar"), "w") as tar:
+            for s in rows:
+                with Image.open(os.path.join(world.root, s["file"])) as img:
+                    buf = io.BytesIO()
+                    img.convert("RGB").resize((image_size, image_size), Image.BICUBIC).save(buf, "JPEG", quality=95)
+                for ext, data in (("jpg", buf.getvalue()), ("txt", s["caption"].encode())):
+                    info = tarfile.TarInfo(f"{s['index']:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        table = pa.table(
+            {
+                "key": [f"{s['index']:09d}" for s in rows],
+                "shard": [shard] * len(rows),
+                "caption": [s["caption"] for s in rows],
+                "labels": [s["labels"] for s in rows],
+                "extractor": ["ground_truth"] * len(rows),
+            }
+        )
+        write_table(table, os.path.join(labels, "labels", f"{shard}.parquet"), LABEL_TABLE)
+    return shards, labels, world.tokenizer
+
+
+def text_lengths(preset: dict, shards: str, labels: str, tokenizer: str, batches: int = 20) -> tuple[float, float]:
+    """(padded text positions, target positions) per sample, averaged over batches of the real loader."""
+    from pipeline.loader import DatasetSpec, TrainStream
+
+    stream = TrainStream(
+        [DatasetSpec("bench", shards, labels)], tokenizer, preset["image_size"], preset["batch_size"], seed=0,
+        max_text_len=preset["max_text_len"], prompt_augmentation=preset["prompt_augmentation"],
+    )  # fmt: skip
+    text, target = [], []
+    for i, batch in enumerate(stream):
+        text.append(batch["ids"].shape[1])
+        target.append(float((batch["targets"] != -100).sum()) / batch["ids"].shape[0])
+        if i + 1 == batches:
+            break
+    return statistics.mean(text), statistics.mean(target)
+
+
+def cpu_matmul_peak(size: int = 2048, repeats: int = 8) -> float:
+    """Best fp32 FLOP/s of a square matmul on every core."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return best
+
+
+def run_training(work: str, preset_path: str, ranks: int, steps: int, shards: str, labels: str, tokenizer: str, extra: list[str]) -> str:
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    run = os.path.join(work, "run")
+    cmd = [
+        deepspeed, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "jobs/train.py",
+        "--config", preset_path, "--deepspeed", "jobs/configs/zero2.json", "--run-dir", run, "--tokenizer", tokenizer,
+        "--data", f"bench={shards},{labels}", "--steps", str(steps), "--save-every", str(steps), "--log-every", "1",
+        "--warmup-steps", str(min(10, steps // 4)), *extra,
+    ]  # fmt: skip
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run
+
+
+def _free_port() -> int:
+    from pipeline.ray_local import free_port
+
+    return free_port()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=os.path.join("jobs", "configs", "demo.yaml"), help="training preset (default: the demo's)")
+    p.add_argument("--ranks", type=int, default=2, help="deepspeed ranks (processes; GPUs when there are GPUs)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--skip", type=int, default=20, help="first steps left out of the figures")
+    p.add_argument("--images", type=int, default=2000, help="synthetic training images")
+    p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args(argv)
+    if args.steps <= args.skip + 5:
+        p.error("--steps must exceed --skip by more than 5")
+    with open(os.path.join(REPO, args.preset)) as f:
+        preset = yaml.safe_load(f)
+    if preset.get("model") != "tiny":
+        p.error(f"{args.preset}: this benchmark builds the inputs of a tiny-model preset only")
+    work = args.work or tempfile.mkdtemp(prefix="train_bench_")
+    try:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        shards, labels, tokenizer = write_inputs(work, args.images, preset["image_size"])
+        text_len, target_len = text_lengths(preset, shards, labels, tokenizer)
+        run = run_training(work, args.preset, args.ranks, args.steps, shards, labels, tokenizer, [])
+        with open(os.path.join(run, "train_config.json")) as f:
+            train_cfg = json.load(f)
+        from model.checkpoint import load_pretrained
+
+        model, _ = load_pretrained(os.path.join(run, "export"))
+        rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))][args.skip :]
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    cuda = torch.cuda.is_available()
+    device = device_name(torch.device("cuda" if cuda else "cpu"))
+    if cuda:
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in device), None)
+        peak_note = "vendor dense bf16 peak per GPU x ranks"
+        peak = peak * args.ranks if peak else None
+    else:
+        peak = cpu_matmul_peak()
+        peak_note = "measured: best fp32 torch.matmul 2048x2048 on all cores"
+    step_s = statistics.median(r["step_seconds"] for r in rows)
+    global_batch = train_cfg["batch_size"] * train_cfg["grad_accum"] * args.ranks
+    samples_per_s = global_batch / step_s
+    flops = sample_flops(model.cfg, text_len, target_len, train_cfg["train_vision_blocks"])
+    result = {
+        "benchmark": "training throughput: deepspeed launcher, ZeRO-2, the preset's model and recipe",
+        "command": "python -m benchmarks.train_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "ranks": args.ranks,
+        "preset": args.preset,
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "image_tokens": model.cfg.vision.n_tokens,
+        "text_positions_per_sample": round(text_len, 2),
+        "target_positions_per_sample": round(target_len, 2),
+        "global_batch": global_batch,
+        "steps_measured": len(rows),
+        "median_step_s": round(step_s, 4),
+        "samples_per_s": round(samples_per_s, 2),
+        "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows), 1),
+        "data_wait_fraction": round(statistics.mean(r["data_wait"] for r in rows), 4),
+        "train_flops_per_sample": flops.train,
+        "model_flops_per_s": flops.train * samples_per_s,
+        "peak_flops_per_s": peak,
+        "peak": peak_note,
+        "mfu": round(flops.mfu(samples_per_s, peak), 4) if peak else None,
+        "flop_formula": "benchmarks/flops.py: matmul FLOPs, 3x forward for trained parts, 1x for frozen leading ViT blocks",
+        "goal": "GPU: >= 40% MFU on an H100 with the paper's freezing policy; data wait < 5% of step time",
+    }
+    tag = "cuda" if cuda else "cpu"
+    name = os.path.splitext(os.path.basename(args.preset))[0]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"train_{tag}_{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(args.out, f"train_{tag}_{name}.md"), "w") as f:
+        f.write(f"# Training throughput ({name} preset)\n\n")
+        f.write(f"- date: {result['date']}\n- device: {device}, {args.ranks} rank(s)\n- command: `{result['command']}`\n")
+        f.write(f"- model: {result['parameters'] / 1e6:.2f}M parameters, {result['image_tokens']} image tokens, "
+                f"{text_len:.1f} text positions ({target_len:.1f} with a target) per sample\n")  # fmt: skip
+        f.write(f"- FLOP formula: {result['flop_formula']}; peak: {peak_note}\n\n")
+        f.write("| global batch | step (s) | samples/s | tokens/s | data wait | train GFLOP/sample | model GFLOP/s | peak GFLOP/s | MFU |\n")
+        f.write("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+        f.write(
+            f"| {global_batch} | {step_s:.3f} | {samples_per_s:.1f} | {result['tokens_per_s']:.0f} | {result['data_wait_fraction']:.1%} | "
+            f"{flops.train / 1e9:.3f} | {flops.train * samples_per_s / 1e9:.1f} | {peak / 1e9 if peak else float('nan'):.1f} | "
+            f"{result['mfu'] if result['mfu'] is not None else float('nan'):.1%} |\n"
+        )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
