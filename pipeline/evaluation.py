@@ -30,21 +30,18 @@ Every sample appears exactly once in the output:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import hashlib
 import io
 import os
 import re
-import secrets
-import shutil
 import subprocess
 import tarfile
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import outputs
 from schemas import PREDICTIONS, REPORT
 
 # ----------------------------------------------------------------------------- row errors
@@ -729,43 +727,9 @@ def is_evaluation_output(path: str) -> bool:
 
 def check_replaceable(output: str) -> None:
     """Raise ``FileExistsError`` unless ``output`` is absent, empty, or a previous evaluation output."""
-    if not os.path.exists(output):
-        return
-    if not os.path.isdir(output):
-        raise FileExistsError(f"{output}: exists and is not a folder; choose another output")
-    if os.listdir(output) and not is_evaluation_output(output):
-        raise FileExistsError(f"{output}: exists and is not an evaluation output (no {' and '.join(OUTPUT_FILES)}); refusing to replace it")
+    outputs.check_replaceable(output, is_evaluation_output, f"is not an evaluation output (no {' and '.join(OUTPUT_FILES)})")
 
 
-@contextlib.contextmanager
-def staged_output(output: str) -> Iterator[str]:
-    """Yield a hidden temporary sibling of ``output``, renamed onto it when the block succeeds.
-
-    A previous evaluation output is replaced; anything else is refused before any work.
-    On an exception the temporary folder is removed; a killed process leaves only a
-    hidden ``.<name>.tmp-*`` folder, never a half-written output.
-    """
-    output = os.path.abspath(output)
-    parent, name = os.path.split(output)
-    check_replaceable(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
-    try:
-        yield tmp
-        check_replaceable(output)
-        if os.path.isdir(output) and not os.listdir(output):
-            os.rmdir(output)
-        if os.path.exists(output):
-            old = os.path.join(parent, f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.rename(output, old)
-            try:
-                os.rename(tmp, output)
-            except BaseException:
-                os.rename(old, output)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def staged_output(output: str):
+    """The evaluation's output folder, written whole or not at all (``pipeline.outputs.staged_output``)."""
+    return outputs.staged_output(output, check_replaceable)

@@ -23,21 +23,19 @@ The output folder, like the shards folder, must be on storage every Ray node see
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import secrets
-import shutil
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import outputs
 from pipeline.nouns import (
     BAD_KINDS,
     MAX_CAPTION_CHARS,
@@ -494,48 +492,15 @@ def is_labels_output(path: str) -> bool:
     return os.path.isfile(os.path.join(path, SUMMARY_FILE)) and os.path.isdir(os.path.join(path, LABELS_DIR))
 
 
-@contextlib.contextmanager
-def staged_output(output: str) -> Iterator[str]:
-    """Yield a hidden temporary sibling of ``output``; when the block succeeds, rename it onto ``output``.
+def staged_output(output: str):
+    """The labels output folder, written whole or not at all (``pipeline.outputs.staged_output``).
 
     A previous labels output at ``output`` is replaced; any other existing, non-empty
-    path is refused (``FileExistsError``) before anything is written. On an exception
-    the temporary folder is removed; a killed process leaves only a hidden
-    ``.<name>.tmp-*`` folder, never a half-written ``output``.
+    path is refused (``FileExistsError``) before anything is written.
     """
-    output = os.path.abspath(output)
-    parent, name = os.path.split(output)
-    check_replaceable(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
-    try:
-        yield tmp
-        check_replaceable(output)
-        if os.path.isdir(output) and not os.listdir(output):
-            os.rmdir(output)
-        if os.path.exists(output):
-            old = os.path.join(parent, f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.rename(output, old)
-            try:
-                os.rename(tmp, output)
-            except BaseException:
-                os.rename(old, output)  # put the previous output back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return outputs.staged_output(output, check_replaceable)
 
 
 def check_replaceable(output: str) -> None:
-    if not os.path.exists(output):
-        return
-    if not os.path.isdir(output):
-        raise FileExistsError(f"{output}: exists and is not a folder; choose another output")
-    if os.listdir(output) and not is_labels_output(output):
-        raise FileExistsError(
-            f"{output}: exists and is not a labels output (no {SUMMARY_FILE} and {LABELS_DIR}/); "
-            "refusing to replace it, choose another output"
-        )
+    """Raise ``FileExistsError`` unless ``output`` is absent, empty, or a previous labels output."""
+    outputs.check_replaceable(output, is_labels_output, f"is not a labels output (no {SUMMARY_FILE} and {LABELS_DIR}/)")
