@@ -57,6 +57,45 @@ DELIMITER_BIAS = 4.0  # sampling_bench uses 2.0: labels of ~6 tokens, 11% cut at
 # ----------------------------------------------------------------------------- inputs
 
 
+def write_shards(world, split: str, shards: str, labels: str, per_shard: int, image_size: int | None = None) -> None:
+    """A split of a synthetic world as webdataset shards (jpg, txt) with ground-truth label tables.
+
+    ``image_size``: resize the images (as jobs.ingest would); None keeps the world's 256 px JPEGs.
+    """
+    from PIL import Image
+
+    from schemas import LABEL_TABLE, write_table
+
+    os.makedirs(shards, exist_ok=True)
+    os.makedirs(os.path.join(labels, "labels"), exist_ok=True)
+    samples = world.samples(split)
+    for start in range(0, len(samples), per_shard):
+        shard, rows = f"{start // per_shard:05d}", samples[start : start + per_shard]
+        with tarfile.open(os.path.join(shards, f"{shard}.tar"), "w") as tar:
+            for s in rows:
+                with open(os.path.join(world.root, s["file"]), "rb") as f:
+                    jpg = f.read()
+                if image_size:
+                    buf = io.BytesIO()
+                    with Image.open(io.BytesIO(jpg)) as img:
+                        img.convert("RGB").resize((image_size, image_size), Image.BICUBIC).save(buf, "JPEG", quality=95)
+                    jpg = buf.getvalue()
+                for ext, data in (("jpg", jpg), ("txt", s["caption"].encode())):
+                    info = tarfile.TarInfo(f"{s['index']:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        table = pa.table(
+            {
+                "key": [f"{s['index']:09d}" for s in rows],
+                "shard": [shard] * len(rows),
+                "caption": [s["caption"] for s in rows],
+                "labels": [s["labels"] for s in rows],
+                "extractor": ["ground_truth"] * len(rows),
+            }
+        )
+        write_table(table, os.path.join(labels, "labels", f"{shard}.parquet"), LABEL_TABLE)
+
+
 def make_inputs(workdir: str, images: int, config: str, tokenizer: str, seed: int = 0) -> tuple[str, str, str]:
     """(shards, labels, export) under ``workdir``, reused when already there for the same settings."""
     from model.checkpoint import save_pretrained
@@ -64,7 +103,6 @@ def make_inputs(workdir: str, images: int, config: str, tokenizer: str, seed: in
     from model.nxtp import NxTP
     from model.tokenizer import Tokenizer
     from pipeline import synthetic
-    from schemas import LABEL_TABLE, write_table
 
     stamp = os.path.join(workdir, "inputs.json")
     settings = {"images": images, "config": config, "tokenizer": os.path.abspath(tokenizer), "seed": seed, "delimiter_bias": DELIMITER_BIAS}
@@ -75,27 +113,7 @@ def make_inputs(workdir: str, images: int, config: str, tokenizer: str, seed: in
     os.makedirs(os.path.join(labels, "labels"))
     os.makedirs(shards)
     world = synthetic.write_world(os.path.join(workdir, "world"), n_train=0, n_val=images, seed=seed, bad_fraction=0.0)
-    samples = world.samples("val")
-    for start in range(0, len(samples), PER_SHARD):
-        shard = f"{start // PER_SHARD:05d}"
-        rows = samples[start : start + PER_SHARD]
-        with tarfile.open(os.path.join(shards, f"{shard}.tar"), "w") as tar:
-            for s in rows:
-                key = f"{s['index']:09d}"
-                for ext, data in (("jpg", open(os.path.join(world.root, s["file"]), "rb").read()), ("txt", s["caption"].encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        table = pa.table(
-            {
-                "key": [f"{s['index']:09d}" for s in rows],
-                "shard": [shard] * len(rows),
-                "caption": [s["caption"] for s in rows],
-                "labels": [s["labels"] for s in rows],
-                "extractor": ["spacy"] * len(rows),
-            }
-        )
-        write_table(table, os.path.join(labels, "labels", f"{shard}.parquet"), LABEL_TABLE)
+    write_shards(world, "val", shards, labels, per_shard=PER_SHARD)
     tok = Tokenizer(tokenizer)
     cfg = g3m_config() if config == "g3m" else small_config(tok.n_base)
     torch.manual_seed(seed)

@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 
-import pyarrow as pa
 import torch
 import yaml
 
+from benchmarks.evaluate_bench import write_shards
 from benchmarks.flops import sample_flops
 from benchmarks.sampling_bench import device_name
 
@@ -46,38 +44,12 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 
 
 def write_inputs(work: str, n: int, image_size: int, seed: int = 0) -> tuple[str, str, str]:
-    """(shards, labels, tokenizer): ``n`` synthetic training samples as shards of 250."""
-    from PIL import Image
-
+    """(shards, labels, tokenizer): ``n`` synthetic training samples as shards of 250, at ``image_size``."""
     from pipeline import synthetic
-    from schemas import LABEL_TABLE, write_table
 
     world = synthetic.write_world(os.path.join(work, "world"), n_train=n, n_val=0, seed=seed, bad_fraction=0.0)
     shards, labels = os.path.join(work, "shards"), os.path.join(work, "labels")
-    os.makedirs(shards)
-    os.makedirs(os.path.join(labels, "labels"))
-    samples = world.samples("train")
-    for start in range(0, len(samples), 250):
-        shard, rows = f"{start // 250:05d}", samples[start : start + 250]
-        with tarfile.open(os.path.join(shards, f"{shard}.tar"), "w") as tar:
-            for s in rows:
-                with Image.open(os.path.join(world.root, s["file"])) as img:
-                    buf = io.BytesIO()
-                    img.convert("RGB").resize((image_size, image_size), Image.BICUBIC).save(buf, "JPEG", quality=95)
-                for ext, data in (("jpg", buf.getvalue()), ("txt", s["caption"].encode())):
-                    info = tarfile.TarInfo(f"{s['index']:09d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        table = pa.table(
-            {
-                "key": [f"{s['index']:09d}" for s in rows],
-                "shard": [shard] * len(rows),
-                "caption": [s["caption"] for s in rows],
-                "labels": [s["labels"] for s in rows],
-                "extractor": ["ground_truth"] * len(rows),
-            }
-        )
-        write_table(table, os.path.join(labels, "labels", f"{shard}.parquet"), LABEL_TABLE)
+    write_shards(world, "train", shards, labels, per_shard=250, image_size=image_size)
     return shards, labels, world.tokenizer
 
 
