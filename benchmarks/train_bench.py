@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_bench                      # the demo preset, 2 ranks, CPU (this machine)
     python -m benchmarks.train_bench --ranks 1 --steps 80
+    python -m benchmarks.train_bench --shapes g3m --ranks 1 --batch 16 --steps 60   # one H100 / H200, bf16
 
 What runs: the real ``deepspeed`` launcher on ``jobs/train.py`` with ``jobs/configs/demo.yaml``
 and ZeRO-2, on shards of the synthetic world written at the preset's image size (what
@@ -36,7 +37,7 @@ import yaml
 
 from benchmarks.evaluate_bench import write_shards
 from benchmarks.flops import sample_flops
-from benchmarks.sampling_bench import device_name
+from benchmarks.sampling_bench import device_name, find_tokenizer, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -68,6 +69,30 @@ def text_lengths(preset: dict, shards: str, labels: str, tokenizer: str, batches
         if i + 1 == batches:
             break
     return statistics.mean(text), statistics.mean(target)
+
+
+def random_model(folder: str, shapes: str, tokenizer: str) -> tuple[str, int]:
+    """An exported model with random weights (``small`` or ``g3m`` shapes): (folder, image size)."""
+    from model.checkpoint import save_pretrained
+    from model.config import g3m_config
+    from model.nxtp import NxTP
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    cfg = g3m_config() if shapes == "g3m" else small_config(tok.n_base)
+    torch.manual_seed(0)
+    model = NxTP(cfg)
+    model.init_weights()
+    save_pretrained(model, tok, folder)
+    return folder, cfg.vision.image_size
+
+
+def parameter_count(cfg) -> int:
+    """Parameters of a model of config ``cfg``, counted on the meta device (nothing allocated)."""
+    from model.nxtp import NxTP
+
+    with torch.device("meta"):
+        return sum(t.numel() for t in NxTP(cfg).parameters())
 
 
 def cpu_matmul_peak(size: int = 2048, repeats: int = 8) -> float:
@@ -108,6 +133,13 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=os.path.join("jobs", "configs", "demo.yaml"), help="training preset (default: the demo's)")
+    p.add_argument(
+        "--shapes", choices=["preset", "small", "g3m"], default="preset",
+        help="preset: the preset's tiny model; small / g3m: that architecture with random weights (sampling_bench's "
+             "small config, or the published 1.78B shapes), trained with the paper's freezing policy",
+    )  # fmt: skip
+    p.add_argument("--batch", type=int, default=None, help="micro-batch per rank (default: the preset's; 16 for small / g3m)")
+    p.add_argument("--tokenizer", help="small / g3m: LLaMA-2's tokenizer.model (default: $NXTP_TOKENIZER)")
     p.add_argument("--ranks", type=int, default=2, help="deepspeed ranks (processes; GPUs when there are GPUs)")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--skip", type=int, default=20, help="first steps left out of the figures")
@@ -120,19 +152,32 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(REPO, args.preset)) as f:
         preset = yaml.safe_load(f)
     if preset.get("model") != "tiny":
-        p.error(f"{args.preset}: this benchmark builds the inputs of a tiny-model preset only")
+        p.error(f"{args.preset}: the base preset must be a tiny-model one (the benchmark makes its own data)")
     work = args.work or tempfile.mkdtemp(prefix="train_bench_")
     try:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
-        shards, labels, tokenizer = write_inputs(work, args.images, preset["image_size"])
+        extra: list[str] = []
+        if args.shapes == "preset":
+            shards, labels, tokenizer = write_inputs(work, args.images, preset["image_size"])
+        else:
+            init, image_size = random_model(os.path.join(work, "init"), args.shapes, find_tokenizer(args.tokenizer))
+            shards, labels, _ = write_inputs(work, args.images, image_size)
+            tokenizer = os.path.join(init, "tokenizer.model")
+            # the paper's recipe: last 6 ViT blocks (and ln_post, projection), decoder, special embedding rows
+            preset.update(image_size=image_size, batch_size=16, max_text_len=64, train_vision_blocks=6, train_embeddings="special", lr=1e-5)
+            extra = ["--model", init, "--image-size", str(image_size), "--max-text-len", "64", "--train-vision-blocks", "6", "--num-workers", "4",
+                     "--train-embeddings", "special", "--lr", "1e-5", "--min-lr", "0"]  # fmt: skip
+        if args.batch or args.shapes != "preset":
+            preset["batch_size"] = args.batch or preset["batch_size"]
+            extra += ["--batch-size", str(preset["batch_size"])]
         text_len, target_len = text_lengths(preset, shards, labels, tokenizer)
-        run = run_training(work, args.preset, args.ranks, args.steps, shards, labels, tokenizer, [])
+        run = run_training(work, args.preset, args.ranks, args.steps, shards, labels, tokenizer, extra)
         with open(os.path.join(run, "train_config.json")) as f:
             train_cfg = json.load(f)
-        from model.checkpoint import load_pretrained
+        from model.checkpoint import read_config
 
-        model, _ = load_pretrained(os.path.join(run, "export"))
+        model_cfg, _ = read_config(os.path.join(run, "export"))
         rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))][args.skip :]
     finally:
         if not args.work:
@@ -149,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     step_s = statistics.median(r["step_seconds"] for r in rows)
     global_batch = train_cfg["batch_size"] * train_cfg["grad_accum"] * args.ranks
     samples_per_s = global_batch / step_s
-    flops = sample_flops(model.cfg, text_len, target_len, train_cfg["train_vision_blocks"])
+    flops = sample_flops(model_cfg, text_len, target_len, train_cfg["train_vision_blocks"])
     result = {
         "benchmark": "training throughput: deepspeed launcher, ZeRO-2, the preset's model and recipe",
         "command": "python -m benchmarks.train_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -157,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": device,
         "ranks": args.ranks,
         "preset": args.preset,
-        "parameters": sum(t.numel() for t in model.parameters()),
-        "image_tokens": model.cfg.vision.n_tokens,
+        "shapes": args.shapes,
+        "parameters": parameter_count(model_cfg),
+        "image_tokens": model_cfg.vision.n_tokens,
         "text_positions_per_sample": round(text_len, 2),
         "target_positions_per_sample": round(target_len, 2),
         "global_batch": global_batch,
@@ -176,13 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         "goal": "GPU: >= 40% MFU on an H100 with the paper's freezing policy; data wait < 5% of step time",
     }
     tag = "cuda" if cuda else "cpu"
-    name = os.path.splitext(os.path.basename(args.preset))[0]
+    name = os.path.splitext(os.path.basename(args.preset))[0] if args.shapes == "preset" else args.shapes
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"train_{tag}_{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
     with open(os.path.join(args.out, f"train_{tag}_{name}.md"), "w") as f:
-        f.write(f"# Training throughput ({name} preset)\n\n")
+        f.write(f"# Training throughput ({name})\n\n")
         f.write(f"- date: {result['date']}\n- device: {device}, {args.ranks} rank(s)\n- command: `{result['command']}`\n")
         f.write(f"- model: {result['parameters'] / 1e6:.2f}M parameters, {result['image_tokens']} image tokens, "
                 f"{text_len:.1f} text positions ({target_len:.1f} with a target) per sample\n")  # fmt: skip

@@ -112,7 +112,10 @@ class Demo:
             print("=== Ray head stopped", flush=True)
 
     def _submit(self, head, name: str, title: str, entry: list[str]) -> None:
-        cmd = ["ray", "job", "submit", "--address", head.dashboard_url, "--working-dir", REPO, "--", *entry]
+        cmd = ["ray", "job", "submit", "--address", head.dashboard_url, "--working-dir", REPO]
+        if os.path.commonpath([self.out, REPO]) == REPO:  # never pack the demo's own data with the code
+            cmd += ["--runtime-env-json", json.dumps({"excludes": [os.path.relpath(self.out, REPO) + "/"]})]
+        cmd += ["--", *entry]
         self.stage(name, title, cmd, env=head.env)
 
     def _chain(self, head, world, sources) -> dict:
