@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -72,7 +73,7 @@ class Demo:
         """Run ``cmd``, streaming its output to the terminal and to logs/<name>.log."""
         self.stage_no += 1
         log_path = os.path.join(self.logs, f"{name}.log")
-        print(f"\n=== [{self.stage_no}] {title}\n    $ {' '.join(cmd)}\n    log: {log_path}", flush=True)
+        print(f"\n=== [{self.stage_no}] {title}\n    $ {shlex.join(cmd)}\n    log: {log_path}", flush=True)
         t0 = time.time()
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
