@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -93,3 +98,51 @@ def test_demo_lists_its_outputs_and_stops_its_ray_head(demo):
     assert "Ray head stopped" in proc.stdout
     metrics = [json.loads(line) for line in open(os.path.join(out, "run", "metrics.jsonl"))]
     assert metrics[-1]["loss"] < 0.6 * metrics[0]["loss"]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_interrupted_demo_stops_its_stage_and_its_ray_head(repo_root, tmp_path):
+    """SIGTERM (as Ctrl-C) during ingestion: exit 130, the stage's job and the Ray head are stopped."""
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.demo", "--out", out, "--n", "300", "--val", "40"],
+        cwd=repo_root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    received: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [received.put(line) for line in proc.stdout] + [received.put(None)], daemon=True).start()
+    lines, head_port = [], None
+    try:
+        deadline = time.time() + 240
+        while True:
+            line = received.get(timeout=max(1.0, deadline - time.time()))
+            assert line is not None and time.time() < deadline, "".join(lines)
+            lines.append(line)
+            if line.startswith("ray head: 127.0.0.1:"):
+                head_port = int(line.split(":")[2].split(",")[0])
+            if line.startswith("=== [1] ingest"):
+                break
+        assert head_port and _listening(head_port), "".join(lines)
+        time.sleep(3)  # the ingestion stage is under way
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        while (line := received.get(timeout=30)) is not None:
+            lines.append(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines)
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted: the running stage and the Ray head were stopped" in output
+    assert "=== Ray head stopped" in output
+    deadline = time.time() + 30
+    while _listening(head_port) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _listening(head_port), "the Ray head still listens after the demo ended"
