@@ -437,7 +437,10 @@ def label_shards(
     if good:
         log(f"labelling the captions of {len(good)} shard(s) with {concurrency} {extractor} actor(s), batches of {batch_size}")
         written = (
+            # one row per caption, in blocks of one shard each, before the actor pool: fed 1-row shard
+            # blocks, the pool would bundle them up to batch_size rows, i.e. every shard into one actor's task
             read.map_batches(explode_batch, batch_format="pyarrow")
+            .materialize()
             .map_batches(
                 ExtractLabels,
                 fn_constructor_kwargs=stage_args,
