@@ -44,9 +44,9 @@ class LabelsConfig:
     keep_numbers: bool = False
     """Keep nouns that contain a digit ("mp3")."""
     concurrency: int = 0
-    """Extractor actors, one CPU each; 0: one per CPU of the Ray cluster."""
+    """Extractor actors, one CPU each, each labelling one shard at a time; 0: one per CPU of the Ray cluster (never more than the shards)."""
     batch_size: int = 1024
-    """Captions per batch handed to an extractor actor."""
+    """Captions tagged per extractor call inside an actor (spaCy's nlp.pipe batches)."""
     skip_bad_shards: bool = False
     """Skip (and count) shards that cannot be read, instead of failing the job."""
     spacy_model: str | None = None

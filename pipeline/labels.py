@@ -1,18 +1,25 @@
 """Noun labels of webdataset shards: a Ray Data pipeline from shards to label tables.
 
-    shards/<name>.tar (+ <name>.parquet)          one read task per shard
-        -> (key, shard, caption) rows             one row per sample in the tar
-        -> ExtractLabels actors (map_batches)     NounExtractor loaded once per actor
-        -> groupby(shard) -> write_shard          <out>/labels/<name>.parquet, sorted by key
+    shards/<name>.tar (+ <name>.parquet)          one row per shard (its paths)
+        -> LabelShards actors (map_batches)       NounExtractor loaded once per actor; one call
+                                                  per shard: read and check it, tag its captions
+                                                  in batches, write its table
+        -> <out>/labels/<name>.parquet            sorted by key; the call returns its counts
     driver: <out>/vocab.parquet, <out>/summary.json
+
+A shard is the unit of work of an actor (img2dataset writes 10,000 samples per shard by
+default): the actor reads and writes the shard itself, so no read phase, shuffle or
+group-by moves captions between processes, and every CPU the job has works on captions.
+Load balancing is per shard, so a job uses at most as many actors as it has shards.
 
 Captions come from img2dataset's per-shard parquet when it is present (only rows whose
 ``status`` is ``success``: those are the samples written into the tar, and the tar's
 member names are checked against them), else from each sample's ``txt`` member (or the
 ``caption`` field of its ``json`` member) in the tar. A shard that cannot be read (a
 truncated or corrupt tar or parquet, a tar missing beside its parquet, keys that do not
-match) is reported by name and reason: :class:`BadShardsError`, or a counted skip with
-``skip_bad_shards``. Every shard is read and checked before any caption is tagged.
+match) is reported by name and reason. Without ``skip_bad_shards`` the first one stops
+the labelling, every shard not yet labelled is then checked (read only, in parallel
+tasks), and :class:`BadShardsError` lists them all; with it, they are counted skips.
 
 Every output is a pure function of the shards and the extractor settings: rows are
 sorted by key, files carry no timestamp, so a re-run writes byte-identical Parquet.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -220,88 +228,98 @@ def read_shard(shard: Shard) -> tuple[list[str], list[str | None]]:
     return keys, captions
 
 
-def read_shards_batch(batch: pa.Table) -> pa.Table:
-    """Ray stage: shard specs (shard, tar, parquet) -> one row per shard (shard, keys, captions, rows, error).
+def try_read_shard(shard: Shard) -> tuple[list[str], list[str | None], str | None]:
+    """(keys, captions, None) as :func:`read_shard` gives them, or ([], [], why the shard cannot be read)."""
+    try:
+        keys, captions = read_shard(shard)
+    except ShardReadError as err:
+        return [], [], str(err)
+    except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
+        return [], [], f"{type(err).__name__}: {err}"
+    return keys, captions, None
 
-    A shard that cannot be read gets empty lists and its reason in ``error``: the
-    driver decides whether that fails the job.
-    """
-    names, keys, captions, errors = [], [], [], []
+
+def _spec_shard(spec: Mapping) -> Shard:
+    return Shard(spec["shard"], spec["tar"] or None, spec["parquet"] or None)
+
+
+def check_shards_batch(batch: pa.Table) -> pa.Table:
+    """Ray stage: shard specs (shard, tar, parquet) -> (shard, error); error is None for a readable shard."""
+    names, errors = [], []
     for spec in batch.to_pylist():
-        shard = Shard(spec["shard"], spec["tar"] or None, spec["parquet"] or None)
-        try:
-            k, c = read_shard(shard)
-            error = None
-        except ShardReadError as err:
-            k, c, error = [], [], str(err)
-        except Exception as err:  # noqa: BLE001 - any failure to read a shard is reported with its name
-            k, c, error = [], [], f"{type(err).__name__}: {err}"
-        names.append(shard.name)
-        keys.append(k)
-        captions.append(c)
-        errors.append(error)
-    return pa.table(
-        {
-            "shard": pa.array(names, pa.string()),
-            "keys": pa.array(keys, pa.list_(pa.string())),
-            "captions": pa.array(captions, pa.list_(pa.string())),
-            "rows": pa.array([len(k) for k in keys], pa.int64()),
-            "error": pa.array(errors, pa.string()),
-        }
-    )
-
-
-def explode_batch(batch: pa.Table) -> pa.Table:
-    """Ray stage: readable shard rows -> one (key, shard, caption) row per sample, in key order."""
-    batch = batch.filter(pc.is_null(batch["error"]))
-    keys = batch["keys"].combine_chunks()
-    parents = pc.list_parent_indices(keys)
-    return pa.table(
-        {
-            "key": pc.list_flatten(keys),
-            "shard": pc.take(batch["shard"], parents),
-            "caption": pc.list_flatten(batch["captions"].combine_chunks()),
-        }
-    )
+        names.append(spec["shard"])
+        errors.append(try_read_shard(_spec_shard(spec))[2])
+    return pa.table({"shard": pa.array(names, pa.string()), "error": pa.array(errors, pa.string())})
 
 
 # ----------------------------------------------------------------------------- labelling
 
 
-def _column(batch, name: str) -> list:
-    values = batch[name]
-    return values.to_pylist() if hasattr(values, "to_pylist") else list(values)
+class LabelShards:
+    """Ray stage: shard specs (shard, tar, parquet) -> each readable shard's label table written to
+    ``<folder>/<shard>.parquet``; one row (shard, error, stats as JSON) per shard.
 
-
-class ExtractLabels:
-    """Ray stage: (key, shard, caption) rows -> ``LABEL_TABLE`` rows. The extractor loads once, in ``__init__``.
-
-    ``nltk_data``: folders searched first for NLTK's data (WordNet, the nltk tagger),
-    for workers whose environment does not point at it.
+    The extractor loads once, in ``__init__``; captions go through it ``batch_size`` at a
+    time. A shard that cannot be read gets its reason in ``error``, empty stats, and no
+    file. ``nltk_data``: folders searched first for NLTK's data (WordNet, the nltk
+    tagger), for workers whose environment does not point at it.
     """
 
     def __init__(
         self,
+        folder: str,
         extractor: str = "spacy",
         keep_numbers: bool = False,
         spacy_model: str | None = None,
         nltk_data: Sequence[str] = (),
+        batch_size: int = 1024,
     ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         _add_nltk_data(nltk_data)
+        self.folder = folder
+        self.batch_size = batch_size
         self.extractor = extractor
         self.extract = NounExtractor(extractor, keep_numbers=keep_numbers, spacy_model=spacy_model)
 
-    def __call__(self, batch: pa.Table | Mapping[str, Sequence]) -> pa.Table:
-        captions = _column(batch, "caption")
+    def label_table(self, shard: str, keys: Sequence[str], captions: Sequence[str | None]) -> pa.Table:
+        """``LABEL_TABLE`` rows of one shard's samples, in the given order."""
+        if len(keys) != len(captions):
+            raise ValueError(f"shard {shard}: {len(keys)} keys but {len(captions)} captions")
+        found: list[list[str]] = []
+        for start in range(0, len(captions), self.batch_size):
+            found.extend(self.extract(captions[start : start + self.batch_size]))
         return pa.Table.from_pydict(
             {
-                "key": batch["key"],
-                "shard": batch["shard"],
+                "key": pa.array(keys, pa.string()),
+                "shard": pa.array([shard] * len(keys), pa.string()),
                 "caption": pa.array(captions, pa.string()),
-                "labels": self.extract(captions),
-                "extractor": [self.extractor] * len(captions),
+                "labels": pa.array(found, pa.list_(pa.string())),
+                "extractor": pa.array([self.extractor] * len(keys), pa.string()),
             },
             schema=LABEL_TABLE,
+        )
+
+    def label_shard(self, shard: Shard) -> tuple[str | None, dict]:
+        """(None, stats) once ``shard``'s table is written; (reason, {}) when it cannot be read."""
+        keys, captions, error = try_read_shard(shard)
+        if error is not None:
+            return error, {}
+        return None, write_shard(self.label_table(shard.name, keys, captions), self.folder, shard.name)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        names, errors, stats = [], [], []
+        for spec in batch.to_pylist():
+            error, counts = self.label_shard(_spec_shard(spec))
+            names.append(spec["shard"])
+            errors.append(error)
+            stats.append(json.dumps(counts, sort_keys=True))
+        return pa.table(
+            {
+                "shard": pa.array(names, pa.string()),
+                "error": pa.array(errors, pa.string()),
+                "stats": pa.array(stats, pa.string()),
+            }
         )
 
 
@@ -336,20 +354,14 @@ def shard_stats(table: pa.Table) -> dict:
     }
 
 
-def write_shard(table: pa.Table, folder: str) -> dict:
-    """Write one shard's rows, sorted by key, to ``<folder>/<shard>.parquet``; return its stats."""
-    names = pc.unique(table["shard"]).to_pylist()
-    if len(names) != 1:
-        raise ValueError(f"write_shard got rows of {len(names)} shards: {names[:3]}")
+def write_shard(table: pa.Table, folder: str, name: str) -> dict:
+    """Write shard ``name``'s rows, sorted by key, to ``<folder>/<name>.parquet``; return its stats."""
+    others = sorted(set(pc.unique(table["shard"]).to_pylist()) - {name})
+    if others:
+        raise ValueError(f"write_shard for shard {name} got rows of shard(s) {others[:3]}")
     table = conform(table.sort_by("key").combine_chunks(), LABEL_TABLE)
-    write_table(table, os.path.join(folder, f"{names[0]}.parquet"), LABEL_TABLE)
+    write_table(table, os.path.join(folder, f"{name}.parquet"), LABEL_TABLE)
     return shard_stats(table)
-
-
-def write_group_batch(group: pa.Table, folder: str) -> pa.Table:
-    """Ray stage (``map_groups``): all rows of one shard -> its file, and one row (shard, stats as JSON)."""
-    stats = write_shard(group, folder)
-    return pa.table({"shard": [group["shard"][0].as_py()], "stats": [json.dumps(stats, sort_keys=True)]})
 
 
 def merge_stats(per_shard: Mapping[str, dict]) -> tuple[pa.Table, dict]:
@@ -401,68 +413,71 @@ def label_shards(
     batch_size: int = 1024,
     skip_bad_shards: bool = False,
     log: Callable[[str], None] | None = None,
+    show_progress: bool = True,
 ) -> dict:
     """Label every sample of ``shards`` into ``out_dir`` (labels/, vocab.parquet, summary.json); return the summary.
 
-    Runs on the Ray instance the caller initialized. Reads and checks every shard
-    first; raises :class:`BadShardsError` when some cannot be read, unless
-    ``skip_bad_shards`` (then they are skipped, named in the summary, and every
-    readable shard is written). ``concurrency`` extractor actors of one CPU each take
-    batches of ``batch_size`` captions.
+    Runs on the Ray instance the caller initialized. ``concurrency`` extractor actors of
+    one CPU each (at most one per shard) take one shard per call: read and check it, tag
+    its captions ``batch_size`` at a time, write its table. Raises
+    :class:`BadShardsError`, naming every shard that cannot be read, as soon as one is
+    found, unless ``skip_bad_shards`` (then they are skipped, named in the summary, and
+    every readable shard is written). ``show_progress``: a tqdm bar of the shards done
+    (and captions written), on stderr.
     """
     import ray.data
+    from tqdm import tqdm
 
     log = log or (lambda message: None)
     stage_args = {"extractor": extractor, "keep_numbers": keep_numbers, "spacy_model": spacy_model, "nltk_data": tuple(nltk_data)}
     check_extractor(extractor, spacy_model, nltk_data)  # fails here, in the driver, when the model or data is missing
 
-    specs = [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in shards]
-    log(f"reading {len(specs)} shard(s)")
-    read = (
-        ray.data.from_items(specs, override_num_blocks=len(specs))
-        .map_batches(read_shards_batch, batch_size=1, batch_format="pyarrow")
-        .materialize()
-    )
-    status = read.select_columns(["shard", "rows", "error"]).take_all()
-    bad = sorted((r["shard"], r["error"]) for r in status if r["error"])
-    if bad and not skip_bad_shards:
-        raise BadShardsError(bad)
-    for name, reason in bad:
-        log(f"skipping shard {name}: {reason}")
-    good = sorted(r["shard"] for r in status if not r["error"])
-
     labels_dir = os.path.join(out_dir, LABELS_DIR)
     os.makedirs(labels_dir, exist_ok=True)
+    specs = [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in shards]
+    actors = max(1, min(concurrency, len(specs)))
+    log(f"labelling the captions of {len(specs)} shard(s) with {actors} {extractor} actor(s), batches of {batch_size}")
+    labelled = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
+        LabelShards,
+        fn_constructor_kwargs={"folder": labels_dir, "batch_size": batch_size, **stage_args},
+        # one shard per call; at most 2 queued per actor, so the last shards do not wait behind a busy one
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+        batch_size=1,
+        num_cpus=1,
+        batch_format="pyarrow",
+    )
     per_shard: dict[str, dict] = {}
-    if good:
-        log(f"labelling the captions of {len(good)} shard(s) with {concurrency} {extractor} actor(s), batches of {batch_size}")
-        written = (
-            # one row per caption, in blocks of one shard each, before the actor pool: fed 1-row shard
-            # blocks, the pool would bundle them up to batch_size rows, i.e. every shard into one actor's task
-            read.map_batches(explode_batch, batch_format="pyarrow")
-            .materialize()
-            .map_batches(
-                ExtractLabels,
-                fn_constructor_kwargs=stage_args,
-                compute=ray.data.ActorPoolStrategy(size=concurrency),
-                batch_size=batch_size,
-                num_cpus=1,
-                batch_format="pyarrow",
-            )
-            .groupby("shard", num_partitions=max(1, min(len(good), 4 * concurrency)))
-            .map_groups(write_group_batch, fn_kwargs={"folder": labels_dir}, batch_format="pyarrow")
-            .take_all()
-        )
-        per_shard = {row["shard"]: json.loads(row["stats"]) for row in written}
-        if len(per_shard) != len(written):
-            raise RuntimeError("a shard's rows reached the writer in more than one group")
-    for name in good:
-        if name not in per_shard:  # a readable shard without samples still gets its (empty) table
-            per_shard[name] = _write_empty(name, labels_dir)
-    read_rows = {r["shard"]: r["rows"] for r in status if not r["error"]}
-    lost = {n: (read_rows[n], per_shard[n]["captions"]) for n in good if per_shard[n]["captions"] != read_rows[n]}
-    if lost:
-        raise RuntimeError(f"rows read and written differ for shard(s) {lost} (read, written)")
+    bad: dict[str, str] = {}
+    captions = 0
+    interval = 1.0 if sys.stderr.isatty() else 10.0
+    with tqdm(total=len(specs), unit="shard", desc="labels", mininterval=interval, disable=not show_progress) as bar:
+        rows = iter(labelled.iter_rows())
+        for row in rows:
+            name = row["shard"]
+            if name in per_shard or name in bad:
+                raise RuntimeError(f"shard {name} came back twice")
+            if row["error"]:
+                bad[name] = row["error"]
+                log(f"{'skipping shard' if skip_bad_shards else 'shard'} {name}: {row['error']}")
+                if not skip_bad_shards:
+                    break
+            else:
+                per_shard[name] = json.loads(row["stats"])
+                captions += per_shard[name]["captions"]
+            bar.update(1)
+            bar.set_postfix_str(f"{captions:,} captions", refresh=False)
+        _close(rows)
+    if bad and not skip_bad_shards:
+        rest = [spec for spec in specs if spec["shard"] not in per_shard and spec["shard"] not in bad]
+        if rest:
+            log(f"checking the {len(rest)} shard(s) not labelled yet, to name every one that cannot be read")
+            checked = ray.data.from_items(rest, override_num_blocks=len(rest)).map_batches(check_shards_batch, batch_size=1, batch_format="pyarrow")
+            bad.update({r["shard"]: r["error"] for r in checked.take_all() if r["error"]})
+        raise BadShardsError(sorted(bad.items()))
+    missing = [s.name for s in shards if s.name not in per_shard and s.name not in bad]
+    if missing:
+        raise RuntimeError(f"no label table came back for shard(s) {missing[:5]}")
+    good = sorted(per_shard)
 
     vocab, summary = merge_stats(per_shard)
     write_table(vocab, os.path.join(out_dir, VOCAB_FILE), VOCAB)
@@ -472,7 +487,7 @@ def label_shards(
         "shards": len(shards),
         "shards_written": len(good),
         "shards_skipped": len(bad),
-        "skipped_shards": [{"shard": name, "reason": reason} for name, reason in bad],
+        "skipped_shards": [{"shard": name, "reason": reason} for name, reason in sorted(bad.items())],
         **summary,
     }
     with open(os.path.join(out_dir, SUMMARY_FILE), "w") as f:
@@ -481,10 +496,11 @@ def label_shards(
     return summary
 
 
-def _write_empty(name: str, folder: str) -> dict:
-    table = LABEL_TABLE.empty_table()
-    write_table(table, os.path.join(folder, f"{name}.parquet"), LABEL_TABLE)
-    return shard_stats(table)
+def _close(rows) -> None:
+    """Stop a Ray Data row iterator left before its end (releases its actors now, not at garbage collection)."""
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
 
 
 # ----------------------------------------------------------------------------- atomic output

@@ -135,38 +135,49 @@ def test_unreadable_shards_are_reported(job_shards, tmp_path):
         labels.read_shard(Shard("00009", str(garbage), None))
 
 
-def test_read_stage_reports_errors_as_rows(job_shards):
+def test_check_stage_reports_errors_as_rows(job_shards):
     specs = pa.Table.from_pylist(
         [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in labels.find_shards(job_shards)]
     )
-    read = labels.read_shards_batch(specs)
-    errors = dict(zip(read["shard"].to_pylist(), read["error"].to_pylist()))
-    assert [name for name, e in errors.items() if e] == ["00004"]
-    rows = labels.explode_batch(read)
-    assert rows.column_names == ["key", "shard", "caption"]
-    assert rows.num_rows == sum(len(k) for k in read["keys"].to_pylist())
-    assert "00004" not in set(rows["shard"].to_pylist())
+    checked = labels.check_shards_batch(specs)
+    assert checked["shard"].to_pylist() == specs["shard"].to_pylist()
+    errors = dict(zip(checked["shard"].to_pylist(), checked["error"].to_pylist()))
+    assert [name for name, e in errors.items() if e] == ["00004"] and "truncated" in errors["00004"]
 
 
 # ----------------------------------------------------------------------------- the stage on a plain batch
 
 
-def test_extract_stage_on_a_plain_batch():
-    stage = labels.ExtractLabels("spacy")
-    batch = {
-        "key": ["k0", "k1", "k2", "k3"],
-        "shard": ["00000"] * 4,
-        "caption": ["two mice on a table", None, "😀", "a stock image of leaves"],
-    }
-    out = stage(batch)
-    validate(out, LABEL_TABLE)
-    assert out.schema.equals(LABEL_TABLE, check_metadata=False)
-    assert out.to_pylist() == [
-        {"key": "k0", "shard": "00000", "caption": "two mice on a table", "labels": ["mouse", "table"], "extractor": "spacy"},
-        {"key": "k1", "shard": "00000", "caption": None, "labels": [], "extractor": "spacy"},
-        {"key": "k2", "shard": "00000", "caption": "😀", "labels": [], "extractor": "spacy"},
-        {"key": "k3", "shard": "00000", "caption": "a stock image of leaves", "labels": ["leaf"], "extractor": "spacy"},
+def test_label_stage_reads_tags_and_writes_each_shard(tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    write_tar(str(src / "00001.tar"), [("k2", {"txt": "a stock image of leaves"}), ("k0", {"txt": "two mice on a table"}), ("k1", {})])
+    write_tar(str(src / "00002.tar"), [("k5", {"txt": "a dog"})])
+    truncate(str(src / "00002.tar"), 0.1)  # inside the first sample (a tar is padded to 10 KiB)
+    write_tar(str(src / "00003.tar"), [("k9", {"txt": "😀"})])
+    write_tar(str(src / "00004.tar"), [])
+    out = tmp_path / "out"
+    out.mkdir()
+    # batch_size 2: the first shard's three captions go through the extractor in two calls, in key order
+    stage = labels.LabelShards(str(out), "spacy", batch_size=2)
+    specs = pa.Table.from_pylist([{"shard": s.name, "tar": s.tar, "parquet": ""} for s in labels.find_shards(str(src))])
+    result = stage(specs)
+    assert result["shard"].to_pylist() == ["00001", "00002", "00003", "00004"]
+    errors = result["error"].to_pylist()
+    assert errors[0] is None and "00002.tar" in errors[1] and errors[2:] == [None, None]
+    assert sorted(os.listdir(out)) == ["00001.parquet", "00003.parquet", "00004.parquet"]  # nothing for the bad shard
+    assert read_table(out / "00001.parquet", LABEL_TABLE).to_pylist() == [
+        {"key": "k0", "shard": "00001", "caption": "two mice on a table", "labels": ["mouse", "table"], "extractor": "spacy"},
+        {"key": "k1", "shard": "00001", "caption": None, "labels": [], "extractor": "spacy"},
+        {"key": "k2", "shard": "00001", "caption": "a stock image of leaves", "labels": ["leaf"], "extractor": "spacy"},
     ]
+    assert read_table(out / "00004.parquet", LABEL_TABLE).num_rows == 0
+    stats = [json.loads(x) for x in result["stats"].to_pylist()]
+    assert [st.get("captions") for st in stats] == [3, None, 1, 0]
+    assert stats[0]["label_counts"] == {"mouse": 1, "table": 1, "leaf": 1}
+    assert stats[0]["bad_input"] == {"null": 1} and stats[2]["bad_input"] == {"no_words": 1}
+    with pytest.raises(ValueError, match="2 keys but 1 captions"):
+        stage.label_table("00005", ["a", "b"], ["a dog"])
 
 
 def test_write_shard_and_merge_stats(tmp_path):
@@ -178,7 +189,9 @@ def test_write_shard_and_merge_stats(tmp_path):
         ],
         schema=LABEL_TABLE,
     )
-    stats = labels.write_shard(rows, str(tmp_path))
+    stats = labels.write_shard(rows, str(tmp_path), "00003")
+    with pytest.raises(ValueError, match="rows of shard"):
+        labels.write_shard(rows, str(tmp_path), "00004")
     written = read_table(tmp_path / "00003.parquet", LABEL_TABLE)
     assert written["key"].to_pylist() == ["1", "2", "3"]
     vocab, summary = labels.merge_stats({"00003": stats})
@@ -268,13 +281,18 @@ def _outputs(folder: str) -> dict[str, bytes]:
 
 
 @pytest.mark.cluster
-def test_job_fails_naming_the_bad_shard(ray_head, repo_root, job_shards, tmp_path):
-    out = str(tmp_path / "labels_out")
-    result = _submit(ray_head, repo_root, job_shards, out)
+def test_job_fails_naming_every_bad_shard(ray_head, repo_root, job_shards, tmp_path):
+    # a second bad shard, last in order: the job stops at the first it meets, then checks the rest
+    shards = tmp_path / "shards"
+    shutil.copytree(job_shards, shards)
+    copy_shard(job_shards, "00001", str(shards), "00099")
+    truncate(str(shards / "00099.tar"), 0.3)
+    out = tmp_path / "labels_out"
+    result = _submit(ray_head, repo_root, str(shards), str(out))
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]
-    assert "1 shard(s) cannot be read: 00004:" in log and "truncated" in log and "--skip-bad-shards" in log
-    assert os.listdir(tmp_path) == []  # nothing written, no temporary folder left behind
+    assert "2 shard(s) cannot be read: 00004:" in log and "; 00099: " in log and "--skip-bad-shards" in log, log[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["shards"]  # nothing written, no temporary folder left behind
 
 
 @pytest.fixture(scope="module")
