@@ -38,6 +38,7 @@ import yaml
 from benchmarks.evaluate_bench import write_shards
 from benchmarks.flops import sample_flops
 from benchmarks.sampling_bench import device_name, find_tokenizer, small_config
+from pipeline.ray_local import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -112,7 +113,7 @@ def run_training(work: str, preset_path: str, ranks: int, steps: int, shards: st
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     run = os.path.join(work, "run")
     cmd = [
-        deepspeed, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "jobs/train.py",
+        deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "jobs/train.py",
         "--config", preset_path, "--deepspeed", "jobs/configs/zero2.json", "--run-dir", run, "--tokenizer", tokenizer,
         "--data", f"bench={shards},{labels}", "--steps", str(steps), "--save-every", str(steps), "--log-every", "1",
         "--warmup-steps", str(min(10, steps // 4)), *extra,
@@ -122,12 +123,6 @@ def run_training(work: str, preset_path: str, ranks: int, steps: int, shards: st
     if proc.returncode != 0:
         raise RuntimeError(f"training exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return run
-
-
-def _free_port() -> int:
-    from pipeline.ray_local import free_port
-
-    return free_port()
 
 
 def main(argv: list[str] | None = None) -> int:

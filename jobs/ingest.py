@@ -135,7 +135,6 @@ DATASET_FIELDS = (
 )  # fmt: skip
 
 
-
 def parse_args(argv: list[str] | None) -> IngestConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = field_docs(IngestConfig)

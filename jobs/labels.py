@@ -111,8 +111,6 @@ def parse_args(argv: list[str] | None) -> LabelsConfig:
         p.error(str(err))
 
 
-
-
 def _print_summary(summary: dict, output: str, seconds: float) -> None:
     n = summary["captions"]
     print(f"labels: {n} captions from {summary['shards_written']} of {summary['shards']} shard(s) -> {output}")

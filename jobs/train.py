@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from jobs._cli import field_docs
 from pipeline.loader import DatasetSpec
 
 
@@ -139,11 +140,12 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
     p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON config (jobs/configs/zero2.json, zero3.json, zero2_offload.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--data", type=_parse_data, action="append", help="NAME=SHARDS,LABELS[,WEIGHT], repeatable")
+    docs = field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "data":
             continue
         kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None, help=_field_doc(f.name))
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None, help=docs.get(f.name, ""))
     args = p.parse_args(argv)
     values = {}
     if args.config:
@@ -168,18 +170,6 @@ def _bool(v: str) -> bool:
     if v.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"not a boolean: {v}")
-
-
-def _field_doc(name: str) -> str:
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and node.target.id == name and isinstance(nxt, ast.Expr):
-            return nxt.value.value
-    return ""
 
 
 def fill_deepspeed_config(ds: dict, cfg: TrainConfig, bf16: bool) -> dict:
