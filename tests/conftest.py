@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -114,3 +115,32 @@ def labelled_shards(shards, tmp_path_factory):
     """{split: (shards folder, labels folder)} for the served world's shards."""
     root = tmp_path_factory.mktemp("labels")
     return {split: (path, write_label_tables(path, str(root / split))) for split, path in shards.items()}
+
+
+# smaller than `make demo` (held-out samples); the training recipe is the demo's own
+DEMO_ARGS = ["--n", "6000", "--val", "100", "--seed", "0"]
+# development only: a folder holding a finished `jobs.demo --out DIR` run with these arguments
+# (and its stdout in DIR/stdout.txt) stands in for the session's own run; CI never sets it
+REUSE_DEMO = "NXTP_TEST_REUSE_DEMO"
+
+
+@pytest.fixture(scope="session")
+def demo_run(repo_root, tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """(output folder, finished process) of `python -m jobs.demo` on the synthetic world, once per session.
+
+    The trained demo model is ``<out>/run/export``; tests that need a model that learned
+    share this run instead of training their own.
+    """
+    reuse = os.environ.get(REUSE_DEMO)
+    if reuse:
+        stdout = open(os.path.join(reuse, "stdout.txt")).read()
+        return reuse, subprocess.CompletedProcess(["jobs.demo", *DEMO_ARGS], 0, stdout, "")
+    out = str(tmp_path_factory.mktemp("demo") / "out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.demo", "--out", out, *DEMO_ARGS],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    return out, proc

@@ -25,25 +25,9 @@ from schemas import LABEL_TABLE, PREDICTIONS, REPORT, SHARD_MANIFEST, read_table
 
 pytestmark = [pytest.mark.cluster, pytest.mark.launcher]
 
-# smaller than `make demo` (held-out samples); the training recipe is the demo's own
-DEMO_ARGS = ["--n", "6000", "--val", "100", "--seed", "0"]
 
-
-@pytest.fixture(scope="module")
-def demo(repo_root, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo") / "out")
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.demo", "--out", out, *DEMO_ARGS],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    return out, proc
-
-
-def test_demo_model_learns(demo):
-    out, proc = demo
+def test_demo_model_learns(demo_run):
+    out, proc = demo_run
     assert proc.returncode == 0, f"jobs.demo exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     summary = json.load(open(os.path.join(out, "summary.json")))
     trained, untrained = summary["trained_exact_recall_at_5"], summary["untrained_exact_recall_at_5"]
@@ -54,8 +38,8 @@ def test_demo_model_learns(demo):
     assert "learning check" in proc.stdout and ": PASS" in proc.stdout
 
 
-def test_demo_reports_every_held_out_sample_with_valid_tables(demo):
-    out, proc = demo
+def test_demo_reports_every_held_out_sample_with_valid_tables(demo_run):
+    out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:]
     from pipeline import synthetic
 
@@ -79,8 +63,8 @@ def test_demo_reports_every_held_out_sample_with_valid_tables(demo):
         assert targets == Counter(tuple(sorted(s["labels"])) for s in good)
 
 
-def test_demo_infer_names_the_objects_of_a_held_out_image(demo):
-    out, proc = demo
+def test_demo_infer_names_the_objects_of_a_held_out_image(demo_run):
+    out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:]
     lines = re.findall(r"\| prob: ([0-9.]+) - (\S.*)", proc.stdout)
     truth = re.search(r"ground truth of \S+: (.+?)  \(caption", proc.stdout).group(1).split(", ")
@@ -89,8 +73,8 @@ def test_demo_infer_names_the_objects_of_a_held_out_image(demo):
     assert sum(t in predicted for t in truth) >= len(truth) - 1, (truth, predicted)
 
 
-def test_demo_lists_its_outputs_and_stops_its_ray_head(demo):
-    out, proc = demo
+def test_demo_lists_its_outputs_and_stops_its_ray_head(demo_run):
+    out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:]
     for rel in ("run/export/model.safetensors", "run/loss.png", "reports/trained/report.png", "logs/train.log", "summary.json"):
         assert os.path.isfile(os.path.join(out, rel)), rel
