@@ -68,7 +68,11 @@ class NxTP(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep]), keep.sum()
 
     def prefill(self, images: torch.Tensor, prompt_ids: torch.Tensor):
-        """Encode images and the prompt: (logits at the last prompt position [B, V], per-layer KV, prefix length)."""
+        """Encode images and the prompt: (logits at the last prompt position [B, V], per-layer (k, v), prefix embeddings [B, P, D]).
+
+        P = image tokens + prompt tokens; the prefix embeddings are what the decoder read,
+        for sampling that recomputes the whole sequence (``use_cache=False``).
+        """
         image_tokens = self.vision(images)
         h = torch.cat([image_tokens, self.decoder.embed(prompt_ids)], dim=1)
         hidden, kv = self.decoder(h, prefix_mask(image_tokens.shape[1], prompt_ids.shape[1], h.device), return_kv=True)

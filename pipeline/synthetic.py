@@ -48,6 +48,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from model.config import CAPTION_PROMPT, PROMPT_TEMPLATES
+from pipeline.outputs import write_bytes
+
 IMAGE_SIZE = 256
 SPLITS = ("train", "val")
 
@@ -392,7 +395,7 @@ def write_world(
             else:
                 body = jpeg_bytes(render(s, seed))
             if s.kind != "dead_url":
-                _write_bytes(path, body)
+                write_bytes(path, body)
             rows.append(
                 {
                     "split": split,
@@ -433,13 +436,6 @@ GROUND_TRUTH = pa.schema(
         ("labels", pa.list_(pa.string())),
     ]
 )
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def render_sources(world: World, base_url: str) -> dict[str, dict[str, str]]:
@@ -505,19 +501,7 @@ def render_sources(world: World, base_url: str) -> dict[str, dict[str, str]]:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-PROMPT_TEXT = [
-    "The objects in the image are",
-    "The items present in the picture are",
-    "The elements depicted in the image are",
-    "The objects shown in the photograph are",
-    "The items visible in the image are",
-    "The objects that appear in the picture are",
-    "The elements featured in the image are",
-    "The items captured in the photograph are",
-    "The elements seen in the picture are",
-    "The items represented in the image are",
-    "A brief description of the given image is that",
-]
+PROMPT_TEXT = [*PROMPT_TEMPLATES, CAPTION_PROMPT]  # what the model reads besides captions and labels
 
 
 def train_tokenizer(captions: list[str], path: str, vocab_size: int = 400) -> None:
@@ -550,7 +534,7 @@ def train_tokenizer(captions: list[str], path: str, vocab_size: int = 400) -> No
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    _write_bytes(path, model.getvalue())
+    write_bytes(path, model.getvalue())
 
 
 # ----------------------------------------------------------------------------- serving

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from model.nxtp import NxTP
+from model.prompt import IGNORE
+from pipeline.outputs import atomic_file
 
 EMBEDDING_TABLES = ("decoder.embed.base.weight", "decoder.embed.special", "vision.vit.positional_embedding")
 
@@ -138,10 +140,9 @@ def plot_loss(metrics_path: str, out_png: str) -> None:
     fig.legend(loc="upper right")
     ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))) or "training")
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(out_png) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 def state_dict_from_checkpoint(save_dir: str, tag: str) -> dict[str, torch.Tensor]:
@@ -264,7 +265,7 @@ class Trainer:
                 ws = batch.pop("stats")
                 worker_stats[ws.pop("worker")] = ws
                 batch = {k: v.to(engine.device, dtype=dtype if k == "images" else None) for k, v in batch.items()}
-                tokens += batch["images"].shape[0] * self.model_cfg.vision.n_tokens + int((batch["targets"] != -100).sum())
+                tokens += batch["images"].shape[0] * self.model_cfg.vision.n_tokens + int((batch["targets"] != IGNORE).sum())
                 out = engine(**batch, caption_weight=cfg.caption_weight)
                 engine.backward(out["loss"])
                 engine.step()

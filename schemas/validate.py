@@ -64,11 +64,11 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def write_table(table: pa.Table, path: str | os.PathLike, schema: pa.Schema) -> None:
     """Validate ``table`` and write it to ``path`` atomically (temporary name, then rename)."""
+    from pipeline.outputs import atomic_file
+
     table = conform(table, schema)
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        pq.write_table(table, f)
 
 
 def read_table(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
