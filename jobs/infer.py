@@ -10,25 +10,28 @@ present, else the CPU (fp32).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
 
 import torch
+import tyro
 from PIL import Image
+
+from jobs._cli import parse
 
 
 @dataclass
 class InferConfig:
     checkpoint: str
     """exported model folder, or a released NxTP .pth"""
-    images: list[str]
-    """image files to label"""
-    num_labels: int = 10
+    images: Annotated[list[str], tyro.conf.arg(name="image", aliases=("--images",))]
+    """image file(s) to label"""
+    num_labels: Annotated[int, tyro.conf.arg(aliases=("--k",))] = 10
     """k of one-shot sampling: labels per image (after merging duplicates, possibly fewer)"""
-    format: str = "text"
+    format: Literal["text", "json"] = "text"
     """text (the reference's lines) or json"""
     tokenizer: str | None = None
     """LLaMA tokenizer.model, for a released .pth"""
@@ -36,7 +39,7 @@ class InferConfig:
     """base CLIP weights (OpenAI .pt or open_clip file), for a released .pth holding only trained keys"""
     llama_params: str | None = None
     """Meta's params.json of the decoder, for a released .pth"""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (cuda if present), cuda or cpu"""
     batch_size: int = 16
     """images per forward pass"""
@@ -44,36 +47,16 @@ class InferConfig:
     """one-shot sampling step limit (default: the model config's, 20)"""
 
     def __post_init__(self):
+        if not self.images:
+            raise ValueError("--image needs at least one file")
         if self.num_labels < 1:
             raise ValueError("--num-labels must be >= 1")
-        if self.format not in ("text", "json"):
-            raise ValueError("--format must be text or json")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError("--device must be auto, cuda or cpu")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
 
 
-def parse_args(argv: list[str] | None) -> InferConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="exported model folder, or a released NxTP .pth")
-    p.add_argument("--image", dest="images", nargs="+", required=True, help="image file(s)")
-    p.add_argument("--num-labels", type=int, default=10, help="labels per image (default 10)")
-    p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--tokenizer", help="LLaMA tokenizer.model (for a released .pth)")
-    p.add_argument("--clip-weights", help="base CLIP weights for the frozen ViT blocks (for a released .pth)")
-    p.add_argument("--llama-params", help="Meta params.json of the decoder (for a released .pth)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-steps", type=int, default=None, help="one-shot step limit (default: model config, 20)")
-    try:
-        return InferConfig(**vars(p.parse_args(argv)))
-    except ValueError as err:
-        p.error(str(err))
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse(InferConfig, argv, prog="python -m jobs.infer", description=__doc__)
     log = sys.stderr if cfg.format == "json" else sys.stdout
     print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
     from model.checkpoint import load_model

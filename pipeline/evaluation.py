@@ -35,21 +35,20 @@ import glob
 import hashlib
 import io
 import os
-import re
 import subprocess
-import tarfile
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import outputs
+from pipeline.shards import Shard, index_tar, label_table_path
 from schemas import PREDICTIONS, REPORT
 
 # ----------------------------------------------------------------------------- row errors
@@ -98,40 +97,6 @@ SCORED = pa.schema(list(PREDICTIONS) + [pa.field(name, pa.list_(pa.float64())) f
 # ----------------------------------------------------------------------------- inputs
 
 
-@dataclass(frozen=True)
-class ShardInput:
-    """One validation shard: its name ("00012"), its tar, and its label table."""
-
-    name: str
-    tar: str
-    labels: str
-
-
-def find_shards(shards_dir: str, labels_dir: str) -> list[ShardInput]:
-    """Every ``<name>.tar`` of ``shards_dir`` with its ``<labels_dir>/labels/<name>.parquet``.
-
-    Raises ``FileNotFoundError`` naming what is missing: the folders, any tar, or the label
-    table of any shard (``jobs.labels`` writes one per readable shard).
-    """
-    if not os.path.isdir(shards_dir):
-        raise FileNotFoundError(f"{shards_dir}: no such folder of shards")
-    if not os.path.isdir(labels_dir):
-        raise FileNotFoundError(f"{labels_dir}: no such labels folder (jobs.labels writes it)")
-    tars = sorted(glob.glob(os.path.join(shards_dir, "*.tar")))
-    if not tars:
-        raise FileNotFoundError(f"{shards_dir}: holds no webdataset shard (<name>.tar)")
-    shards = []
-    for tar in tars:
-        name = os.path.basename(tar).removesuffix(".tar")
-        shards.append(ShardInput(name, tar, os.path.join(labels_dir, "labels", f"{name}.parquet")))
-    missing = [s.labels for s in shards if not os.path.isfile(s.labels)]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} shard(s) have no label table, e.g. {missing[0]} (run jobs.labels on {shards_dir})"
-        )
-    return shards
-
-
 def read_label_table(path: str) -> dict[str, list[str]]:
     """key -> target labels of one shard's label table."""
     table = pq.read_table(path, columns=["key", "labels"])
@@ -141,81 +106,32 @@ def read_label_table(path: str) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- stage 1: read and join
 
 
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule (tariterators.base_plus_ext)
-
-
-def _split_member(name: str) -> tuple[str | None, str | None]:
-    """(key, extension) of a tar member: ``a/b.seg.jpg`` -> (``a/b``, ``seg.jpg``)."""
-    match = _KEY_EXT.match(name)
-    return (match.group(1), match.group(2)) if match else (None, None)
-
-
-@dataclass
-class TarIndex:
-    """Where each sample's image lies in a tar, from its headers alone (no image is read)."""
-
-    samples: list[tuple[str, int, int]]  # (key, offset of the image's data or -1 without one, its size), in tar order
-    unread: list[tuple[str, str]]  # (key, reason): samples whose headers were seen but whose image is cut off
-    broken: str | None  # why the scan stopped before the end of the archive; None when it is whole
-
-
-def index_tar(path: str) -> TarIndex:
-    """Index a webdataset tar: a sample is a run of members sharing a key (webdataset's rule).
-
-    A truncated or corrupt tar is indexed up to the damage (``broken`` says why); a key
-    whose members are not contiguous raises ``ValueError`` naming the tar.
-    """
-    file_size = os.path.getsize(path)
-    samples: list[list] = []
-    unread: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    broken = None
-    try:
-        with tarfile.open(path, mode="r:") as tar:  # random access: headers are read, data is skipped
-            for info in tar:
-                key, ext = _split_member(info.name) if info.isreg() else (None, None)
-                if key is None:
-                    continue
-                if not samples or samples[-1][0] != key:
-                    if key in seen:
-                        raise ValueError(f"{path}: the files of sample {key!r} are not contiguous (or it appears twice)")
-                    seen.add(key)
-                    samples.append([key, -1, 0])
-                if info.offset_data + info.size > file_size:
-                    broken = f"{info.name} runs past the end of the file (truncated)"
-                    if samples[-1][1] < 0:  # its image is not there: the sample cannot be read
-                        unread.append((samples.pop()[0], f"{os.path.basename(path)} is cut off inside it ({broken})"))
-                    break
-                if samples[-1][1] < 0 and ext.lower() in IMAGE_EXTENSIONS:
-                    samples[-1][1:] = [info.offset_data, info.size]
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        broken = f"{type(err).__name__}: {err}"
-    return TarIndex([tuple(s) for s in samples], unread, broken)
-
-
-def plan_reads(shards: Sequence[ShardInput], samples_per_task: int) -> list[dict]:
+def plan_reads(found: Sequence[Shard], labels: str, samples_per_task: int) -> list[dict]:
     """Read-task specs (rows for ``ray.data.from_items``) covering every sample of every shard once.
 
-    The samples are the tar's (read in tasks of ``samples_per_task``, so that a shard is
-    read and decoded in parallel), plus an ``unread`` entry for each sample the tar lost
-    (cut off) and each label-table key the tar does not hold (a damaged or replaced tar):
-    nothing is dropped without a row saying why.
+    ``found`` are shards with a label table each under ``labels`` (``find_shards(..., labels=)``).
+    The samples are the tar's intact ones (``pipeline.shards``' rule; read in tasks of
+    ``samples_per_task``, so that a shard is read and decoded in parallel), plus an
+    ``unread`` entry for each label-table key the tar does not hold intact (a damaged or
+    replaced tar): nothing is dropped without a row saying why.
     """
     specs = []
-    for shard in shards:
+    for shard in found:
         index = index_tar(shard.tar)
-        in_tar = {key for key, _, _ in index.samples} | {key for key, _ in index.unread}
+        label_file = label_table_path(labels, shard.name)
         name = os.path.basename(shard.tar)
-        missing = f"{name} broke off before it ({index.broken})" if index.broken else f"not in {name}"
-        label_keys = pq.read_table(shard.labels, columns=["key"]).column("key").to_pylist()
-        unread = index.unread + [(key, missing) for key in label_keys if key not in in_tar]
-        base = {"shard": shard.name, "tar": shard.tar, "labels": shard.labels}
-        for start in range(0, len(index.samples), samples_per_task):
-            chunk = index.samples[start : start + samples_per_task]
+        missing = f"not among the intact samples of {name}, which is damaged: {index.damage}" if index.damage else f"not in {name}"
+        intact = set(index.keys)
+        label_keys = pq.read_table(label_file, columns=["key"]).column("key").to_pylist()
+        unread = [key for key in label_keys if key not in intact]
+        base = {"shard": shard.name, "tar": shard.tar, "labels": label_file}
+        images = [(s.key, *(s.members[ext] if (ext := s.first(IMAGE_EXTENSIONS)) else (-1, 0))) for s in index.samples]
+        for start in range(0, len(images), samples_per_task):
+            chunk = images[start : start + samples_per_task]
             specs.append({**base, "keys": [c[0] for c in chunk], "offsets": [c[1] for c in chunk], "sizes": [c[2] for c in chunk],
                           "unread_keys": [], "unread_reasons": []})  # fmt: skip
         if unread:
-            specs.append({**base, "keys": [], "offsets": [], "sizes": [], "unread_keys": [k for k, _ in unread], "unread_reasons": [r for _, r in unread]})
+            specs.append({**base, "keys": [], "offsets": [], "sizes": [], "unread_keys": unread, "unread_reasons": [missing] * len(unread)})
     return specs
 
 
@@ -244,7 +160,7 @@ def read_samples_batch(batch: pa.Table) -> pa.Table:
     rows = []
     for spec in batch.to_pylist():
         targets = _label_table(spec["labels"], os.stat(spec["labels"]).st_mtime_ns)
-        with open(spec["tar"], "rb") as f:
+        with fsspec.open(spec["tar"], "rb") as f:
             for key, offset, size in zip(spec["keys"], spec["offsets"], spec["sizes"]):
                 image = None
                 if offset >= 0:
@@ -672,10 +588,9 @@ def plot_report(report: pa.Table, path: str) -> None:
         r0 = rows[0]
         fig.suptitle(f"{os.path.basename(r0['checkpoint'].split(' ')[0])}: {r0['samples']} scored, {r0['failed']} failed, {r0['no_targets']} without targets", fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
+    with outputs.atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- provenance

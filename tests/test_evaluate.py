@@ -19,12 +19,14 @@ import torch
 from PIL import Image
 
 from jobs import evaluate as job
+from jobs._cli import SUBMITTED
 from model.checkpoint import load_pretrained, save_pretrained
 from model.sampling import one_shot
 from model.tokenizer import Tokenizer
 from model.vision import preprocess
 from pipeline import evaluation
-from pipeline.evaluation import PREDICTED, SAMPLES, SCORED, ShardInput, error_code
+from pipeline.evaluation import PREDICTED, SAMPLES, SCORED, error_code
+from pipeline.shards import Shard, index_tar
 from schemas import LABEL_TABLE, PREDICTIONS, REPORT, read_table, write_table
 from tests.test_model import _tiny_model
 
@@ -68,10 +70,10 @@ def _write_labels(labels_dir, shard: str, rows: dict[str, list[str]]) -> str:
     return path
 
 
-def _read_all(shard: ShardInput, samples_per_task: int = 256) -> list[dict]:
-    """The read stage's rows for a shard: the driver's plan, then each read task on its spec."""
+def _read_all(tar: str, labels_dir, samples_per_task: int = 256) -> list[dict]:
+    """The read stage's rows for shard 00000: the driver's plan, then each read task on its spec."""
     rows = []
-    for spec in evaluation.plan_reads([shard], samples_per_task):
+    for spec in evaluation.plan_reads([Shard("00000", str(tar))], str(labels_dir), samples_per_task):
         assert len(spec["keys"]) <= samples_per_task
         block = evaluation.read_samples_batch(pa.Table.from_pylist([spec]))
         assert block.schema.equals(SAMPLES)
@@ -115,7 +117,7 @@ def test_read_joins_labels_by_key_and_reports_every_sample(tmp_path, world):
         ],
     )
     labels = _write_labels(tmp_path, "00000", {"000000000": ["circle", "table"], "000000001": ["cup"], "000000003": [], "000000009": ["star"]})
-    rows = _read_all(ShardInput("00000", tar, labels), samples_per_task=2)
+    rows = _read_all(tar, tmp_path, samples_per_task=2)
     assert [r["key"] for r in rows] == ["000000000", "000000001", "000000002", "000000003", "000000009"]
     by_key = {r["key"]: r for r in rows}
     assert by_key["000000000"]["error"] is None and by_key["000000000"]["image"] == good[0]
@@ -134,10 +136,10 @@ def test_truncated_tar_keeps_what_was_read_and_names_the_rest(tmp_path, world):
     data = open(tar, "rb").read()
     cut = tmp_path / "00000.tar"
     cut.write_bytes(data[: int(len(data) * 0.6)])
-    labels = _write_labels(tmp_path, "00000", {k: ["star"] for k in keys})
-    index = evaluation.index_tar(str(cut))
-    assert index.broken and "truncated" in index.broken
-    rows = _read_all(ShardInput("00000", str(cut), labels), samples_per_task=1)
+    _write_labels(tmp_path, "00000", {k: ["star"] for k in keys})
+    index = index_tar(str(cut))
+    assert index.damage and "truncated" in index.damage
+    rows = _read_all(str(cut), tmp_path, samples_per_task=1)
     assert sorted(r["key"] for r in rows) == keys  # every sample once, read or not
     read = [r for r in rows if r["error"] is None]
     unread = [r for r in rows if error_code(r["error"]) == "unread"]
@@ -146,10 +148,14 @@ def test_truncated_tar_keeps_what_was_read_and_names_the_rest(tmp_path, world):
     assert [r["image"] for r in read] == images[: len(read)]
 
 
-def test_a_sample_split_across_the_tar_is_refused(tmp_path):
+def test_a_sample_split_across_the_tar_is_read_up_to_the_split(tmp_path):
+    """pipeline.shards' rule: a key whose members are not adjacent is a defect; the samples before it are intact."""
     tar = _write_tar(tmp_path / "00000.tar", [("a", {"jpg": b"1"}), ("b", {"jpg": b"2"}), ("a", {"txt": b"3"})])
-    with pytest.raises(ValueError, match="'a' are not contiguous"):
-        evaluation.index_tar(tar)
+    _write_labels(tmp_path, "00000", {"a": ["star"], "b": ["cup"], "c": ["leaf"]})
+    assert "'a' are not adjacent" in index_tar(tar).damage
+    rows = {r["key"]: r for r in _read_all(tar, tmp_path)}
+    assert (rows["a"]["image"], rows["b"]["image"]) == (b"1", b"2") and rows["a"]["error"] is None
+    assert error_code(rows["c"]["error"]) == "unread" and "'a' are not adjacent" in rows["c"]["error"]
 
 
 # ----------------------------------------------------------------------------- stages 2-4 on plain batches
@@ -309,17 +315,17 @@ def test_missing_inputs_are_named(tmp_path, export, small_dataset, capsys):
     shards, labels = small_dataset
     assert job.main(_argv(export, str(tmp_path / "nowhere"), labels, str(tmp_path / "o"))) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'nowhere'}: no such folder of shards" in err and "resolved where the job runs" in err
+    assert f"{tmp_path / 'nowhere'}: no such folder or shard" in err and "resolved where the job runs" in err
     os.remove(os.path.join(labels, "labels", "00000.parquet"))
     assert job.main(_argv(export, shards, labels, str(tmp_path / "o"))) == 2
     assert "00000.parquet" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
-def test_relative_paths_are_refused_under_job_submission(monkeypatch):
-    monkeypatch.setenv(job._JOB_SUBMISSION_ENV, "{}")
-    with pytest.raises(ValueError, match="paths are resolved on the cluster"):
-        job.EvaluateConfig(checkpoint="/m", shards="data/val", labels="/l", output="/o")
+def test_relative_paths_are_refused_under_job_submission(monkeypatch, capsys):
+    monkeypatch.setenv(SUBMITTED, "{}")
+    assert job.main(["--checkpoint", "/m", "--shards", "data/val", "--labels", "/l", "--output", "/o"]) == 2
+    assert "paths are resolved on the cluster" in capsys.readouterr().err
     cfg = job.EvaluateConfig(checkpoint="/m", shards="/data/coco_val/", labels="/l", output="/o", k=[10, 5, 10])
     assert cfg.dataset == "coco_val" and cfg.k == [5, 10]
 

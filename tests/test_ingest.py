@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from jobs import ingest as ingest_job
+from jobs._cli import SUBMITTED
 from pipeline import ingest, synthetic
 from schemas import SHARD_MANIFEST, URL_TABLE, read_table
 
@@ -176,18 +177,20 @@ def test_last_gate_refuses_non_http_urls(tmp_path):
         ingest.check_urls(table, str(tmp_path))
 
 
-def test_usage_errors_name_the_path(tmp_path, capsys):
+def test_usage_errors_name_the_path(tmp_path, capsys, monkeypatch):
     missing = str(tmp_path / "nope.tsv")
     assert ingest_job.main(["--source", "cc3m", "--input", missing, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"--input {missing}: no such file" in err and "resolved" in err
     cfg = ingest_job.IngestConfig(source="cc3m", input="data/cc3m.tsv", output="/abs/out")
-    with pytest.raises(ValueError, match="--input data/cc3m.tsv: give an absolute path; .*on the cluster"):
-        ingest_job.check_paths(cfg, submitted=True)
+    monkeypatch.setenv(SUBMITTED, "{}")
+    with pytest.raises(ValueError, match="--input data/cc3m.tsv is relative: .*on the cluster"):
+        ingest_job.check_paths(cfg)
+    monkeypatch.delenv(SUBMITTED)
     with pytest.raises(ValueError, match="--url-map"):
         ingest_job.IngestConfig(source="openimages", input="/x", output="/y")
     with pytest.raises(SystemExit):
-        ingest_job.parse_args(["--source", "cc3m", "--input", "/x", "--output", "/y", "--resize-mode", "stretch"])
+        ingest_job.main(["--source", "cc3m", "--input", "/x", "--output", "/y", "--resize-mode", "stretch"])
     url_list = tmp_path / "list.tsv"
     url_list.write_text("a caption\thttp://127.0.0.1:9/a.jpg\n")
     foreign = tmp_path / "foreign"  # shards some other tool wrote
