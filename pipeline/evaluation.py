@@ -393,8 +393,11 @@ def steady_rate(arrivals: Sequence[tuple[float, int]], window: tuple[float, floa
     return float(np.polyfit(points[:, 0], points[:, 1], 1)[0])
 
 
-def build_dataset(reads: Sequence[dict], *, image_size: int, predictor: Mapping, scorer: Mapping, plan: StagePlan):
-    """The lazy Ray Dataset of SCORED rows (read -> decode -> Predict -> Score) for ``plan_reads`` specs."""
+def build_dataset(reads: Sequence[dict], *, image_size: int, predictor: Mapping, scorer: Mapping, plan: StagePlan, predictor_cls: type | None = None):
+    """The lazy Ray Dataset of SCORED rows (read -> decode -> Predict -> Score) for ``plan_reads`` specs.
+
+    ``predictor_cls``: the predictor stage's class (default :class:`Predict`; a subclass may add behaviour).
+    """
     import ray.data
 
     actor_args = {"max_restarts": plan.max_retries, "max_task_retries": plan.max_retries}
@@ -405,7 +408,7 @@ def build_dataset(reads: Sequence[dict], *, image_size: int, predictor: Mapping,
         .map_batches(read_samples_batch, batch_size=1, batch_format="pyarrow", num_cpus=plan.read_cpus)
         .map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=plan.batch_size, batch_format="pyarrow", num_cpus=plan.decode_cpus)
         .map_batches(
-            Predict,
+            predictor_cls or Predict,
             fn_constructor_kwargs=dict(predictor),
             compute=ray.data.ActorPoolStrategy(size=plan.concurrency),
             batch_size=plan.batch_size,
@@ -436,19 +439,20 @@ def run_evaluation(
     plan: StagePlan,
     log: Callable[[str], None] | None = None,
     progress_every_s: float = 30.0,
+    predictor_cls: type | None = None,
 ) -> EvaluationRun:
     """Run the pipeline on the Ray instance the caller initialized; the SCORED rows of every sample.
 
     ``reads`` come from :func:`plan_reads` (with ``samples_per_task`` = the batch size).
 
-    ``predictor`` / ``scorer`` are the keyword arguments of :class:`Predict` /
-    :class:`Score`. Raises ``RuntimeError`` when a (shard, key) came back twice.
+    ``predictor`` / ``scorer`` are the keyword arguments of :class:`Predict` (or
+    ``predictor_cls``) / :class:`Score`. Raises ``RuntimeError`` when a (shard, key) came back twice.
     """
     log = log or (lambda message: None)
     with warnings.catch_warnings():
         # Ray 2.60 takes max_restarts / max_task_retries only as extra remote args, which it flags as deprecated
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = build_dataset(reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan)
+        ds = build_dataset(reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, predictor_cls=predictor_cls)
     parts: list[pa.Table] = []
     arrivals: list[tuple[float, int]] = []
     rows = 0

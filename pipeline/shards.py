@@ -124,6 +124,7 @@ def _find_one(location: str) -> list[Shard]:
     else:
         patterns = [path]
     tars: list[str] = []
+    missing: list[str] = []
     for pattern in patterns:
         if _GLOB.search(pattern):
             tars += [p for p in fs.glob(pattern) if p.endswith(".tar")]
@@ -132,7 +133,10 @@ def _find_one(location: str) -> list[Shard]:
         elif pattern == path:
             raise FileNotFoundError(f"{location}: no such folder or shard")
         else:
-            raise FileNotFoundError(f"{_url(fs, pattern)}: no such shard (named by {location})")
+            missing.append(_url(fs, pattern))
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{len(missing)} shard(s) named by {location} do not exist: {listed}")
     if not tars:
         raise FileNotFoundError(f"{location}: matches no webdataset shard (<name>.tar)")
     siblings: dict[str, set[str]] = {}

@@ -8,8 +8,6 @@ import os
 import shutil
 import signal
 import tarfile
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +24,10 @@ from model.tokenizer import Tokenizer
 from model.vision import preprocess
 from pipeline import evaluation
 from pipeline.evaluation import PREDICTED, SAMPLES, SCORED, error_code
-from pipeline.shards import Shard, index_tar
+from pipeline.shards import Shard, find_shards, index_tar
 from schemas import LABEL_TABLE, PREDICTIONS, REPORT, read_table, write_table
 from tests.test_model import _tiny_model
+from tests.test_shards import write_tar
 
 # ----------------------------------------------------------------------------- small inputs made here
 
@@ -42,16 +41,6 @@ def _jpeg(world, n: int = 1, size: int = 64) -> list[bytes]:
             img.convert("RGB").resize((size, size)).save(buf, format="JPEG")
             out.append(buf.getvalue())
     return out
-
-
-def _write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _write_labels(labels_dir, shard: str, rows: dict[str, list[str]]) -> str:
@@ -97,7 +86,7 @@ def small_dataset(tmp_path, world) -> tuple[str, str]:
     shards, labels = tmp_path / "shards", tmp_path / "labels_out"
     shards.mkdir()
     good = _jpeg(world, 2)
-    _write_tar(shards / "00000.tar", [("000000000", {"jpg": good[0]}), ("000000001", {"jpg": good[1]})])
+    write_tar(shards / "00000.tar", [("000000000", {"jpg": good[0]}), ("000000001", {"jpg": good[1]})])
     _write_labels(str(labels), "00000", {"000000000": ["circle"], "000000001": ["star"]})
     return str(shards), str(labels)
 
@@ -107,7 +96,7 @@ def small_dataset(tmp_path, world) -> tuple[str, str]:
 
 def test_read_joins_labels_by_key_and_reports_every_sample(tmp_path, world):
     good = _jpeg(world, 3)
-    tar = _write_tar(
+    tar = write_tar(
         tmp_path / "00000.tar",
         [
             ("000000000", {"jpg": good[0], "txt": b"a red circle on a table", "json": b"{}"}),
@@ -132,7 +121,7 @@ def test_read_joins_labels_by_key_and_reports_every_sample(tmp_path, world):
 def test_truncated_tar_keeps_what_was_read_and_names_the_rest(tmp_path, world):
     images = _jpeg(world, 4, size=256)
     keys = [f"00000000{i}" for i in range(4)]
-    tar = _write_tar(tmp_path / "whole.tar", [(k, {"jpg": img, "txt": b"x"}) for k, img in zip(keys, images)])
+    tar = write_tar(tmp_path / "whole.tar", [(k, {"jpg": img, "txt": b"x"}) for k, img in zip(keys, images)])
     data = open(tar, "rb").read()
     cut = tmp_path / "00000.tar"
     cut.write_bytes(data[: int(len(data) * 0.6)])
@@ -150,7 +139,7 @@ def test_truncated_tar_keeps_what_was_read_and_names_the_rest(tmp_path, world):
 
 def test_a_sample_split_across_the_tar_is_read_up_to_the_split(tmp_path):
     """pipeline.shards' rule: a key whose members are not adjacent is a defect; the samples before it are intact."""
-    tar = _write_tar(tmp_path / "00000.tar", [("a", {"jpg": b"1"}), ("b", {"jpg": b"2"}), ("a", {"txt": b"3"})])
+    tar = write_tar(tmp_path / "00000.tar", [("a", {"jpg": b"1"}), ("b", {"jpg": b"2"}), ("a", {"txt": b"3"})])
     _write_labels(tmp_path, "00000", {"a": ["star"], "b": ["cup"], "c": ["leaf"]})
     assert "'a' are not adjacent" in index_tar(tar).damage
     rows = {r["key"]: r for r in _read_all(tar, tmp_path)}
@@ -372,7 +361,7 @@ def job_inputs(labelled_shards, world, tmp_path_factory):
     shutil.copytree(os.path.join(src_labels, "labels"), labels / "labels")
     good = _jpeg(world, 3)
     samples = [("090000000", good[0]), ("090000001", good[1][:300]), ("090000002", good[1]), ("090000003", good[2])]
-    _write_tar(shards / "00090.tar", [(key, {"jpg": data, "txt": b"caption"}) for key, data in samples])
+    write_tar(shards / "00090.tar", [(key, {"jpg": data, "txt": b"caption"}) for key, data in samples])
     _write_labels(str(labels), "00090", {"090000000": ["circle"], "090000001": ["star"], "090000002": [], "090000009": ["cup"]})
     tok = Tokenizer(world.tokenizer)
     export = save_pretrained(_tiny_model(tok), tok, str(root / "export"))
@@ -481,48 +470,48 @@ def _replicate(shards_dir: str, labels_dir: str, out, copies: int) -> tuple[str,
     return str(shards), str(labels)
 
 
-def _kill_a_predictor(dashboard: str, killed: list, stop: threading.Event, settle_s: float = 1.0) -> None:
-    """SIGKILL the first predictor actor process once it has been up for ``settle_s``; record (actor id, pid)."""
-    from ray.util.state import list_actors
-
-    while not stop.is_set():
-        actors = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
-        predictors = [a for a in actors if "Predict" in (a.repr_name or "")]
-        if predictors:
-            time.sleep(settle_s)  # let it take some batches
-            os.kill(predictors[0].pid, signal.SIGKILL)
-            killed.append((predictors[0].actor_id, predictors[0].pid))
-            return
-        time.sleep(0.2)
-
-
 @pytest.mark.cluster
-def test_exactly_once_when_a_predictor_actor_is_killed(ray_head, labelled_shards, world, tmp_path, capsys):
-    """The job (in this process, joined to the head) loses its predictor actor mid-run and still writes every sample once."""
+def test_exactly_once_when_a_predictor_actor_is_killed(ray_head, labelled_shards, world, tmp_path):
+    """The predictor actor is SIGKILLed on its third batch: Ray restarts it, retries the batch, and every
+    sample still comes back exactly once. The kill comes from inside the actor, so it lands mid-run on any machine."""
     import ray
-    from ray.util.state import get_actor
+    from ray.util.state import list_actors
 
     shards, labels = _replicate(*labelled_shards["val"], tmp_path, copies=2)
     tok = Tokenizer(world.tokenizer)
     export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
-    out = str(tmp_path / "report")
-    killed: list = []
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_predictor, args=(ray_head.dashboard_url, killed, stop), daemon=True)
-    killer.start()
+    marker = str(tmp_path / "killed")
+
+    class DiesOnItsThirdBatch(evaluation.Predict):
+        def __init__(self, marker: str, **kwargs):
+            super().__init__(**kwargs)
+            self.marker, self.calls = marker, 0
+
+        def __call__(self, batch):
+            self.calls += 1
+            if self.calls == 3 and not os.path.exists(self.marker):  # once: the restarted actor lives
+                with open(self.marker, "w") as f:
+                    f.write(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(batch)
+
+    found = find_shards(shards, labels=labels)
+    plan = evaluation.StagePlan(batch_size=1, predictor_cpus=0.5, worker_env=dict(job.WORKER_ENV))
+    ray.init(address=ray_head.gcs_address)
     try:
-        argv = [*_argv(export, shards, labels, out), "--k", "10", "--batch-size", "1", "--cpus-per-actor", "0.5", "--address", ray_head.gcs_address]
-        rc = job.main(argv)
+        run = evaluation.run_evaluation(
+            evaluation.plan_reads(found, labels, plan.batch_size),
+            image_size=64,
+            predictor={"checkpoint": export, "k": 10, "threads": 1, "marker": marker},
+            scorer={"ks": [10], "threads": 1},
+            plan=plan,
+            predictor_cls=DiesOnItsThirdBatch,
+        )
+        restarted = [a for a in list_actors(address=ray_head.dashboard_url, detail=True, limit=1000) if "DiesOnItsThirdBatch" in (a.repr_name or a.class_name or "")]
     finally:
-        stop.set()
-        killer.join(timeout=30)
         ray.shutdown()
-    log = capsys.readouterr()
-    assert rc == 0, (log.out + log.err)[-5000:]
-    assert killed, "no predictor actor appeared"
-    actor_id, pid = killed[0]
-    assert get_actor(actor_id, address=ray_head.dashboard_url).num_restarts >= 1, "the kill landed while the pool was working"
-    predictions = read_table(os.path.join(out, "predictions.parquet"), PREDICTIONS)
-    keys = list(zip(predictions.column("shard").to_pylist(), predictions.column("key").to_pylist()))
+    assert os.path.exists(marker), "the predictor was never killed"
+    assert any(a.num_restarts >= 1 for a in restarted), [(a.class_name, a.repr_name, a.num_restarts) for a in restarted]
+    keys = list(zip(run.table.column("shard").to_pylist(), run.table.column("key").to_pylist()))
     assert keys == _tar_keys(shards) and len(keys) > 30  # each sample exactly once, none lost to the kill
-    assert all(p for p in predictions.column("predictions").to_pylist())  # the retried batches were predicted
+    assert all(p for p in run.table.column("predictions").to_pylist())  # the retried batch was predicted

@@ -13,7 +13,7 @@ import webdataset as wds
 
 from jobs._cli import SUBMITTED
 from pipeline import labels
-from pipeline.shards import Shard, ShardReadError, find_shards, split_member
+from pipeline.shards import Shard, ShardReadError, find_shards
 from schemas import LABEL_TABLE, VOCAB
 from schemas.validate import read_table, validate
 
@@ -101,13 +101,6 @@ def test_parquet_and_tar_give_the_same_captions(shards):
     status = pq.read_table(os.path.join(folder, name + ".parquet")).to_pylist()
     assert keys == sorted(r["key"] for r in status if r["status"] == "success")
     assert len(keys) < len(status)  # the world's bad rows were not downloaded: not in the tar, not labelled
-
-
-def test_sample_key_follows_webdataset():
-    from webdataset.tariterators import base_plus_ext
-
-    for member in ("0000001.jpg", "0000001.txt", "a/b/000.seg.txt", "dir.v2/abc.json", "noext", "x/.hidden", "k.tar.gz"):
-        assert split_member(member) == base_plus_ext(member), member
 
 
 def test_bad_caption_tar_is_read(job_shards):

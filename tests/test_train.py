@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import pyarrow as pa
@@ -25,6 +23,7 @@ from pipeline import ray_local
 from pipeline.shards import TarReader, label_table_path
 from pipeline.training import MetricsLog
 from schemas import LABEL_TABLE, read_table, write_table
+from tests.test_shards import write_tar
 
 pytestmark = pytest.mark.launcher
 STEPS = 16
@@ -69,12 +68,7 @@ def _damaged_dataset(root, good_shards: str, good_labels: str) -> dict:
     members = [(f"00910000{i}", {"jpg": image, "txt": b"a star"}) for i, image in enumerate(images)]
     members[3][1]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
     members.append(("009100009", {"jpg": images[0], "txt": b""}))
-    with tarfile.open(os.path.join(shards, "00091.tar"), "w") as tar:
-        for key, files in members:
-            for ext, payload in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    write_tar(os.path.join(shards, "00091.tar"), members)
     keys = [key for key, _ in members]
     rows = {"key": keys, "shard": ["00091"] * 5, "caption": ["a star"] * 4 + [""], "labels": [["star"]] * 4 + [[]], "extractor": ["spacy"] * 5}
     write_table(pa.table(rows), label_table_path(labels, "00091"), LABEL_TABLE)
