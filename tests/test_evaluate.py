@@ -422,7 +422,7 @@ def test_reports_open_cleanly_in_duckdb_pandas_and_polars(job_run):
     rows = duckdb.sql(f"SELECT k, recall, checkpoint, checkpoint_sha256, step FROM '{report}' ORDER BY k").fetchall()
     assert [r[0] for r in rows] == [5, 10] and all(0 <= r[1] <= 1 for r in rows)
     assert {(r[2], len(r[3]), r[4]) for r in rows} == {(rows[0][2], 64, None)}  # a folder saved without a step
-    per_k = duckdb.sql(f"SELECT avg(recall_at_5), avg(recall_at_10), count(*) - count(recall_at_10) FROM '{predictions}'").fetchone()
+    per_k = duckdb.sql(f"SELECT avg(recall_at_5), avg(recall_at_10), count(*) - count(recall_at_10) FROM '{predictions}'").fetchall()[0]
     assert per_k[0] == pytest.approx(rows[0][1], abs=1e-9) and per_k[1] == pytest.approx(rows[1][1], abs=1e-9)
     unscored = pd.read_parquet(predictions).query("error.notna()")
     assert per_k[2] == len(unscored) > 0 and unscored["recall_at_10"].isna().all()  # null, not NaN or a sentinel
