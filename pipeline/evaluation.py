@@ -682,12 +682,15 @@ def plot_report(report: pa.Table, path: str) -> None:
 
 
 def checkpoint_id(checkpoint: str) -> str:
-    """``<path> md5:<first 12 hex digits of the weights file>`` (the released checkpoints are listed by md5)."""
-    weights = os.path.join(checkpoint, "model.safetensors") if os.path.isdir(checkpoint) else checkpoint
+    """``<path> md5:<first 12 hex digits>`` of the weights file, or of an export's weight files one after the other
+    (the released checkpoints are listed by md5)."""
+    from model.export import weight_files
+
     digest = hashlib.md5(usedforsecurity=False)
-    with open(weights, "rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
+    for weights in weight_files(checkpoint) if os.path.isdir(checkpoint) else [checkpoint]:
+        with open(weights, "rb") as f:
+            while chunk := f.read(1 << 23):
+                digest.update(chunk)
     return f"{checkpoint} md5:{digest.hexdigest()[:12]}"
 
 
