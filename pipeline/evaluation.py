@@ -34,7 +34,6 @@ import functools
 import glob
 import hashlib
 import io
-import json
 import os
 import subprocess
 import time
@@ -618,38 +617,31 @@ def plot_report(report: pa.Table, path: str) -> None:
 # ----------------------------------------------------------------------------- provenance
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-def checkpoint_identity(checkpoint: str) -> CheckpointIdentity:
-    """The checkpoint as given, the sha256 of its weights, and the step an exported folder records.
+def checkpoint_identity(path: str, name: str | None = None) -> CheckpointIdentity:
+    """The checkpoint (``name`` as the user gave it, e.g. a hub id; default ``path``), the sha256 of
+    its weights at ``path``, and the step an exported folder records.
 
-    A folder's digest covers every weight file in it (``*.safetensors``, ``*.bin``, ``*.pth``,
-    ``*.pt``, in sorted order, each with its relative path); a file's is the file's own.
+    An export's digest covers its weight files in a fixed order (``model.export.weight_files``),
+    each with its name; a single file's is the file's own.
     """
+    from model.export import read_config, weight_files
+
     digest = hashlib.sha256()
     step = None
-    if os.path.isdir(checkpoint):
-        files = sorted(
-            os.path.relpath(os.path.join(root, name), checkpoint)
-            for root, _, names in os.walk(checkpoint)
-            for name in names
-            if name.endswith(WEIGHT_SUFFIXES)
-        )
-        config = os.path.join(checkpoint, "config.json")
-        if os.path.isfile(config):
-            with open(config) as f:
-                step = json.load(f).get("step")
+    if os.path.isdir(path):
+        files = weight_files(path)
+        step = read_config(path)[1].get("step")
+        for file in files:
+            digest.update(os.path.relpath(file, path).encode() + b"\0")
     else:
-        files = [checkpoint]
-    for rel in files:
-        path = os.path.join(checkpoint, rel) if os.path.isdir(checkpoint) else rel
-        if len(files) > 1:
-            digest.update(rel.encode() + b"\0")
-        with open(path, "rb") as f:
+        files = [path]
+    for file in files:
+        with open(file, "rb") as f:
             while chunk := f.read(1 << 23):
                 digest.update(chunk)
-    return CheckpointIdentity(checkpoint, digest.hexdigest(), int(step) if isinstance(step, int) else None)
+    return CheckpointIdentity(name or path, digest.hexdigest(), step if isinstance(step, int) else None)
 
 
 CODE_DIRS = ("model", "pipeline", "jobs", "schemas")
