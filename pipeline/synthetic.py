@@ -463,7 +463,7 @@ def _copy(img: Image.Image, original: bytes, transform: str, rng: random.Random)
     if transform == "resize":
         side = round(IMAGE_SIZE * rng.uniform(0.5, 0.8))
         return jpeg_bytes(img.resize((side, side), Image.Resampling.LANCZOS))
-    margins = [rng.randint(3, 13) for _ in range(4)]  # 1-5% of each side
+    margins = [rng.randint(2, 6) for _ in range(4)]  # 1-2% of each side
     return jpeg_bytes(img.crop((margins[0], margins[1], IMAGE_SIZE - margins[2], IMAGE_SIZE - margins[3])))
 
 
