@@ -386,6 +386,7 @@ def write_world(
     progress=None,
     duplicates: float = 0.0,
     mismatches: float = 0.0,
+    hygiene_splits: tuple[str, ...] = SPLITS,
 ) -> World:
     """Write images, ground truth and tokenizer of a world of ``n_train`` + ``n_val`` samples.
 
@@ -397,7 +398,8 @@ def write_world(
     caption is the same as in a world without them (:func:`hygiene_rows`): copies of good
     images (kind ``duplicate``: exact, re-encoded, resized or slightly cropped; in train,
     some copy a validation image) and images captioned with another picture's caption
-    (kind ``mismatch``). The tokenizer is trained on the split's own rows only.
+    (kind ``mismatch``), in the splits named by ``hygiene_splits``. The tokenizer is
+    trained on the splits' own rows only.
     """
     os.makedirs(out, exist_ok=True)
     sizes = {"train": n_train, "val": n_val}
@@ -437,6 +439,8 @@ def write_world(
     if duplicates > 0 or mismatches > 0:
         good = {split: [r["index"] for r in rows if r["split"] == split and r["kind"] == "good"] for split in SPLITS}
         for split, n in sizes.items():
+            if split not in hygiene_splits:
+                continue
             for row, body in hygiene_rows(seed, split, n, good, bad_fraction, duplicates, mismatches):
                 write_bytes(os.path.join(out, row["file"]), body)
                 rows.append(row)
