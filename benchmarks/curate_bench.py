@@ -46,7 +46,8 @@ from pipeline.curate import perceptual_hash  # noqa: E402
 from pipeline.images import ImageResizer  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
-DISTANCES = (0, 8, 16, 24, 32, 40, 44, 48, 52, 56, 64)
+DISTANCES = (0, 8, 16, 24, 32, 40, 44, 48, 50, 52, 56, 64)
+COLOUR_TOLERANCE = 6.0  # pipeline.curate.CurateSettings.colour_tolerance
 
 
 def stored(data: bytes, size: int):
@@ -68,6 +69,7 @@ def dedup_quality(n: int, seed: int = 0) -> dict:
         for method in ("phash", "dhash"):
             imgs = [stored(open(os.path.join(root, f), "rb").read(), size) for f in files]
             h = dedup.from_hex([perceptual_hash(im, method) for im in imgs])
+            cols = dedup.thumbnails([dedup.colour_thumbnail(im) for im in imgs])
             copy_d = {}
             for i, r in enumerate(rows):
                 if r["kind"] == "duplicate":
@@ -78,16 +80,17 @@ def dedup_quality(n: int, seed: int = 0) -> dict:
             nearest = dist.min(1)
             sha = [str(source[i]) if rows[i]["transform"] == "exact" else str(i) for i in range(len(rows))]
             table = []
+            copies = [i for i, r in enumerate(rows) if r["kind"] == "duplicate"]
             for d in DISTANCES:
-                groups = dedup.clusters(sha, h, [1] * len(rows), d)
-                flagged = [(i, g[0]) for i, g in enumerate(groups) if g is not None]
-                right = sum(source[i] == source[k] for i, k in flagged)
-                copies = [i for i, r in enumerate(rows) if r["kind"] == "duplicate"]
-                rep = {}
-                for i, g in enumerate(groups):
-                    rep[i] = g[0] if g is not None else i
-                found = sum(rep[i] == rep[source[i]] for i in copies)
-                table.append({"distance": d, "flagged": len(flagged), "precision": right / max(1, len(flagged)), "recall": found / len(copies)})
+                row = {"distance": d}
+                for label, tolerance in (("", COLOUR_TOLERANCE), ("no_colour_", 255.0)):
+                    groups = dedup.clusters(sha, h, [1] * len(rows), d, cols, tolerance)
+                    flagged = [(i, g[0]) for i, g in enumerate(groups) if g is not None]
+                    right = sum(source[i] == source[k] for i, k in flagged)
+                    rep = {i: (g[0] if g is not None else i) for i, g in enumerate(groups)}
+                    found = sum(rep[i] == rep[source[i]] for i in copies)
+                    row.update({f"{label}flagged": len(flagged), f"{label}precision": right / max(1, len(flagged)), f"{label}recall": found / len(copies)})
+                table.append(row)
             out["by_size"][f"{size}px {method}"] = {
                 "copy_distance": {t: {"max": max(v), "p95": float(np.percentile(v, 95)), "mean": float(np.mean(v))} for t, v in sorted(copy_d.items())},
                 "distinct_nearest": {"min": int(nearest.min()), "p1": float(np.percentile(nearest, 1)), "p5": float(np.percentile(nearest, 5)), "median": float(np.median(nearest))},

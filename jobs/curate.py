@@ -41,6 +41,8 @@ class CurateConfig:
     """phash / dhash: exact (content hash) and near duplicates (256-bit perceptual hash); exact: content hash only; none."""
     dedup_distance: int = 50
     """Near duplicates: at most this many of the 256 hash bits differ (chosen from measurements: BENCHMARKS.md, curation)."""
+    colour_tolerance: float = 6.0
+    """Near duplicates must also have 4x4 colour thumbnails within this mean absolute difference (0-255)."""
     exclude_near: str | None = None
     """Shards of an evaluation set: samples that duplicate one of their images are dropped (no validation leak)."""
     clip_model: str | None = None
@@ -77,6 +79,7 @@ class CurateConfig:
         return CurateSettings(
             dedup=self.dedup,
             dedup_distance=self.dedup_distance,
+            colour_tolerance=self.colour_tolerance,
             clip_model=self.clip_model,
             clip_weights=self.clip_weights,
             min_clip_score=self.min_clip_score,

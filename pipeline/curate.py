@@ -1,8 +1,9 @@
 """Curation of webdataset shards on Ray Data: dedup, CLIP score, classifier, into a new shard set.
 
     shards/<name>.tar (+ <name>.parquet)
-      │  hash_shards (Ray Data tasks, one shard per call)   sha256 of each image, 64-bit perceptual
-      │                                                    hash (imagehash), caption, original size
+      │  hash_shards (Ray Data tasks, one shard per call)   sha256 of each image, 256-bit perceptual
+      │                                                    hash (imagehash), 4x4 colour thumbnail,
+      │                                                    caption, original size
       ▼  <output>/_curate/hashes/<name>.parquet            (also the --exclude-near shards)
     driver: dedup (pipeline.dedup)                         eval leaks, exact and near duplicates
       │  ClipScorer actor pool (GPU when present)          image-caption cosine of an open_clip
@@ -42,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dedup import clusters, from_hex, near_pairs
+from pipeline.dedup import clusters, colour_close, colour_thumbnail, from_hex, near_pairs, thumbnails
 from pipeline.outputs import atomic_file, write_json
 from pipeline.shards import Shard, TarReader
 from schemas import CURATION, SHARD_MANIFEST, validate
@@ -56,6 +57,7 @@ HASHES = pa.schema(
         ("sha256", pa.string()),
         ("phash", pa.string()),  # 256-bit perceptual hash, 64 hex digits; null when the image does not decode
         ("caption", pa.string()),
+        ("colour", pa.string()),  # 4x4 RGB thumbnail, 96 hex digits (pipeline.dedup.colour_thumbnail)
         ("area", pa.int64()),  # the original picture's width x height (json), else the stored one's
         ("error", pa.string()),
     ]
@@ -72,6 +74,7 @@ class CurateSettings:
 
     dedup: str = "phash"  # phash | dhash (near + exact), exact (content hash only), none
     dedup_distance: int = 50  # bits of 256; chosen from the measurements in benchmarks/results/curate.md
+    colour_tolerance: float = 6.0  # near pairs' 4x4 colour thumbnails: mean absolute difference, 0-255
     clip_model: str | None = None  # an open_clip name (ViT-B-32) or local-dir:<folder>; None: no CLIP score
     clip_weights: str | None = None  # a local weights file for a named model
     min_clip_score: float | None = None
@@ -100,7 +103,7 @@ class CurateSettings:
 
     def decision_fields(self) -> dict:
         """The settings a re-run on the same output must keep (the others only change speed)."""
-        keep = ("dedup", "dedup_distance", "clip_model", "clip_weights", "min_clip_score", "top_fraction", "classifier", "max_classifier_score")
+        keep = ("dedup", "dedup_distance", "colour_tolerance", "clip_model", "clip_weights", "min_clip_score", "top_fraction", "classifier", "max_classifier_score")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -187,7 +190,7 @@ def hash_shard(tar: str, method: str = "phash") -> tuple[pa.Table, str | None]:
     reader = TarReader(tar)
     for sample in reader:
         ext = _image_member(sample)
-        row = {"key": sample.key, "sha256": None, "phash": None, "caption": _caption(sample), "area": 0, "error": None}
+        row = {"key": sample.key, "sha256": None, "phash": None, "caption": _caption(sample), "colour": None, "area": 0, "error": None}
         if ext is None:
             row["error"] = "no image member"
         else:
@@ -198,6 +201,7 @@ def hash_shard(tar: str, method: str = "phash") -> tuple[pa.Table, str | None]:
                 img.load()
                 img = img.convert("RGB")
                 row["phash"] = perceptual_hash(img, method) if method in ("phash", "dhash") else None
+                row["colour"] = colour_thumbnail(img)
                 row["area"] = _area(sample, img)
             except Exception as err:  # noqa: BLE001 - an undecodable image is a counted drop, never a crash
                 row["error"] = f"undecodable image: {type(err).__name__}"
@@ -377,14 +381,17 @@ def decide_dedup(hashes: pa.Table, settings: CurateSettings, exclude: pa.Table |
                 leaked[pos] = (f"{by_sha[rows[i]['sha256']]['shard']}/{by_sha[rows[i]['sha256']]['key']}", 0)
         if near:
             ex_ph = from_hex([r["phash"] for r in ex])
-            for pos, j, d in near_pairs(ph, settings.dedup_distance, other=ex_ph):
+            pairs = near_pairs(ph, settings.dedup_distance, other=ex_ph)
+            pairs = colour_close(thumbnails([rows[i]["colour"] for i in ok]), pairs, settings.colour_tolerance, thumbnails([r["colour"] for r in ex]))
+            for pos, j, d in pairs:
                 if int(pos) not in leaked or d < leaked[int(pos)][1]:
                     leaked[int(pos)] = (f"{ex[j]['shard']}/{ex[j]['key']}", int(d))
         for pos, (what, d) in leaked.items():
             out[ok[pos]].update(reason="eval_duplicate", duplicate_of=what, phash_distance=d)
         ok = [i for pos, i in enumerate(ok) if pos not in leaked]
         ph = from_hex([rows[i]["phash"] for i in ok]) if near else np.zeros((len(ok), 1), np.uint64)
-    groups = clusters([rows[i]["sha256"] for i in ok], ph, [rows[i]["area"] for i in ok], settings.dedup_distance if near else None)
+    colours = thumbnails([rows[i]["colour"] for i in ok]) if near else None
+    groups = clusters([rows[i]["sha256"] for i in ok], ph, [rows[i]["area"] for i in ok], settings.dedup_distance if near else None, colours, settings.colour_tolerance)
     for pos, found in enumerate(groups):
         if found is not None:
             keep, reason, d = found

@@ -122,13 +122,44 @@ class _UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
+def colour_close(colours: np.ndarray, pairs: np.ndarray, tolerance: float, other: np.ndarray | None = None) -> np.ndarray:
+    """The rows of ``pairs`` (i, j, ...) whose colour thumbnails differ by at most ``tolerance`` (mean absolute, 0-255).
+
+    A perceptual hash sees a grey picture relative to its own median: a black star on grass
+    and one on sand hash alike. Copies keep their colours (re-encoding, resizing and slight
+    crops move a 4x4 thumbnail by a few levels), distinct scenes do not.
+    """
+    if len(pairs) == 0:
+        return pairs
+    b = colours if other is None else other
+    diff = np.abs(colours[pairs[:, 0]].astype(np.int16) - b[pairs[:, 1]].astype(np.int16)).mean(axis=1)
+    return pairs[diff <= tolerance]
+
+
+def colour_thumbnail(img) -> str:
+    """A picture's 4x4 RGB thumbnail (box filter), as 96 hex digits."""
+    from PIL import Image
+
+    return np.asarray(img.convert("RGB").resize((4, 4), Image.Resampling.BOX), dtype=np.uint8).tobytes().hex()
+
+
+def thumbnails(hex_thumbs: Sequence[str]) -> np.ndarray:
+    return np.array([np.frombuffer(bytes.fromhex(t), dtype=np.uint8) for t in hex_thumbs], dtype=np.uint8).reshape(len(hex_thumbs), -1)
+
+
 def clusters(
-    content_hashes: Sequence[str], phashes: np.ndarray, areas: Sequence[int], max_distance: int | None
+    content_hashes: Sequence[str],
+    phashes: np.ndarray,
+    areas: Sequence[int],
+    max_distance: int | None,
+    colours: np.ndarray | None = None,
+    colour_tolerance: float = 255.0,
 ) -> list[tuple[int, str, int] | None]:
     """For each sample (in the caller's (shard, key) order): None when it is kept, else
     (index of the kept sample it duplicates, "exact_duplicate" | "near_duplicate", distance).
 
-    ``max_distance`` None: exact duplicates only (same content hash).
+    ``max_distance`` None: exact duplicates only (same content hash). ``colours`` (N, 48)
+    thumbnails: near pairs must also be within ``colour_tolerance`` (:func:`colour_close`).
     """
     n = len(content_hashes)
     uf = _UnionFind(n)
@@ -139,7 +170,10 @@ def clusters(
         else:
             first[h] = i
     if max_distance is not None:
-        for i, j, _ in near_pairs(phashes, max_distance):
+        pairs = near_pairs(phashes, max_distance)
+        if colours is not None:
+            pairs = colour_close(colours, pairs, colour_tolerance)
+        for i, j, _ in pairs:
             uf.union(int(i), int(j))
     members: dict[int, list[int]] = {}
     for i in range(n):
