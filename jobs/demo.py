@@ -233,7 +233,7 @@ class Demo:
         print("\n=== curation of the train shards (against the world's labels)")
         print(f"    {report['samples']} samples, {report['kept']} kept; dropped: " + ", ".join(f"{k} {v}" for k, v in report["dropped"].items()))
         print(f"    duplicates: {report['copies_dropped_as_duplicates']} of the world's {report['copies_in_world']} copies dropped as duplicates; "
-              f"{report['duplicate_drops_that_are_copies']} of {report['duplicate_drops']} duplicate drops are copies (the rest: the image a copy copies)")  # fmt: skip
+              f"{report['duplicate_drops_that_are_copies']} of {report['duplicate_drops']} duplicate drops are copies (the rest: distinct images that look alike at 64 px)")  # fmt: skip
         print(f"    CLIP score (tiny CLIP, lowest {1 - CURATE['top_fraction']:.0%} dropped): {report['mismatch_drop_rate']:.0%} of mismatched captions "
               f"dropped vs {report['match_drop_rate']:.0%} of matching ones")  # fmt: skip
         return report
