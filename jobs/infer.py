@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,12 @@ class InferConfig:
     """images per forward pass"""
     max_steps: int | None = None
     """one-shot sampling step limit (default: the model config's, 20)"""
+    attention_map: str | None = None
+    """folder for one PNG per image: each label's attention (its first token's) over the image patches"""
+    layer: int | None = None
+    """decoder layer of the attention maps, 0-based, negative from the last (default: mean over layers)"""
+    head: int | None = None
+    """attention head of the maps (default: mean over heads)"""
 
     def __post_init__(self):
         if self.num_labels < 1:
@@ -66,6 +73,9 @@ def parse_args(argv: list[str] | None) -> InferConfig:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-steps", type=int, default=None, help="one-shot step limit (default: model config, 20)")
+    p.add_argument("--attention-map", help="folder for one PNG per image: each label's attention over the image patches")
+    p.add_argument("--layer", type=int, help="decoder layer of the attention maps (default: mean over layers)")
+    p.add_argument("--head", type=int, help="attention head of the attention maps (default: mean over heads)")
     try:
         return InferConfig(**vars(p.parse_args(argv)))
     except ValueError as err:
@@ -89,8 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters on {device} ({dtype})", file=log)
     transform = preprocess(model.cfg.vision.image_size)
+    if cfg.attention_map:
+        try:
+            _check_layer_head(model, cfg.layer, cfg.head)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        os.makedirs(cfg.attention_map, exist_ok=True)
 
-    results, failed = [], 0
+    results, failed, written = [], 0, set()
     for start in range(0, len(cfg.images), cfg.batch_size):
         paths, tensors = [], []
         for path in cfg.images[start : start + cfg.batch_size]:
@@ -107,17 +124,60 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             labels = one_shot(model, torch.stack(tensors).to(device, dtype), tok, k=cfg.num_labels, max_steps=cfg.max_steps)
         seconds = time.perf_counter() - t0
-        for path, out in zip(paths, labels):
+        for path, image, out in zip(paths, tensors, labels):
             results.append({"image": path, "labels": out.labels, "probs": [round(p, 5) for p in out.probs]})
+            if cfg.attention_map:
+                results[-1]["attention_map"] = _write_attention_map(cfg, model, tok, path, image.to(device, dtype), out, written, log)
             if cfg.format == "text":
                 print(f"\n{path} (inference time: {seconds:.3f}s for {len(paths)} image(s))")
                 print(f"top-{cfg.num_labels} predictions:")
                 for label, prob in zip(out.labels, out.probs):
                     print(f"| prob: {prob:.5f} - {label}")
+            if cfg.attention_map:
+                print(f"attention map: {results[-1]['attention_map']}", file=log)
     if cfg.format == "json":
         json.dump(results, sys.stdout, indent=2)
         print()
     return 1 if failed else 0
+
+
+def _check_layer_head(model, layer: int | None, head: int | None) -> None:
+    from model.attention import select
+
+    dcfg = model.cfg.decoder
+    select(torch.zeros(dcfg.n_layers, dcfg.n_heads, 1, 1), layer, head)  # raises, naming the range
+
+
+def _write_attention_map(cfg: InferConfig, model, tok, path: str, image: torch.Tensor, out, written: set[str], log) -> str:
+    """The PNG of one image's label attention maps in ``cfg.attention_map``; returns its path."""
+    from model.attention import first_label_ids, label_attention, select
+    from pipeline.attention_maps import write_figure
+
+    labels, probs, first = [], [], []
+    for label, prob in zip(out.labels, out.probs):
+        try:
+            (token,) = first_label_ids(tok, model.cfg.prompt, [label])
+        except ValueError as err:  # e.g. an empty label: nothing to look at
+            print(f"note: {path}: no attention map for label {label!r} ({err})", file=log)
+            continue
+        labels.append(label)
+        probs.append(prob)
+        first.append(token)
+    maps = []
+    if first:
+        with torch.inference_mode():
+            attention = label_attention(model, image[None], tok.prompt_ids(model.cfg.prompt), torch.tensor([first], device=image.device))
+        maps = list(select(attention[0], cfg.layer, cfg.head).float().cpu().numpy())
+    which = f"layer {'mean' if cfg.layer is None else cfg.layer}, head {'mean' if cfg.head is None else cfg.head}"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    target, n = os.path.join(cfg.attention_map, f"{stem}.png"), 1
+    while target in written:  # two inputs with one file name: keep both
+        n += 1
+        target = os.path.join(cfg.attention_map, f"{stem}-{n}.png")
+    written.add(target)
+    with Image.open(path) as img:
+        write_figure(target, img, labels, probs, maps, caption=f"{os.path.basename(path)}: first label token's attention, {which}")
+    return target
 
 
 if __name__ == "__main__":
