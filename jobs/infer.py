@@ -150,24 +150,15 @@ def _check_layer_head(model, layer: int | None, head: int | None) -> None:
 
 def _write_attention_map(cfg: InferConfig, model, tok, path: str, image: torch.Tensor, out, written: set[str], log) -> str:
     """The PNG of one image's label attention maps in ``cfg.attention_map``; returns its path."""
-    from model.attention import first_label_ids, label_attention, select
+    from model.attention import label_maps
     from pipeline.attention_maps import write_figure
 
-    labels, probs, first = [], [], []
-    for label, prob in zip(out.labels, out.probs):
-        try:
-            (token,) = first_label_ids(tok, model.cfg.prompt, [label])
-        except ValueError as err:  # e.g. an empty label: nothing to look at
-            print(f"note: {path}: no attention map for label {label!r} ({err})", file=log)
-            continue
-        labels.append(label)
-        probs.append(prob)
-        first.append(token)
-    maps = []
-    if first:
-        with torch.inference_mode():
-            attention = label_attention(model, image[None], tok.prompt_ids(model.cfg.prompt), torch.tensor([first], device=image.device))
-        maps = list(select(attention[0], cfg.layer, cfg.head).float().cpu().numpy())
+    with torch.inference_mode():
+        maps = label_maps(model, tok, image, out.labels, cfg.layer, cfg.head)
+    for label in out.labels:
+        if label not in maps:
+            print(f"note: {path}: no attention map for the label {label!r} (it does not tokenize after the prompt)", file=log)
+    kept = [(label, prob) for label, prob in zip(out.labels, out.probs) if label in maps]
     which = f"layer {'mean' if cfg.layer is None else cfg.layer}, head {'mean' if cfg.head is None else cfg.head}"
     stem = os.path.splitext(os.path.basename(path))[0]
     target, n = os.path.join(cfg.attention_map, f"{stem}.png"), 1
@@ -176,7 +167,10 @@ def _write_attention_map(cfg: InferConfig, model, tok, path: str, image: torch.T
         target = os.path.join(cfg.attention_map, f"{stem}-{n}.png")
     written.add(target)
     with Image.open(path) as img:
-        write_figure(target, img, labels, probs, maps, caption=f"{os.path.basename(path)}: first label token's attention, {which}")
+        write_figure(
+            target, img, [label for label, _ in kept], [p for _, p in kept], [maps[label].float().cpu().numpy() for label, _ in kept],
+            caption=f"{os.path.basename(path)}: first label token's attention, {which}",
+        )
     return target
 
 

@@ -61,3 +61,24 @@ def select(maps: torch.Tensor, layer: int | None = None, head: int | None = None
             raise ValueError(f"{name} {value} is out of range: the decoder has {n} {name}s (0..{n - 1})")
     maps = maps.mean(dim=-4) if layer is None else maps[..., layer, :, :, :]
     return maps.mean(dim=-3) if head is None else maps[..., head, :, :]
+
+
+def label_maps(
+    model: NxTP, tokenizer: Tokenizer, image: torch.Tensor, labels: list[str], layer: int | None = None, head: int | None = None
+) -> dict[str, torch.Tensor]:
+    """{label: [g, g] map} of one preprocessed image [3, S, S], one layer and head or the mean (see ``select``).
+
+    Labels that do not tokenize as a continuation of the prompt (an empty label) have no map and are left out.
+    """
+    usable, first = [], []
+    for label in labels:
+        try:
+            first += first_label_ids(tokenizer, model.cfg.prompt, [label])
+            usable.append(label)
+        except ValueError:
+            continue
+    if not usable:
+        return {}
+    ids = torch.tensor([first], device=image.device)
+    maps = select(label_attention(model, image[None], tokenizer.prompt_ids(model.cfg.prompt), ids)[0], layer, head)  # [K, g, g]
+    return dict(zip(usable, maps))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import convert
-from model.attention import first_label_ids, label_attention, select
+from model.attention import first_label_ids, label_attention, label_maps, select
 from model.checkpoint import (
     build_from_pretrained,
     check_pretrained,
@@ -114,6 +114,10 @@ def test_label_attention_keeps_images_and_labels_apart(tok):
         select(maps, layer=3)
     with pytest.raises(ValueError, match="does not tokenize as a continuation"):
         first_label_ids(tok, model.cfg.prompt, [""])
+    by_label = label_maps(model, tok, images[1], ["", *labels[1]], layer=0)  # an empty label has no map
+    assert list(by_label) == labels[1]
+    for j, label in enumerate(labels[1]):
+        torch.testing.assert_close(by_label[label], select(maps[1, j], layer=0), rtol=1e-5, atol=1e-7)
 
 
 def _meta_from_hf(hf_sd: dict, heads: int, kv_heads: int) -> dict:
