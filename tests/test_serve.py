@@ -1,4 +1,4 @@
-"""The page of ``jobs.serve`` in a real headless Chromium, driven by Selenium, on the trained demo model.
+"""``jobs.serve``: its flags and model wrapper, then its page in a real headless Chromium, driven by Selenium, on the trained demo model.
 
 Chromium and chromedriver are Debian's (``python -m jobs.setup_browser`` installs them;
 ``make test`` runs it). The server and the browser are real processes on 127.0.0.1;
@@ -17,12 +17,16 @@ import time
 import urllib.request
 
 import pytest
+from PIL import Image
 
-from jobs import infer, setup_browser
+from jobs import infer, serve, setup_browser
+from model.checkpoint import save_pretrained
+from model.sampling import one_shot
+from model.tokenizer import Tokenizer
+from model.vision import preprocess
 from pipeline import synthetic
 from pipeline.ray_local import free_port
-
-pytestmark = [pytest.mark.cluster, pytest.mark.launcher, pytest.mark.browser]  # the demo run, then a browser
+from tests.test_model import _tiny_model
 
 SERVER_START_S = 120
 PAGE_S = 120
@@ -67,6 +71,33 @@ def _chrome(chromium: str, driver: str, profile: str):
     return chrome
 
 
+def test_serve_refuses_a_missing_checkpoint_and_bad_flags(tmp_path, capsys):
+    assert serve.main(["--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve.main(["--checkpoint", str(tmp_path), "--num-labels", "0"])
+    assert "--num-labels must be in 1..100" in capsys.readouterr().err
+
+
+def test_predictor_gives_one_shot_labels_and_attention_pictures(tmp_path, world):
+    tok = Tokenizer(world.tokenizer)
+    model = _tiny_model(tok)
+    export = save_pretrained(model, tok, str(tmp_path / "export"))
+    predictor = serve.Predictor(serve.ServeConfig(checkpoint=export, device="cpu"))
+    path = next(f"{world.root}/{s['file']}" for s in world.samples("val") if s["kind"] == "good")
+    with Image.open(path) as img:
+        image = img.convert("RGB")
+    labels, probs = predictor.labels(image, 4)
+    (expected,) = one_shot(model, preprocess(model.cfg.vision.image_size)(image)[None], tok, k=4)
+    assert (labels, probs) == (expected.labels, expected.probs)
+    picture = predictor.attention(image, labels[0], layer=-1)
+    assert picture.size == (256, 256) and picture.mode == "RGB"
+    assert predictor.attention(image, "") is None  # no first token: no map
+
+
+@pytest.mark.cluster
+@pytest.mark.launcher
+@pytest.mark.browser
 def test_page_shows_the_labels_of_an_uploaded_image(demo_run, browser_paths, tmp_path, capsys, repo_root):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
