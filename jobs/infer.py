@@ -59,6 +59,8 @@ class InferConfig:
             raise ValueError("--device must be auto, cuda or cpu")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if (self.layer is not None or self.head is not None) and not self.attention_map:
+            raise ValueError("--layer and --head choose the attention maps: they need --attention-map DIR")
 
 
 def parse_args(argv: list[str] | None) -> InferConfig:
@@ -100,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {n_params / 1e6:.1f}M parameters on {device} ({dtype})", file=log)
     transform = preprocess(model.cfg.vision.image_size)
     if cfg.attention_map:
+        from model.attention import check_layer_head
+
         try:
-            _check_layer_head(model, cfg.layer, cfg.head)
+            check_layer_head(model.cfg.decoder.n_layers, model.cfg.decoder.n_heads, cfg.layer, cfg.head)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -139,13 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, sys.stdout, indent=2)
         print()
     return 1 if failed else 0
-
-
-def _check_layer_head(model, layer: int | None, head: int | None) -> None:
-    from model.attention import select
-
-    dcfg = model.cfg.decoder
-    select(torch.zeros(dcfg.n_layers, dcfg.n_heads, 1, 1), layer, head)  # raises, naming the range
 
 
 def _write_attention_map(cfg: InferConfig, model, tok, path: str, image: torch.Tensor, out, written: set[str], log) -> str:

@@ -53,12 +53,16 @@ def label_attention(model: NxTP, images: torch.Tensor, prompt_ids: list[int], fi
     return probs[:, :, :, 0, :N].reshape(n_layers, B, K, H, g, g).permute(1, 2, 0, 3, 4, 5)
 
 
-def select(maps: torch.Tensor, layer: int | None = None, head: int | None = None) -> torch.Tensor:
-    """One layer and head of ``label_attention``'s maps [..., layers, heads, g, g], or the mean over those left None -> [..., g, g]."""
-    n_layers, n_heads = maps.shape[-4], maps.shape[-3]
+def check_layer_head(n_layers: int, n_heads: int, layer: int | None, head: int | None) -> None:
+    """Raise ValueError, naming the range, when ``layer`` or ``head`` (None: the mean) does not exist."""
     for name, value, n in (("layer", layer, n_layers), ("head", head, n_heads)):
         if value is not None and not -n <= value < n:
             raise ValueError(f"{name} {value} is out of range: the decoder has {n} {name}s (0..{n - 1})")
+
+
+def select(maps: torch.Tensor, layer: int | None = None, head: int | None = None) -> torch.Tensor:
+    """One layer and head of ``label_attention``'s maps [..., layers, heads, g, g], or the mean over those left None -> [..., g, g]."""
+    check_layer_head(maps.shape[-4], maps.shape[-3], layer, head)
     maps = maps.mean(dim=-4) if layer is None else maps[..., layer, :, :, :]
     return maps.mean(dim=-3) if head is None else maps[..., head, :, :]
 

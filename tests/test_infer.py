@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 from PIL import Image
 
 from jobs import infer
@@ -76,3 +77,6 @@ def test_infer_writes_an_attention_map_per_image(tmp_path, world, capsys):
     assert len(set(paths)) == 2 and all(os.path.isfile(p) for p in paths)
     assert infer.main([*args, "--layer", "3"]) == 2
     assert "layer 3 is out of range: the decoder has 3 layers (0..2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        infer.main(["--checkpoint", export, "--image", images[0], "--head", "1"])
+    assert "they need --attention-map DIR" in capsys.readouterr().err
