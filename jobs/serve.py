@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
     print(f"serving the page at http://{cfg.host}:{cfg.port} (Ctrl-C stops it)", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    proc = subprocess.Popen(cmd, env=env)  # in the caller's folder: relative paths in argv stay valid
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -100,6 +100,7 @@ def test_predictor_gives_one_shot_labels_and_attention_pictures(tmp_path, world)
 @pytest.mark.browser
 def test_page_shows_the_labels_of_an_uploaded_image(demo_run, browser_paths, tmp_path, capsys, repo_root):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -120,7 +121,8 @@ def test_page_shows_the_labels_of_an_uploaded_image(demo_run, browser_paths, tmp
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [*command, "--port", str(port), "--num-labels", "5"],
-        cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     chrome = None
     try:
@@ -139,6 +141,13 @@ def test_page_shows_the_labels_of_an_uploaded_image(demo_run, browser_paths, tmp
         for (_, p), q in zip(shown, expected["probs"]):
             assert p == pytest.approx(q, abs=1e-5)
         assert [r.find_element(By.CSS_SELECTOR, ".nxtp-name").text for r in rows] == expected["labels"]
+        # choose another label: its map replaces the first one
+        second = expected["labels"][1]
+        choose = chrome.find_element(By.CSS_SELECTOR, '[data-testid="stSelectbox"] input')
+        choose.click()
+        choose.send_keys(second, Keys.ENTER)
+        heat = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'img[alt="attention map of {second}"]')))
+        wait.until(lambda c: c.execute_script("return arguments[0].complete && arguments[0].naturalWidth", heat))
         shot = tmp_path / "page.png"
         assert chrome.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
