@@ -9,7 +9,7 @@ NxTP .pth with ``--tokenizer``, ``--clip-weights``, ``--llama-params``). Uses CU
 when present, else the CPU (fp32). Ctrl-C stops the server.
 
 The page itself is ``jobs/serve_page.py``, run by Streamlit's own launcher; this job
-checks the checkpoint, then runs ``streamlit run jobs/serve_page.py -- <these flags>``.
+checks that the checkpoint exists, then runs ``streamlit run jobs/serve_page.py -- <these flags>``.
 """
 
 from __future__ import annotations
