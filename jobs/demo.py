@@ -16,7 +16,6 @@ stage is named with its log. Exit status: 0 when the chain ran and the model lea
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -26,13 +25,18 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Annotated
+
+import tyro
+
+from jobs._cli import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
 class DemoConfig:
-    out: str = "demo"
+    output: Annotated[str, tyro.conf.arg(aliases=("--out",))] = "demo"
     """folder for every output of the demo"""
     n: int = 6000
     """training samples of the synthetic world"""
@@ -61,7 +65,7 @@ class StageFailed(RuntimeError):
 class Demo:
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
-        self.out = os.path.abspath(cfg.out)
+        self.out = os.path.abspath(cfg.output)
         self.logs = os.path.join(self.out, "logs")
         self.stage_no = 0
         self.proc: subprocess.Popen | None = None
@@ -240,27 +244,12 @@ class Demo:
         return summary
 
 
-def parse_args(argv: list[str] | None) -> DemoConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo", help="folder for every output (default ./demo)")
-    p.add_argument("--n", type=int, default=DemoConfig.n, help="training samples of the synthetic world")
-    p.add_argument("--val", type=int, default=DemoConfig.val, help="held-out validation samples")
-    p.add_argument("--steps", type=int, default=0, help="training steps (default: jobs/configs/demo.yaml)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world")
-    p.add_argument("--ranks", type=int, default=2, help="deepspeed ranks")
-    p.add_argument("--keep", action="store_true", help="do not delete an earlier demo's outputs first")
-    try:
-        return DemoConfig(**vars(p.parse_args(argv)))
-    except ValueError as err:
-        p.error(str(err))
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: the stage's processes, the server, the Ray head
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse(DemoConfig, argv, prog="python -m jobs.demo", description=__doc__)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     signal.signal(signal.SIGTERM, _interrupt)

@@ -1,7 +1,8 @@
 """Labels for images: ``python -m jobs.infer --checkpoint CKPT --image a.jpg [b.jpg ...]``.
 
-``--checkpoint`` is an exported model folder (``jobs.train`` writes one) or a released
-NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
+``--checkpoint`` is an exported model folder (``jobs.train`` writes one), its hub id
+(``owner/name``: from the local Hugging Face cache when ``HF_HUB_OFFLINE=1``, else
+downloaded by huggingface_hub), or a released NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
 base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless the file
 holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
 "| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA (bf16) when
@@ -10,26 +11,29 @@ present, else the CPU (fp32).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
 
 import torch
+import tyro
 from PIL import Image
+
+from jobs._cli import parse
 
 
 @dataclass
 class InferConfig:
     checkpoint: str
-    """exported model folder, or a released NxTP .pth"""
-    images: list[str]
-    """image files to label"""
-    num_labels: int = 10
+    """exported model folder, its hub id (owner/name) in the local Hugging Face cache, or a released NxTP .pth"""
+    images: Annotated[list[str], tyro.conf.arg(name="image", aliases=("--images",))]
+    """image file(s) to label"""
+    num_labels: Annotated[int, tyro.conf.arg(aliases=("--k",))] = 10
     """k of one-shot sampling: labels per image (after merging duplicates, possibly fewer)"""
-    format: str = "text"
+    format: Literal["text", "json"] = "text"
     """text (the reference's lines) or json"""
     tokenizer: str | None = None
     """LLaMA tokenizer.model, for a released .pth"""
@@ -37,7 +41,7 @@ class InferConfig:
     """base CLIP weights (OpenAI .pt or open_clip file), for a released .pth holding only trained keys"""
     llama_params: str | None = None
     """Meta's params.json of the decoder, for a released .pth"""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (cuda if present), cuda or cpu"""
     batch_size: int = 16
     """images per forward pass"""
@@ -48,44 +52,21 @@ class InferConfig:
     layer: int | None = None
     """decoder layer of the attention maps, 0-based, negative from the last (default: mean over layers)"""
     head: int | None = None
-    """attention head of the maps (default: mean over heads)"""
+    """attention head of the attention maps (default: mean over heads)"""
 
     def __post_init__(self):
+        if not self.images:
+            raise ValueError("--image needs at least one file")
         if self.num_labels < 1:
             raise ValueError("--num-labels must be >= 1")
-        if self.format not in ("text", "json"):
-            raise ValueError("--format must be text or json")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError("--device must be auto, cuda or cpu")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
         if (self.layer is not None or self.head is not None) and not self.attention_map:
             raise ValueError("--layer and --head choose the attention maps: they need --attention-map DIR")
 
 
-def parse_args(argv: list[str] | None) -> InferConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="exported model folder, or a released NxTP .pth")
-    p.add_argument("--image", dest="images", nargs="+", required=True, help="image file(s)")
-    p.add_argument("--num-labels", type=int, default=10, help="labels per image (default 10)")
-    p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--tokenizer", help="LLaMA tokenizer.model (for a released .pth)")
-    p.add_argument("--clip-weights", help="base CLIP weights for the frozen ViT blocks (for a released .pth)")
-    p.add_argument("--llama-params", help="Meta params.json of the decoder (for a released .pth)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-steps", type=int, default=None, help="one-shot step limit (default: model config, 20)")
-    p.add_argument("--attention-map", help="folder for one PNG per image: each label's attention over the image patches")
-    p.add_argument("--layer", type=int, help="decoder layer of the attention maps (default: mean over layers)")
-    p.add_argument("--head", type=int, help="attention head of the attention maps (default: mean over heads)")
-    try:
-        return InferConfig(**vars(p.parse_args(argv)))
-    except ValueError as err:
-        p.error(str(err))
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse(InferConfig, argv, prog="python -m jobs.infer", description=__doc__)
     log = sys.stderr if cfg.format == "json" else sys.stdout
     print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
     from model.checkpoint import load_model
@@ -93,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     from model.vision import preprocess
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
-    model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
+    try:
+        model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
+    except (FileNotFoundError, ValueError) as err:  # WeightError included: a damaged export names its file and key
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for note in notes:
         print(f"note: {note}", file=log)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -4,8 +4,8 @@ Starts a small Streamlit app on 127.0.0.1 (``--host`` to change): drop or upload
 image, choose k, and see the top-k labels of one-shot sampling with probability bars,
 and the attention map of a chosen label (its first token over the image patches, a
 decoder layer and head or their mean, as ``jobs.infer --attention-map`` draws it).
-``--checkpoint`` takes what ``jobs.infer`` takes (an exported folder, or a released
-NxTP .pth with ``--tokenizer``, ``--clip-weights``, ``--llama-params``). Uses CUDA (bf16)
+``--checkpoint`` takes what ``jobs.infer`` takes (an exported folder, its hub id, or a
+released NxTP .pth with ``--tokenizer``, ``--clip-weights``, ``--llama-params``). Uses CUDA (bf16)
 when present, else the CPU (fp32). Ctrl-C stops the server.
 
 The page itself is ``jobs/serve_page.py``, run by Streamlit's own launcher; this job
@@ -14,13 +14,16 @@ checks that the checkpoint exists, then runs ``streamlit run jobs/serve_page.py 
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from typing import Literal
+
+from jobs._cli import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(REPO, "jobs", "serve_page.py")
@@ -29,14 +32,14 @@ PAGE = os.path.join(REPO, "jobs", "serve_page.py")
 @dataclass
 class ServeConfig:
     checkpoint: str
-    """exported model folder, or a released NxTP .pth"""
+    """exported model folder, its hub id (owner/name) in the local Hugging Face cache, or a released NxTP .pth"""
     port: int = 8501
     """port of the page"""
     host: str = "127.0.0.1"
     """address the server listens on (127.0.0.1: this machine only)"""
     num_labels: int = 10
     """k shown first (the page's slider goes from 1 to 100)"""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (cuda if present), cuda or cpu"""
     tokenizer: str | None = None
     """LLaMA tokenizer.model, for a released .pth"""
@@ -50,24 +53,10 @@ class ServeConfig:
             raise ValueError("--port must be in 1..65535")
         if not 1 <= self.num_labels <= 100:
             raise ValueError("--num-labels must be in 1..100")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError("--device must be auto, cuda or cpu")
 
 
 def parse_args(argv: list[str] | None) -> ServeConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="exported model folder, or a released NxTP .pth")
-    p.add_argument("--port", type=int, default=8501, help="port of the page (default 8501)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--num-labels", type=int, default=10, help="k shown first (default 10; the page offers 1 to 100)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--tokenizer", help="LLaMA tokenizer.model (for a released .pth)")
-    p.add_argument("--clip-weights", help="base CLIP weights for the frozen ViT blocks (for a released .pth)")
-    p.add_argument("--llama-params", help="Meta params.json of the decoder (for a released .pth)")
-    try:
-        return ServeConfig(**vars(p.parse_args(argv)))
-    except ValueError as err:
-        p.error(str(err))
+    return parse(ServeConfig, argv, prog="python -m jobs.serve", description=__doc__)
 
 
 class Predictor:
@@ -118,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     print(f"serve config: {json.dumps(asdict(cfg))}", flush=True)
-    if not os.path.exists(cfg.checkpoint):
+    from model import hub
+
+    if not os.path.exists(cfg.checkpoint) and not hub.is_hub_id(cfg.checkpoint):
         print(f"error: checkpoint not found: {cfg.checkpoint}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("streamlit") is None:
+        print("error: the page needs Streamlit: pip install 'nxtp[serve]'", file=sys.stderr)
         return 2
     cmd = [
         sys.executable, "-m", "streamlit", "run", PAGE,

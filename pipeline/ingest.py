@@ -50,6 +50,7 @@ from img2dataset.reader import Reader
 from img2dataset.resizer import Resizer
 from img2dataset.writer import WebDatasetSampleWriter
 
+from pipeline.outputs import write_json
 from schemas import SHARD_MANIFEST, URL_TABLE, validate, write_table
 
 log = logging.getLogger(__name__)
@@ -435,13 +436,6 @@ def _load_attempts(path: str) -> dict[int, int]:
         return {}
 
 
-def _save_json(path: str, data) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def build_manifest(output: str, shards: int, attempts: dict[int, int]) -> pa.Table:
     """One row per done shard, from its stats file (schemas.SHARD_MANIFEST)."""
     digits = shard_digits(shards)
@@ -597,7 +591,7 @@ def run_ingest(
                     files.update(_shard_files(urls_path, output, settings, shards, {shard_id}))
                 attempts[shard_id] = attempts.get(shard_id, 0) + 1
                 tries_now[shard_id] += 1
-                _save_json(attempts_path, {str(k): v for k, v in sorted(attempts.items())})
+                write_json(attempts_path, {str(k): v for k, v in sorted(attempts.items())})
                 in_flight[task.remote(worker, (shard_id, files[shard_id]))] = shard_id
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             for ref in ready:

@@ -33,6 +33,7 @@ in ``ground_truth.parquet``:
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import io
 import json
@@ -48,6 +49,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+
+from model.config import CAPTION_PROMPT, PROMPT_TEMPLATES
+from pipeline.outputs import write_bytes
 
 IMAGE_SIZE = 256
 SPLITS = ("train", "val")
@@ -410,7 +414,7 @@ def write_world(
             else:
                 body = jpeg_bytes(img)
             if s.kind != "dead_url":
-                _write_bytes(path, body)
+                write_bytes(path, body)
             rows.append(
                 {
                     "split": split,
@@ -454,13 +458,6 @@ GROUND_TRUTH = pa.schema(
         ("boxes", pa.list_(pa.struct([("noun", pa.string()), ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32())]))),
     ]
 )
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def render_sources(world: World, base_url: str) -> dict[str, dict[str, str]]:
@@ -526,19 +523,7 @@ def render_sources(world: World, base_url: str) -> dict[str, dict[str, str]]:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-PROMPT_TEXT = [
-    "The objects in the image are",
-    "The items present in the picture are",
-    "The elements depicted in the image are",
-    "The objects shown in the photograph are",
-    "The items visible in the image are",
-    "The objects that appear in the picture are",
-    "The elements featured in the image are",
-    "The items captured in the photograph are",
-    "The elements seen in the picture are",
-    "The items represented in the image are",
-    "A brief description of the given image is that",
-]
+PROMPT_TEXT = [*PROMPT_TEMPLATES, CAPTION_PROMPT]  # what the model reads besides captions and labels
 
 
 def train_tokenizer(captions: list[str], path: str, vocab_size: int = 400) -> None:
@@ -571,17 +556,57 @@ def train_tokenizer(captions: list[str], path: str, vocab_size: int = 400) -> No
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    _write_bytes(path, model.getvalue())
+    write_bytes(path, model.getvalue())
 
 
 # ----------------------------------------------------------------------------- serving
 
 
+GATE_TIMEOUT_S = 120.0
+
+
+class _Gates:
+    """Named gates of one server: ``/gate/<name>/<path>`` waits until ``/open/<name>`` is requested."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+
+    def get(self, name: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault(name, threading.Event())
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Static files, plus ``/delay/<ms>/<path>`` that answers after a pause (at most 10 s)."""
+    """Static files, plus two paths that let a test decide when an answer comes:
+
+    - ``/delay/<ms>/<path>`` answers after a pause (at most 10 s);
+    - ``/gate/<name>/<path>`` answers once ``/open/<name>`` has been requested (a 503
+      after ``GATE_TIMEOUT_S`` if it never is), so that a test can hold downloads back
+      for exactly as long as it needs, whatever the machine's speed.
+    """
+
+    gates: _Gates
 
     def log_message(self, format, *args):  # noqa: A002 - quiet: tests and jobs print their own progress
         pass
+
+    def do_GET(self):
+        parts = urllib.parse.urlsplit(self.path).path.split("/")
+        if len(parts) == 3 and parts[1] == "open" and parts[2]:
+            self.gates.get(parts[2]).set()
+            body = f"gate {parts[2]} open\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if len(parts) > 3 and parts[1] == "gate":
+            if not self.gates.get(parts[2]).wait(GATE_TIMEOUT_S):
+                self.send_error(503, f"gate {parts[2]} was never opened")
+                return
+            self.path = "/" + "/".join(parts[3:])
+        super().do_GET()
 
     def translate_path(self, path):
         parts = urllib.parse.urlsplit(path).path.split("/")
@@ -598,8 +623,7 @@ def serve(root: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     The server always shuts down and releases its socket on exit.
     """
 
-    def handler(*args, **kwargs):
-        return _Handler(*args, directory=root, **kwargs)
+    handler = functools.partial(type("Handler", (_Handler,), {"gates": _Gates()}), directory=root)
 
     server = http.server.ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True

@@ -79,4 +79,5 @@ def test_infer_writes_an_attention_map_per_image(tmp_path, world, capsys):
     assert "layer 3 is out of range: the decoder has 3 layers (0..2)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         infer.main(["--checkpoint", export, "--image", images[0], "--head", "1"])
-    assert "they need --attention-map DIR" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="they need --attention-map DIR"):
+        infer.InferConfig(checkpoint=export, images=images, head=1)

@@ -76,7 +76,10 @@ def test_serve_refuses_a_missing_checkpoint_and_bad_flags(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         serve.main(["--checkpoint", str(tmp_path), "--num-labels", "0"])
-    assert "--num-labels must be in 1..100" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--num-labels must be in 1..100"):
+        serve.ServeConfig(checkpoint=str(tmp_path), num_labels=101)
+    with pytest.raises(ValueError, match="--port must be in 1..65535"):
+        serve.ServeConfig(checkpoint=str(tmp_path), port=0)
 
 
 def test_predictor_gives_one_shot_labels_and_attention_pictures(tmp_path, world):
