@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import convert
+from model.attention import first_label_ids, label_attention, label_maps, select
 from model.checkpoint import (
     build_from_pretrained,
     import_nxtp,
@@ -67,6 +68,53 @@ def test_truncated_decoder_matches_transformers_llama():
     expected = hf(input_ids=ids).logits
     hidden, _ = ours(ours.embed(ids), prefix_mask(0, 17))
     torch.testing.assert_close(ours.lm_head(hidden)[..., :300], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_probs_match_transformers_llama():
+    hf = _hf_llama(vocab=300, layers=2)
+    hf.config._attn_implementation = "eager"  # the implementation that returns its attention weights
+    dcfg = DecoderConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=112, vocab_size=300)
+    mapper = convert.KeyMapper(hf.state_dict(), "hf")
+    convert.decoder_from_hf(mapper, dcfg)
+    mapped, _ = mapper.finish()
+    ours = Decoder(dcfg, n_special=2)
+    full = ours.state_dict()
+    mapped["decoder.lm_head.weight"] = torch.cat([mapped["decoder.lm_head.weight"], full["lm_head.weight"][300:]])
+    mapped["decoder.embed.special"] = full["embed.special"]
+    ours.load_state_dict({k.removeprefix("decoder."): v for k, v in mapped.items()})
+    ids = torch.randint(0, 300, (3, 17), generator=torch.Generator().manual_seed(0))
+    expected = torch.stack(hf(input_ids=ids, output_attentions=True).attentions)  # [layers, B, H, L, L]
+    positions = [0, 5, 16]
+    probs = ours.attention_probs(ours.embed(ids), prefix_mask(0, 17), positions)
+    torch.testing.assert_close(probs, expected[:, :, :, positions], rtol=1e-5, atol=1e-6)
+
+
+def test_label_attention_keeps_images_and_labels_apart(tok):
+    model = _tiny_model(tok)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    prompt = tok.prompt_ids(model.cfg.prompt)
+    labels = [["circle", "star", "table"], ["mouse", "leaf", "sky"]]
+    first = torch.tensor([first_label_ids(tok, model.cfg.prompt, row) for row in labels])
+    maps = label_attention(model, images, prompt, first)  # [B, K, layers, heads, g, g]
+    assert maps.shape == (2, 3, 3, 4, 2, 2)
+    total = maps.sum(dim=(-2, -1))
+    assert bool((total > 0).all()) and bool((total <= 1 + 1e-6).all())
+    for b in range(2):  # one image and one label at a time gives the same maps: batching mixes nothing
+        for j in range(3):
+            alone = label_attention(model, images[b : b + 1], prompt, first[b : b + 1, j : j + 1])
+            torch.testing.assert_close(alone[0, 0], maps[b, j], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(maps[0, 0], maps[0, 1]), "the label's own token changes where it looks"
+    torch.testing.assert_close(select(maps), maps.mean(dim=(2, 3)))
+    torch.testing.assert_close(select(maps, layer=-1, head=2), maps[:, :, 2, 2])
+    torch.testing.assert_close(select(maps, head=1), maps[:, :, :, 1].mean(dim=2))
+    with pytest.raises(ValueError, match="layer 3 is out of range: the decoder has 3 layers"):
+        select(maps, layer=3)
+    with pytest.raises(ValueError, match="does not tokenize as a continuation"):
+        first_label_ids(tok, model.cfg.prompt, [""])
+    by_label = label_maps(model, tok, images[1], ["", *labels[1]], layer=0)  # an empty label has no map
+    assert list(by_label) == labels[1]
+    for j, label in enumerate(labels[1]):
+        torch.testing.assert_close(by_label[label], select(maps[1, j], layer=0), rtol=1e-5, atol=1e-7)
 
 
 def _meta_from_hf(hf_sd: dict, heads: int, kv_heads: int) -> dict:
