@@ -150,3 +150,38 @@ def _decode(sp, ids, n_base):
             run.append(t)
     text.append(sp.decode(run))
     return "".join(text)
+
+
+def training_mask(input_tokens: torch.Tensor, n_image: int, answer_id: int, delimiter_id: int) -> torch.Tensor:
+    """The released training mask, transcribed from ``LLaMATransformer.forward`` (src/models/lang.py)
+    with ``prefix_image_tok_embeds`` and ``decouple_label_tok_embeds`` on, ``is_train`` True,
+    ``start_pos`` 0 and the image at ``dummy_token_index`` 0 (its G3M config).
+
+    ``input_tokens`` [B, L]: the whole sequence, a placeholder id in the ``n_image`` image
+    positions then the text (as ``construct_embd_inputs`` pads them); ``answer_id`` and
+    ``delimiter_id`` stand for the hard-coded 526 ("are") and 29892 (","). Returns an
+    additive float mask [B, 1, L, L] (0 = may attend, -inf = may not).
+    """
+    bs, seqlen = input_tokens.shape
+    dummy_token_index, offset = 0, n_image
+    mask = torch.full((bs, 1, seqlen, seqlen), float("-inf"))
+    mask = torch.triu(mask, diagonal=1)
+    ii, ij = dummy_token_index, dummy_token_index + offset
+    mask[:, :, ii:ij, ii:ij] = 0.0
+    answer_index = torch.nonzero(input_tokens[-1] == answer_id)[0][0]
+    assert answer_index > dummy_token_index
+    delimiters_indices = torch.nonzero(input_tokens == delimiter_id)
+    mask[:, :, :, answer_index + 1 :] = float("-inf")
+    prev_batch_index = 0
+    prev_token_index = answer_index
+    for delimiter in delimiters_indices:
+        batch_index, token_index = delimiter
+        token_index += 1
+        if batch_index != prev_batch_index:
+            prev_batch_index = batch_index
+            prev_token_index = answer_index
+        tri_size = token_index - prev_token_index
+        tri_mask = prev_token_index + torch.tril_indices(tri_size, tri_size)
+        mask[batch_index, 0, tri_mask[0], tri_mask[1]] = 0.0
+        prev_token_index = token_index
+    return mask
