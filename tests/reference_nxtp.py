@@ -185,3 +185,22 @@ def training_mask(input_tokens: torch.Tensor, n_image: int, answer_id: int, deli
         mask[batch_index, 0, tri_mask[0], tri_mask[1]] = 0.0
         prev_token_index = token_index
     return mask
+
+
+def filter_input_text(text: str) -> str:
+    """The released ``filter_input_text`` (src/utils.py), verbatim but for names."""
+    import re
+
+    text = text.lower()
+    text = text.replace("\n", " ")
+    noise_words = [
+        "person", "persons", "stock", "illustration", "foreground", "background", "photography",
+        "image", "images", "front", "day", "ounce", "top",
+    ]  # fmt: skip
+    for nw in noise_words:
+        text = text.replace(nw, " ")
+    text = re.sub(r"[^a-zA-Z' 0-9.,&-]", "", text)
+    for c in [",", "&"]:
+        text = text.replace(c, " ")
+    text = re.sub(r"\s+", " ", text).strip()
+    return text

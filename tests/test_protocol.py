@@ -100,3 +100,53 @@ def test_the_loader_builds_the_protocols_segments(world):
     last = own > 1  # the third label (and EOS)
     assert last.any() and (ref[last] == PREFIX_ONLY).all()
     assert torch.equal(ref[~last], own[~last])
+
+
+# ----------------------------------------------------------------------------- label extraction
+
+CAPTIONS = [
+    "A laptop on a desk in front of a stop sign",
+    "Two persons with images of a dog/cat, today & tomorrow",
+    "Stock photo: a birthday cake on TOP of a table\nA bounce house in the background",
+    "an illustration of a topiary garden, 3 ounces of tea",
+]
+
+
+def test_reference_normalization_is_the_released_filter_input_text():
+    from pipeline.nouns import normalize_reference
+
+    for caption in CAPTIONS:
+        assert normalize_reference(caption) == reference_nxtp.filter_input_text(caption)
+    # by hand: the noise words go as substrings, in the released order ("persons" loses "person" first)
+    assert normalize_reference(CAPTIONS[0]) == "a lap on a desk in of a s sign"
+    assert normalize_reference(CAPTIONS[1]) == "two s with s of a dogcat to tomorrow"
+
+
+def test_noise_words_the_reference_way_change_the_labels():
+    from pipeline.nouns import NounExtractor, caption_lines
+
+    own = NounExtractor("spacy")(CAPTIONS[:2])
+    ref = NounExtractor("spacy", protocol="reference")(CAPTIONS[:2])
+    assert "laptop" in own[0] and "stop" in own[0] and "lap" not in own[0]
+    assert "lap" in ref[0] and "laptop" not in ref[0] and "stop" not in ref[0]
+    assert {"dog", "cat"} <= set(own[1]) and "dogcat" not in own[1]
+    assert "dogcat" in ref[1] and "dog" not in ref[1]
+    # one text per caption in the reference (its COCO shards join the captions), lines here
+    assert len(caption_lines(CAPTIONS[2])) == 2 and len(caption_lines(CAPTIONS[2], "reference")) == 1
+
+
+def test_reference_keeps_a_lemma_twice_when_two_forms_give_it():
+    from pipeline.nouns import NounExtractor
+
+    caption = "a dog and two dogs on the beach"
+    assert NounExtractor("spacy")([caption]) == [["dog", "beach"]]
+    assert NounExtractor("spacy", protocol="reference")([caption]) == [["dog", "dog", "beach"]]
+
+
+def test_the_labels_job_settings_carry_the_protocol():
+    from pipeline.labels import LabelSettings, LabelShards
+
+    table = LabelShards("unused", LabelSettings(protocol="reference")).label_table("s0", ["k0"], [CAPTIONS[0]])
+    assert "lap" in table["labels"].to_pylist()[0]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        LabelSettings(protocol="paper")
