@@ -204,3 +204,28 @@ def filter_input_text(text: str) -> str:
         text = text.replace(c, " ")
     text = re.sub(r"\s+", " ", text).strip()
     return text
+
+
+def released_topk(batch_preds: list[list[str]], k: int) -> list[list[str]]:
+    """The top-k that ``evaluate`` (src/evals/engine.py) scores without CLIP ranking."""
+    topk_objs = []
+    for p in batch_preds:
+        p = p[:k]
+        if len(p) == 0:
+            p = [""]  # dummy voc
+        topk_objs.append(p)
+    return topk_objs
+
+
+def semantic_fscore(values: list[list[str]], targets: list[list[str]], encode) -> list[tuple[float, float, float]]:
+    """Per-sample (R, P, F) of ``SemanticFScore.update`` (src/evals/metrics.py); ``encode``: str -> [D]."""
+    out = []
+    for vals, tgts in zip(values, targets):
+        x_tgts = F.normalize(torch.stack([encode(t) for t in tgts]), dim=1)
+        x_vals = F.normalize(torch.stack([encode(v) for v in vals]), dim=1)
+        s = x_tgts @ x_vals.T
+        r = s.max(dim=1).values.mean()
+        p = s.max(dim=0).values.mean()
+        f = torch.nan_to_num(2 * r * p / (r + p))
+        out.append((float(r), float(p), float(f)))
+    return out

@@ -150,3 +150,104 @@ def test_the_labels_job_settings_carry_the_protocol():
     assert "lap" in table["labels"].to_pylist()[0]
     with pytest.raises(ValueError, match="unknown protocol"):
         LabelSettings(protocol="paper")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+TARGETS = [["dog", "grass"], ["tree"], ["cup", "cup", "table"]]
+PREDICTIONS = [["dog", "", "dog", "cat", "sofa"], [], ["", "table", " cup"]]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from pipeline.scoring import SentenceEmbedder
+
+    return SentenceEmbedder()
+
+
+def test_reference_scoring_is_the_released_metric_with_blank_predictions(minilm):
+    from pipeline.scoring import LabelScorer
+
+    ks = [1, 2, 3, 10]
+    s = LabelScorer([minilm], ks, protocol="reference")(TARGETS, PREDICTIONS)
+    encode = lambda text: minilm([text])[0]  # noqa: E731
+    for j, k in enumerate(ks):
+        released = reference_nxtp.semantic_fscore(reference_nxtp.released_topk(PREDICTIONS, k), TARGETS, encode)
+        for i, (r, p, f) in enumerate(released):
+            assert s.recall[minilm.name][i, j] == pytest.approx(r, abs=1e-5)
+            assert s.precision[minilm.name][i, j] == pytest.approx(p, abs=1e-5)
+            assert s.f1[minilm.name][i, j] == pytest.approx(f, abs=1e-5)
+
+
+def test_blank_predictions_count_in_the_reference_and_not_here(minilm):
+    from pipeline.scoring import LabelScorer
+
+    ref = LabelScorer([minilm], [2, 3], protocol="reference")(TARGETS, PREDICTIONS)
+    own = LabelScorer([minilm], [2, 3])(TARGETS, PREDICTIONS)
+    name = minilm.name
+    # top-2 of sample 0: the reference scores ["dog", ""], this project ["dog", "cat"] (the blank and the repeat skipped)
+    blank, cat = minilm(["", "cat"])
+    dog, grass = minilm(["dog", "grass"])
+    assert ref.precision[name][0, 0] == pytest.approx((1.0 + max(blank @ dog, blank @ grass).item()) / 2, abs=1e-5)
+    assert own.precision[name][0, 0] == pytest.approx((1.0 + max(cat @ dog, cat @ grass).item()) / 2, abs=1e-5)
+    # top-3 of sample 0: "dog" twice in the reference, so its precision averages 1.0 twice
+    assert ref.precision[name][0, 1] == pytest.approx((2.0 + max(blank @ dog, blank @ grass).item()) / 3, abs=1e-5)
+    # no prediction: one blank label in the reference (a nonzero figure), 0 here
+    assert ref.recall[name][1, 0] == pytest.approx((blank @ minilm(["tree"])[0]).item(), abs=1e-5)
+    assert own.recall[name][1, 0] == 0.0 and own.f1[name][1, 0] == 0.0
+    # exact scores on the same top-k: the reference's top-2 of sample 2 holds one real label
+    assert ref.exact_precision[2, 0] == 1.0 and ref.exact_recall[2, 0] == pytest.approx(1 / 2)
+    assert own.exact_recall[2, 0] == 1.0
+
+
+def test_a_blank_only_target_is_scored_in_the_reference(minilm):
+    from pipeline.scoring import LabelScorer
+
+    s = LabelScorer([minilm], [5], protocol="reference")([[]], [["cup"]])
+    assert s.recall[minilm.name][0, 0] == pytest.approx((minilm([""])[0] @ minilm(["cup"])[0]).item(), abs=1e-5)
+    assert s.exact_recall[0, 0] == 0.0
+    with pytest.raises(ValueError, match="no target"):
+        LabelScorer([minilm], [5])([[]], [["cup"]])
+
+
+def test_the_evaluation_scorer_stage_applies_the_protocol(minilm):
+    import pyarrow as pa
+
+    from pipeline.evaluation import PREDICTED, Score
+
+    batch = pa.table(
+        {
+            "key": ["a", "b"],
+            "shard": ["s", "s"],
+            "targets": [["dog", "grass"], ["tree"]],
+            "error": [None, None],
+            "predictions": [["dog", "", "dog"], []],
+            "probabilities": [[0.5, 0.2, 0.1], []],
+        },
+        schema=PREDICTED,
+    )
+    ref = Score([3], protocol="reference")(batch).column("precision_at").to_pylist()
+    own = Score([3])(batch).column("precision_at").to_pylist()
+    expected = reference_nxtp.semantic_fscore(
+        reference_nxtp.released_topk([["dog", "", "dog"], []], 3), [["dog", "grass"], ["tree"]], lambda t: minilm([t])[0]
+    )
+    assert [row[0] for row in ref] == pytest.approx([p for _, p, _ in expected], abs=1e-5)
+    assert own[0] == pytest.approx([1.0], abs=1e-5) and own[1] == [0.0]
+
+
+@pytest.mark.parametrize("job", ["train", "labels", "evaluate"])
+def test_each_job_takes_protocol_reference(job, tmp_path):
+    from jobs import evaluate, labels, train
+    from jobs._cli import parse
+
+    for name in ("shards", "labels"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    argv = {
+        "train": ["--deepspeed", "jobs/configs/zero2.json", "--run-dir", "runs/x", "--data", f"d={tmp_path}/shards,{tmp_path}/labels", "--tokenizer", f"{tmp_path}/tokenizer.model", "--steps", "1"],
+        "labels": ["--shards", "s", "--output", "o"],
+        "evaluate": ["--checkpoint", "c", "--shards", "s", "--labels", "l", "--output", "o"],
+    }[job]
+    cls = {"train": train.TrainConfig, "labels": labels.LabelsConfig, "evaluate": evaluate.EvaluateConfig}[job]
+    assert parse(cls, argv + ["--protocol", "reference"], prog=job, description=None).protocol == "reference"
+    assert parse(cls, argv, prog=job, description=None).protocol == "nxtp"
