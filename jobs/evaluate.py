@@ -74,6 +74,8 @@ class EvaluateConfig:
     """Also score with CLIP's text tower (the paper's Table A.8): an OpenAI / open_clip CLIP weights file."""
     clip_text_gelu: bool = False
     """The CLIP text tower uses GELU (open_clip-trained weights) instead of OpenAI's QuickGELU."""
+    protocol: Literal["nxtp", "reference"] = "nxtp"
+    """nxtp: blank and repeated predictions skipped when scoring; reference: kept in the top-k, as the released code scores (see the README)."""
     batch_size: int = 32
     """Images per predictor call."""
     concurrency: int = 0
@@ -236,6 +238,7 @@ def write_outputs(
         "dataset": cfg.dataset,
         "checkpoint": dataclasses.asdict(checkpoint),
         "code_version": version,
+        "protocol": cfg.protocol,
         "shards": n_shards,
         "samples": n,
         "scored": scored,
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": device,
                 "threads": plan.threads if device == "cpu" else None,
             }
-            scorer = {"ks": cfg.k, "embedding_model": cfg.embedding_model, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
+            scorer = {"ks": cfg.k, "embedding_model": cfg.embedding_model, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1, "protocol": cfg.protocol}
             with evaluation.staged_output(cfg.output) as staging:
                 write_json(os.path.join(staging, "config.json"), dataclasses.asdict(cfg))
                 run = evaluation.run_evaluation(

@@ -42,6 +42,8 @@ class LabelsConfig:
     """Noun extractor backend: spacy, or nltk (needs NLTK's averaged_perceptron_tagger_eng)."""
     keep_numbers: bool = False
     """Keep nouns that contain a digit ("mp3")."""
+    protocol: Literal["nxtp", "reference"] = "nxtp"
+    """nxtp: this project's caption rule; reference: the released code's (noise words removed as substrings, lemma repeats kept; see the README)."""
     concurrency: int = 0
     """Extractor actors, one CPU each, each labelling one shard at a time; 0: one per CPU of the Ray cluster (never more than the shards)."""
     batch_size: int = 1024
@@ -71,6 +73,7 @@ class LabelsConfig:
             batch_size=self.batch_size,
             concurrency=self.concurrency or max(1, cpus),
             skip_bad_shards=self.skip_bad_shards,
+            protocol=self.protocol,
         )
 
 

@@ -115,6 +115,8 @@ class TrainConfig:
     """draw one of the paper's 10 prompt templates per sample"""
     caption_weight: float = 0.0
     """weight of the optional caption loss (0: off, as in the G3M recipe)"""
+    protocol: Literal["nxtp", "reference"] = "nxtp"
+    """nxtp: this project's training mask; reference: the released code's (the last label sees only the prefix; see the README)"""
     seed: int = 42
     """seed of weights and data order"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -11,8 +11,17 @@ positions run 0..L-1 over the whole sequence, image tokens included.
 Attention: causal, except that the image block attends to itself fully; at training,
 each label's tokens (its delimiter included) attend to the prefix (image and prompt up
 to "are") and to their own label's earlier tokens only, never to other labels. The last
-label, which ends with EOS instead of a delimiter, is a label like the others (the
-released code lets it see only the prefix; its EOS target is dropped anyway).
+label, which ends with EOS instead of a delimiter, is a label like the others.
+
+The released code (``src/models/lang.py``, ``LLaMATransformer.forward`` with
+``decouple_label_tok_embeds``) builds its mask from the delimiters: every column after
+"are" is masked, then a lower-triangular block is opened for each span that ends with a
+delimiter. The tokens after the last delimiter (the last label, its EOS and the padding)
+get no block, so the last label sees only the prefix, not even its own earlier tokens.
+``protocol="reference"`` reproduces that (``label_segments(..., protocol="reference")``
+marks those positions ``PREFIX_ONLY``); this project's default lets the last label see
+itself, like every other label, so that its second and later tokens are predicted from
+the label's own beginning (as at inference, where each label is decoded on its own).
 
 Targets: next-token targets on every text position after <|image|> (BOS, the prompt
 words, labels, delimiters), EOS removed from the targets, padding ignored.
@@ -26,9 +35,11 @@ from collections.abc import Sequence
 import torch
 
 from model.config import PROMPT_TEMPLATES
+from model.protocol import DEFAULT_PROTOCOL, check_protocol
 from model.tokenizer import Tokenizer
 
 IGNORE = -100  # target value that takes no loss
+PREFIX_ONLY = -2  # segment of a position that attends to the prefix only (the reference's last label)
 
 
 def training_text(
@@ -76,16 +87,29 @@ def pad_batch(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-def label_segments(ids: torch.Tensor, answer_pos: torch.Tensor, delimiter_id: int) -> torch.Tensor:
+def label_segments(ids: torch.Tensor, answer_pos: torch.Tensor, delimiter_id: int, protocol: str = DEFAULT_PROTOCOL) -> torch.Tensor:
     """Which label each text position belongs to: -1 up to the answer position, then 0, 1, ...
 
     ids: [B, T]; answer_pos: [B]. A delimiter belongs to the label it ends.
+    ``protocol="reference"``: the positions after a row's last delimiter (its last label,
+    EOS and padding; the whole answer when there is no delimiter) are ``PREFIX_ONLY``
+    instead, as the released code masks them (see the module docstring); and, as there,
+    every row takes the batch's last row's answer position (the released code finds
+    "are" in ``input_tokens[-1]`` only, which differs between rows when prompt
+    augmentation draws templates of different lengths).
     """
+    check_protocol(protocol)
+    if protocol == "reference":
+        answer_pos = answer_pos[-1:].expand_as(answer_pos)
     pos = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, T]
     after = pos > answer_pos[:, None]  # [B, T]
     is_delim = (ids == delimiter_id) & after
     before = torch.cumsum(is_delim.long(), dim=1) - is_delim.long()  # delimiters strictly before
-    return torch.where(after, before, torch.full_like(before, -1))
+    segments = torch.where(after, before, torch.full_like(before, -1))
+    if protocol == "reference":
+        last = is_delim.long().sum(dim=1, keepdim=True)  # the segment after the last delimiter
+        segments = torch.where(after & (segments == last), torch.full_like(segments, PREFIX_ONLY), segments)
+    return segments
 
 
 def prefix_mask(n_image: int, n_text: int, device=None) -> torch.Tensor:
@@ -97,14 +121,17 @@ def prefix_mask(n_image: int, n_text: int, device=None) -> torch.Tensor:
 
 
 def decoupled_label_mask(segments: torch.Tensor, n_image: int) -> torch.Tensor:
-    """The training mask: bool [B, 1, L, L] from ``label_segments`` [B, T]."""
+    """The training mask: bool [B, 1, L, L] from ``label_segments`` [B, T].
+
+    A ``PREFIX_ONLY`` position attends to the prefix only (itself excluded).
+    """
     B, T = segments.shape
     image = torch.full((B, n_image), -1, dtype=segments.dtype, device=segments.device)
     seg = torch.cat([image, segments], dim=1)  # [B, L]
     L = seg.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()[None]
     prefix_key = (seg == -1)[:, None, :]  # keys in the image or prompt
-    same_label = seg[:, :, None] == seg[:, None, :]
+    same_label = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :]
     mask = causal & (prefix_key | same_label)
     mask[:, :n_image, :n_image] = True
     return mask[:, None]

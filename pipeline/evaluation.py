@@ -295,7 +295,8 @@ class Score:
     """Ray stage (actor): PREDICTED -> SCORED. The embedding model(s) load once, in ``__init__``.
 
     The sentence model (``embedding_model``; default all-MiniLM-L6-v2, the paper's) always,
-    CLIP's text tower too when ``clip_text_weights`` is given.
+    CLIP's text tower too when ``clip_text_weights`` is given. ``protocol``: how the top-k
+    is scored (``pipeline.scoring``; "reference" keeps blank and repeated predictions).
     """
 
     def __init__(
@@ -305,6 +306,7 @@ class Score:
         clip_text_weights: str | None = None,
         clip_text_quick_gelu: bool = True,
         threads: int | None = None,
+        protocol: str = "nxtp",
     ):
         import torch
 
@@ -315,7 +317,7 @@ class Score:
         embedders = [SentenceEmbedder(embedding_model)]
         if clip_text_weights:
             embedders.append(ClipTextEmbedder(clip_text_weights, quick_gelu=clip_text_quick_gelu))
-        self.scorer = LabelScorer(embedders, ks)
+        self.scorer = LabelScorer(embedders, ks, protocol)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from model.protocol import check_protocol
 from pipeline import outputs
 from pipeline.nouns import (
     BAD_KINDS,
@@ -79,12 +80,14 @@ class LabelSettings:
     batch_size: int = 1024  # captions per tagger call (spaCy's nlp.pipe batch, NLTK's chunk)
     concurrency: int = 1  # extractor actors, one CPU each (at most one per shard)
     skip_bad_shards: bool = False  # count and skip unreadable shards instead of stopping
+    protocol: str = "nxtp"  # nxtp | reference (the released code's noise-word removal; see pipeline.nouns)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
+        check_protocol(self.protocol)
 
 
 @dataclass
@@ -211,7 +214,7 @@ class LabelShards:
         _add_nltk_data(settings.nltk_data)
         self.folder = folder
         self.settings = settings
-        self.extract = NounExtractor(settings.extractor, settings.keep_numbers, settings.spacy_model, settings.batch_size)
+        self.extract = NounExtractor(settings.extractor, settings.keep_numbers, settings.spacy_model, settings.batch_size, settings.protocol)
 
     def label_table(self, shard: str, keys: Sequence[str], captions: Sequence[str | None]) -> pa.Table:
         """``LABEL_TABLE`` rows of one shard's samples, in the given order."""
@@ -404,6 +407,7 @@ def label_shards(
     summary = {
         "extractor": settings.extractor,
         "keep_numbers": settings.keep_numbers,
+        "protocol": settings.protocol,
         "shards": len(shards),
         "shards_written": len(per_shard),
         "shards_skipped": len(bad),

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from model.config import CAPTION_PROMPT, PROMPT, PROMPT_TEMPLATES
 from model.prompt import IGNORE, caption_text, label_segments, pad_batch, training_text
+from model.protocol import check_protocol
 from model.tokenizer import Tokenizer
 from model.vision import preprocess
 from pipeline.shards import Shard, TarReader, find_shards, label_table_path
@@ -77,6 +78,7 @@ class TrainStream(IterableDataset):
         prompt_augmentation: bool = True,
         caption_loss: bool = False,
         shuffle_buffer: int = 256,
+        protocol: str = "nxtp",
     ):
         self.datasets = list(datasets)
         self.shards = [d.find() for d in self.datasets]
@@ -95,6 +97,7 @@ class TrainStream(IterableDataset):
         self.templates = PROMPT_TEMPLATES if prompt_augmentation else (PROMPT,)
         self.caption_loss = caption_loss
         self.shuffle_buffer = shuffle_buffer
+        self.protocol = check_protocol(protocol)  # the label mask's (model.prompt.label_segments)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -119,7 +122,7 @@ class TrainStream(IterableDataset):
             stats["samples"] += 1
             batch.append(example)
             if len(batch) == self.batch_size:
-                yield collate(batch, tok, {"worker": worker, **stats})
+                yield collate(batch, tok, {"worker": worker, **stats}, self.protocol)
                 batch = []
 
     def _mixture(self, rng: random.Random, stats: Counter, cache: OrderedDict) -> Iterator[dict]:
@@ -178,14 +181,14 @@ def _shard_labels(spec: DatasetSpec, shard: Shard, stats: Counter, cache: Ordere
     return cache[entry]
 
 
-def collate(examples: list[dict], tok: Tokenizer, stats: dict) -> dict:
+def collate(examples: list[dict], tok: Tokenizer, stats: dict, protocol: str = "nxtp") -> dict:
     ids = pad_batch([e["ids"] for e in examples], tok.pad_id)
     answer = torch.tensor([e["answer"] for e in examples])
     batch = {
         "images": torch.stack([e["image"] for e in examples]),
         "ids": ids,
         "targets": pad_batch([e["targets"] for e in examples], IGNORE),
-        "segments": label_segments(ids, answer, tok.delimiter_id),
+        "segments": label_segments(ids, answer, tok.delimiter_id, protocol),
         "stats": stats,
     }
     if "caption_ids" in examples[0]:

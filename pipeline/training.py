@@ -205,6 +205,7 @@ class Trainer:
             prompt_augmentation=cfg.prompt_augmentation,
             caption_loss=cfg.caption_weight > 0,
             shuffle_buffer=cfg.shuffle_buffer,
+            protocol=cfg.protocol,
         )
         return iter(train_loader(stream, cfg.num_workers))
 

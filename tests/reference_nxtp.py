@@ -150,3 +150,82 @@ def _decode(sp, ids, n_base):
             run.append(t)
     text.append(sp.decode(run))
     return "".join(text)
+
+
+def training_mask(input_tokens: torch.Tensor, n_image: int, answer_id: int, delimiter_id: int) -> torch.Tensor:
+    """The released training mask, transcribed from ``LLaMATransformer.forward`` (src/models/lang.py)
+    with ``prefix_image_tok_embeds`` and ``decouple_label_tok_embeds`` on, ``is_train`` True,
+    ``start_pos`` 0 and the image at ``dummy_token_index`` 0 (its G3M config).
+
+    ``input_tokens`` [B, L]: the whole sequence, a placeholder id in the ``n_image`` image
+    positions then the text (as ``construct_embd_inputs`` pads them); ``answer_id`` and
+    ``delimiter_id`` stand for the hard-coded 526 ("are") and 29892 (","). Returns an
+    additive float mask [B, 1, L, L] (0 = may attend, -inf = may not).
+    """
+    bs, seqlen = input_tokens.shape
+    dummy_token_index, offset = 0, n_image
+    mask = torch.full((bs, 1, seqlen, seqlen), float("-inf"))
+    mask = torch.triu(mask, diagonal=1)
+    ii, ij = dummy_token_index, dummy_token_index + offset
+    mask[:, :, ii:ij, ii:ij] = 0.0
+    answer_index = torch.nonzero(input_tokens[-1] == answer_id)[0][0]
+    assert answer_index > dummy_token_index
+    delimiters_indices = torch.nonzero(input_tokens == delimiter_id)
+    mask[:, :, :, answer_index + 1 :] = float("-inf")
+    prev_batch_index = 0
+    prev_token_index = answer_index
+    for delimiter in delimiters_indices:
+        batch_index, token_index = delimiter
+        token_index += 1
+        if batch_index != prev_batch_index:
+            prev_batch_index = batch_index
+            prev_token_index = answer_index
+        tri_size = token_index - prev_token_index
+        tri_mask = prev_token_index + torch.tril_indices(tri_size, tri_size)
+        mask[batch_index, 0, tri_mask[0], tri_mask[1]] = 0.0
+        prev_token_index = token_index
+    return mask
+
+
+def filter_input_text(text: str) -> str:
+    """The released ``filter_input_text`` (src/utils.py), verbatim but for names."""
+    import re
+
+    text = text.lower()
+    text = text.replace("\n", " ")
+    noise_words = [
+        "person", "persons", "stock", "illustration", "foreground", "background", "photography",
+        "image", "images", "front", "day", "ounce", "top",
+    ]  # fmt: skip
+    for nw in noise_words:
+        text = text.replace(nw, " ")
+    text = re.sub(r"[^a-zA-Z' 0-9.,&-]", "", text)
+    for c in [",", "&"]:
+        text = text.replace(c, " ")
+    text = re.sub(r"\s+", " ", text).strip()
+    return text
+
+
+def released_topk(batch_preds: list[list[str]], k: int) -> list[list[str]]:
+    """The top-k that ``evaluate`` (src/evals/engine.py) scores without CLIP ranking."""
+    topk_objs = []
+    for p in batch_preds:
+        p = p[:k]
+        if len(p) == 0:
+            p = [""]  # dummy voc
+        topk_objs.append(p)
+    return topk_objs
+
+
+def semantic_fscore(values: list[list[str]], targets: list[list[str]], encode) -> list[tuple[float, float, float]]:
+    """Per-sample (R, P, F) of ``SemanticFScore.update`` (src/evals/metrics.py); ``encode``: str -> [D]."""
+    out = []
+    for vals, tgts in zip(values, targets):
+        x_tgts = F.normalize(torch.stack([encode(t) for t in tgts]), dim=1)
+        x_vals = F.normalize(torch.stack([encode(v) for v in vals]), dim=1)
+        s = x_tgts @ x_vals.T
+        r = s.max(dim=1).values.mean()
+        p = s.max(dim=0).values.mean()
+        f = torch.nan_to_num(2 * r * p / (r + p))
+        out.append((float(r), float(p), float(f)))
+    return out
