@@ -32,6 +32,7 @@ from model.convert import (
     vision_from_openai,
 )
 from model.nxtp import NxTP, init_special_rows
+from model.precision import place
 from model.tokenizer import Tokenizer
 from model.vision import vision_config_from_open_clip
 
@@ -110,8 +111,7 @@ def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: torch.
     cfg = check_pretrained(path)
     model = NxTP(cfg)
     load_state_strict(model, load_file(os.path.join(path, "model.safetensors")), os.path.join(path, "model.safetensors"))
-    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
-    return model.eval(), Tokenizer(os.path.join(path, "tokenizer.model"))
+    return place(model, device, dtype or torch.float32), Tokenizer(os.path.join(path, "tokenizer.model"))
 
 
 # ----------------------------------------------------------------------------- files of other projects

@@ -62,13 +62,13 @@ class NxTP(nn.Module):
         return out
 
     def _text_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # only positions with a target go through the (vocabulary-wide) output layer
+        # only positions with a target go through the (vocabulary-wide) output layer; float32 logits and loss
         keep = targets != IGNORE
         logits = self.decoder.lm_head(hidden[keep])  # [M, V]
-        return F.cross_entropy(logits.float(), targets[keep]), keep.sum()
+        return F.cross_entropy(logits, targets[keep]), keep.sum()
 
     def prefill(self, images: torch.Tensor, prompt_ids: torch.Tensor):
-        """Encode images and the prompt: (logits at the last prompt position [B, V], per-layer KV, prefix length)."""
+        """Encode images and the prompt: (float32 logits at the last prompt position [B, V], per-layer KV, prefix embeddings [B, P, D])."""
         image_tokens = self.vision(images)
         h = torch.cat([image_tokens, self.decoder.embed(prompt_ids)], dim=1)
         hidden, kv = self.decoder(h, prefix_mask(image_tokens.shape[1], prompt_ids.shape[1], h.device), return_kv=True)
