@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from jobs._cli import field_docs, print_path_error, start_ray
+from model.precision import PRECISIONS
 from pipeline import evaluation
 from schemas import PREDICTIONS, REPORT, write_table
 
@@ -77,6 +78,8 @@ class EvaluateConfig:
     """CPUs reserved per predictor actor (its torch threads on a CPU: at least 1)."""
     device: str = "auto"
     """auto (a GPU per predictor actor when the cluster has GPUs), cuda or cpu."""
+    precision: str = "auto"
+    """Predictor weights and activations: auto (bf16 on a GPU that has it, fp16 on an older GPU, fp32 on a CPU), bf16, fp16 or fp32; rotary tables, norm statistics, softmaxes and logits stay fp32."""
     max_steps: int | None = None
     """One-shot sampling step limit (default: the model config's, 20)."""
     max_retries: int = 3
@@ -99,6 +102,8 @@ class EvaluateConfig:
             raise ValueError(f"--cpus-per-actor must be > 0, not {self.cpus_per_actor}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.max_steps is not None and self.max_steps < 2:
             raise ValueError(f"--max-steps must be >= 2, not {self.max_steps}")
         if self.max_retries < 0:
@@ -131,6 +136,7 @@ def parse_args(argv: list[str] | None) -> EvaluateConfig:
     p.add_argument("--concurrency", type=int, default=0, help=docs["concurrency"])
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help=docs["cpus_per_actor"] + " (default 1)")
     p.add_argument("--device", default="auto", choices=DEVICES, help=docs["device"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=docs["precision"])
     p.add_argument("--max-steps", type=int, default=None, help=docs["max_steps"])
     p.add_argument("--max-retries", type=int, default=3, help=docs["max_retries"] + " (default 3)")
     p.add_argument("--address", default=None, help=docs["address"])
@@ -310,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "llama_params": cfg.llama_params,
             "max_steps": cfg.max_steps,
             "device": device,
+            "precision": cfg.precision,
             "threads": plan.threads if device == "cpu" else None,
         }
         scorer = {"ks": cfg.k, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}

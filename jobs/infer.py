@@ -4,8 +4,8 @@
 NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
 base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless the file
 holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
-"| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA (bf16) when
-present, else the CPU (fp32).
+"| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA when present,
+else the CPU; ``--precision auto`` runs bf16 on a GPU and fp32 on a CPU (see model/precision.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
+
+from model.precision import PRECISIONS
 
 
 @dataclass
@@ -38,6 +40,8 @@ class InferConfig:
     """Meta's params.json of the decoder, for a released .pth"""
     device: str = "auto"
     """auto (cuda if present), cuda or cpu"""
+    precision: str = "auto"
+    """weights and activations: auto (bf16 on a GPU that has it, fp16 on an older GPU, fp32 on a CPU), bf16, fp16 or fp32; rotary tables, norm statistics, softmaxes and logits stay fp32"""
     batch_size: int = 16
     """images per forward pass"""
     max_steps: int | None = None
@@ -50,6 +54,8 @@ class InferConfig:
             raise ValueError("--format must be text or json")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError("--device must be auto, cuda or cpu")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
 
@@ -64,6 +70,7 @@ def parse_args(argv: list[str] | None) -> InferConfig:
     p.add_argument("--clip-weights", help="base CLIP weights for the frozen ViT blocks (for a released .pth)")
     p.add_argument("--llama-params", help="Meta params.json of the decoder (for a released .pth)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-steps", type=int, default=None, help="one-shot step limit (default: model config, 20)")
     try:
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     log = sys.stderr if cfg.format == "json" else sys.stdout
     print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
     from model.checkpoint import load_model
+    from model.precision import place, resolve_dtype
     from model.sampling import one_shot
     from model.vision import preprocess
 
@@ -84,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
     for note in notes:
         print(f"note: {note}", file=log)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = model.to(device=device, dtype=dtype).eval()
+    dtype = resolve_dtype(cfg.precision, device)
+    model = place(model, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters on {device} ({dtype})", file=log)
+    print(f"model: {n_params / 1e6:.1f}M parameters on {device} in {str(dtype).removeprefix('torch.')}", file=log)
     transform = preprocess(model.cfg.vision.image_size)
 
     results, failed = [], 0
