@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -72,4 +73,22 @@ def test_sampling_bench_writes_each_k_as_it_goes(tmp_path, world):
         assert row["cached_images_per_s"] > 0 and row["recompute_images_per_s"] > 0 and row["recompute_batch"] == 1
         assert row["agreement"] == 1.0, "fp32: the cached labels are the recomputed ones"
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    # the suite's summary turns it into BENCHMARKS.md rows
+    from benchmarks import suite_report
 
+    assert suite_report.main([str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| model | one-shot top-2, KV-cached vs recompute, small shapes, batch 1, float32 |" in summary
+    assert "| model | one-shot top-3," in summary and "python -m benchmarks.sampling_bench --device cpu" in summary
+
+
+def test_gpu_suite_refuses_unknown_options(repo_root):
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--bogus"], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage: benchmarks/gpu_suite.sh" in proc.stderr
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("benchmarks.train_bench --shapes g3m --ranks 1 --batch 16", "benchmarks.sampling_bench --device cuda --config g3m --batch 64 --ks 10 100",
+                   "benchmarks.evaluate_bench --device cuda --config g3m --batch 64"):  # fmt: skip
+        assert needle in proc.stdout, needle
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--cpu", "--dry-run"], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--device cpu --config small" in proc.stdout and "--shapes g3m" not in proc.stdout
