@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=os.path.join(REPO, ".cache", "evaluate_bench"))
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "evaluate"))
     args = p.parse_args(argv)
+    args.workdir = os.path.abspath(args.workdir)  # the job, under ray job submit, takes absolute paths only
     from pipeline import ray_local
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
