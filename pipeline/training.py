@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 from model.nxtp import NxTP
+from model.prompt import IGNORE
+from pipeline.outputs import atomic_file
 
 EMBEDDING_TABLES = ("decoder.embed.base.weight", "decoder.embed.special", "vision.vit.positional_embedding")
 
@@ -138,10 +141,9 @@ def plot_loss(metrics_path: str, out_png: str) -> None:
     fig.legend(loc="upper right")
     ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))) or "training")
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(out_png) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 def state_dict_from_checkpoint(save_dir: str, tag: str) -> dict[str, torch.Tensor]:
@@ -264,7 +266,7 @@ class Trainer:
                 ws = batch.pop("stats")
                 worker_stats[ws.pop("worker")] = ws
                 batch = {k: v.to(engine.device, dtype=dtype if k == "images" else None) for k, v in batch.items()}
-                tokens += batch["images"].shape[0] * self.model_cfg.vision.n_tokens + int((batch["targets"] != -100).sum())
+                tokens += batch["images"].shape[0] * self.model_cfg.vision.n_tokens + int((batch["targets"] != IGNORE).sum())
                 out = engine(**batch, caption_weight=cfg.caption_weight)
                 engine.backward(out["loss"])
                 engine.step()
@@ -294,7 +296,7 @@ class Trainer:
                 self._save(engine, step, run_stats, rank)
                 data = self._data(step, rank) if step < total else None
         if rank == 0:
-            self._finish(step)
+            self._finish(step, stats)
         dist.barrier()
 
     def _save(self, engine, step: int, stats: dict, rank: int) -> None:
@@ -308,14 +310,15 @@ class Trainer:
             skipped = {k: v for k, v in stats.items() if k != "samples" and v}
             self.on_message(f"step {step}: checkpoint {os.path.join(self.save_dir, f'step{step}')}; data skipped so far: {skipped or 'none'}")
 
-    def _finish(self, step: int) -> None:
+    def _finish(self, step: int, data_stats: dict) -> None:
         from model.checkpoint import save_pretrained
         from model.convert import load_state_strict
 
         tag = latest_tag(self.save_dir)
         model = NxTP(self.model_cfg)
         load_state_strict(model, state_dict_from_checkpoint(self.save_dir, tag), os.path.join(self.save_dir, tag))
-        out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag})
+        card = {"train_config": dataclasses.asdict(self.cfg), "step": step, "data_stats": data_stats}  # for the model card
+        out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag}, card=card)
         plot_loss(os.path.join(self.cfg.run_dir, "metrics.jsonl"), os.path.join(self.cfg.run_dir, "loss.png"))
         self.on_message(f"exported {out} (step {step}); loss curve {os.path.join(self.cfg.run_dir, 'loss.png')}")
 

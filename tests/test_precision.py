@@ -21,7 +21,13 @@ from model.tokenizer import Tokenizer
 from tests.model_fixtures import official_state_dict
 from tests.reference_nxtp import reference_labels
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """These tests only run the model forward; gradients stay off inside this module only
+    (a module-level switch would leak into every test collected after it)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
