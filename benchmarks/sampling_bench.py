@@ -93,7 +93,7 @@ def recompute_row_bytes(cfg: NxTPConfig, prompt_len: int, max_steps: int, dtype:
     d = cfg.decoder
     e = torch.finfo(dtype).bits // 8
     L = cfg.vision.n_tokens + prompt_len + max_steps - 2
-    return L * (2 * d.dim * e + 6 * d.dim * 4 + 3 * d.hidden_dim * e) + d.n_heads * L * L * 4 + 2 * cfg.vocab_total * 4
+    return L * (2 * d.dim * e + 6 * d.dim * 4 + 3 * d.hidden_dim * e) + d.n_heads * L * L * 4 + 2 * (cfg.decoder.vocab_size + cfg.n_special) * 4
 
 
 def recompute_batch(device_bytes: int, cfg: NxTPConfig, k: int, batch: int, prompt_len: int, max_steps: int, dtype: torch.dtype,
