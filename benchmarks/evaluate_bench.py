@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks.sampling_bench import device_name, find_tokenizer, small_config
+from model.precision import PRECISIONS, resolve_dtype
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_SHARD = 100
@@ -146,15 +147,15 @@ def _decoded_images(shards: str, labels: str, image_size: int) -> torch.Tensor:
     return torch.cat(blocks)
 
 
-def _model_only_worker(export: str, shards: str, labels: str, batch: int, device: str, threads: int, images: int, barrier, results) -> None:
+def _model_only_worker(export: str, shards: str, labels: str, batch: int, device: str, precision: str, threads: int, images: int,
+                       barrier, results) -> None:  # fmt: skip
     from model.checkpoint import load_pretrained
     from model.sampling import one_shot
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model, tok = load_pretrained(export)
-    model = model.to(dev, dtype).eval()
+    dtype = resolve_dtype(precision, dev)
+    model, tok = load_pretrained(export, dev, dtype)
     data = _decoded_images(shards, labels, model.cfg.vision.image_size)[:images].to(dev, dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch.inference_mode():
@@ -168,11 +169,12 @@ def _model_only_worker(export: str, shards: str, labels: str, batch: int, device
     results.put(data.shape[0] / (time.perf_counter() - start))
 
 
-def model_only(export: str, shards: str, labels: str, batch: int, device: str, threads: int, processes: int, images: int) -> float:
+def model_only(export: str, shards: str, labels: str, batch: int, device: str, precision: str, threads: int, processes: int, images: int) -> float:
     """Images/s of ``processes`` concurrent one_shot loops (summed)."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_model_only_worker, args=(export, shards, labels, batch, device, threads, images, barrier, results)) for _ in range(processes)]
+    args = (export, shards, labels, batch, device, precision, threads, images, barrier, results)
+    procs = [ctx.Process(target=_model_only_worker, args=args) for _ in range(processes)]
     for p in procs:
         p.start()
     rates = []
@@ -193,11 +195,12 @@ def model_only(export: str, shards: str, labels: str, batch: int, device: str, t
 # ----------------------------------------------------------------------------- end to end
 
 
-def run_job(head, export: str, shards: str, labels: str, out: str, batch: int, actors: int, cpus_per_actor: float, device: str) -> dict:
+def run_job(head, export: str, shards: str, labels: str, out: str, batch: int, actors: int, cpus_per_actor: float, device: str,
+            precision: str) -> dict:  # fmt: skip
     """The job through ``ray job submit``; its summary.json."""
     cmd = ["python", "-m", "jobs.evaluate", "--checkpoint", export, "--shards", shards, "--labels", labels, "--output", out,
            "--k", "10", "--batch-size", str(batch), "--concurrency", str(actors), "--cpus-per-actor", str(cpus_per_actor),
-           "--device", device]  # fmt: skip
+           "--device", device, "--precision", precision]  # fmt: skip
     result = head.submit(cmd, working_dir=REPO, timeout=3600)
     if result.returncode != 0:
         raise RuntimeError(f"the evaluation job failed:\n{(result.stdout + result.stderr)[-4000:]}")
@@ -207,6 +210,7 @@ def run_job(head, export: str, shards: str, labels: str, out: str, batch: int, a
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on a GPU, fp32 on a CPU (both sides alike)")
     p.add_argument("--config", choices=["small", "g3m"], default="small")
     p.add_argument("--images", type=int, default=480, help="validation images (default 480)")
     p.add_argument("--model-only-images", type=int, default=160, help="images per model-only measurement (default 160)")
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=os.path.join(REPO, ".cache", "evaluate_bench"))
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "evaluate"))
     args = p.parse_args(argv)
+    args.workdir = os.path.abspath(args.workdir)  # the job, under ray job submit, takes absolute paths only
     from pipeline import ray_local
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -228,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         for actors in args.actors:
             # a predictor actor reserves ``cpus`` Ray CPUs and runs ``threads`` torch threads
             cpus = args.threads if args.device == "cuda" else min(float(args.threads), (args.num_cpus - 1.0) / actors)
-            before = model_only(export, shards, labels, args.batch, args.device, args.threads, actors, args.model_only_images)
+            before = model_only(export, shards, labels, args.batch, args.device, args.precision, args.threads, actors, args.model_only_images)
             out = os.path.join(args.workdir, "out")
-            summary = run_job(head, export, shards, labels, out, args.batch, actors, cpus, args.device)
-            after = model_only(export, shards, labels, args.batch, args.device, args.threads, actors, args.model_only_images)
+            summary = run_job(head, export, shards, labels, out, args.batch, actors, cpus, args.device, args.precision)
+            after = model_only(export, shards, labels, args.batch, args.device, args.precision, args.threads, actors, args.model_only_images)
             t = summary["timings"]
             e2e = t["steady_images_per_s"]
             bare = statistics.mean([before, after])
@@ -270,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": args.images,
         "batch": args.batch,
         "k": 10,
+        "dtype": str(resolve_dtype(args.precision, torch.device(args.device))).removeprefix("torch."),
         "torch": torch.__version__,
         "goal": "end to end >= 0.85 x model only (the job is bound by the model, not by Ray or decoding)",
         "results": rows,
@@ -291,7 +297,7 @@ def markdown(r: dict) -> str:
         f"- date: {r['date']}",
         f"- device: {r['device']} (Ray head with {r['ray_head_cpus']} CPUs; load average before / after: {r['load_average_before_after']})",
         f"- command: `{r['command']}`",
-        f"- model: `{r['config']}` config, {r['parameters'] / 1e6:.1f}M parameters, random weights; top-{r['k']}, batch {r['batch']}",
+        f"- model: `{r['config']}` config, {r['parameters'] / 1e6:.1f}M parameters, random weights, {r.get('dtype', 'float32')}; top-{r['k']}, batch {r['batch']}",
         f"- images: {r['images']} synthetic validation images (256 px JPEG, decoded and resized in the job)",
         f"- goal: {r['goal']}",
         "",

@@ -38,6 +38,7 @@ import tyro
 
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
 from model.hub import is_hub_id
+from model.precision import PRECISIONS
 from pipeline import evaluation, shards, tracking
 from pipeline.outputs import write_json
 from schemas import REPORT, predictions_schema, read_table, write_table
@@ -84,6 +85,8 @@ class EvaluateConfig:
     """CPUs reserved per predictor actor (its torch threads on a CPU: at least 1)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (a GPU per predictor actor when the cluster has GPUs), cuda or cpu."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Predictor weights and activations: auto (bf16 on a GPU that has it, fp16 on an older GPU, fp32 on a CPU), bf16, fp16 or fp32; rotary tables, norm statistics, softmaxes and logits stay fp32."""
     max_steps: int | None = None
     """One-shot sampling step limit (default: the model config's, 20)."""
     max_retries: int = 3
@@ -105,6 +108,8 @@ class EvaluateConfig:
             raise ValueError(f"--concurrency must be >= 0 (0: one actor per GPU, or 1), not {self.concurrency}")
         if self.cpus_per_actor <= 0:
             raise ValueError(f"--cpus-per-actor must be > 0, not {self.cpus_per_actor}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.max_steps is not None and self.max_steps < 2:
             raise ValueError(f"--max-steps must be >= 2, not {self.max_steps}")
         if self.max_retries < 0:
@@ -303,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 "llama_params": cfg.llama_params,
                 "max_steps": cfg.max_steps,
                 "device": device,
+                "precision": cfg.precision,
                 "threads": plan.threads if device == "cpu" else None,
             }
             scorer = {"ks": cfg.k, "embedding_model": cfg.embedding_model, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1, "protocol": cfg.protocol}

@@ -5,8 +5,8 @@
 downloaded by huggingface_hub), or a released NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
 base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless the file
 holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
-"| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA (bf16) when
-present, else the CPU (fp32).
+"| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA when present,
+else the CPU; ``--precision auto`` runs bf16 on a GPU and fp32 on a CPU (see model/precision.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tyro
 from PIL import Image
 
 from jobs._cli import parse
+from model.precision import PRECISIONS
 
 
 @dataclass
@@ -43,6 +44,8 @@ class InferConfig:
     """Meta's params.json of the decoder, for a released .pth"""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (cuda if present), cuda or cpu"""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """weights and activations: auto (bf16 on a GPU that has it, fp16 on an older GPU, fp32 on a CPU), bf16, fp16 or fp32; rotary tables, norm statistics, softmaxes and logits stay fp32"""
     batch_size: int = 16
     """images per forward pass"""
     max_steps: int | None = None
@@ -59,6 +62,8 @@ class InferConfig:
             raise ValueError("--image needs at least one file")
         if self.num_labels < 1:
             raise ValueError("--num-labels must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
         if (self.layer is not None or self.head is not None) and not self.attention_map:
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     log = sys.stderr if cfg.format == "json" else sys.stdout
     print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
     from model.checkpoint import load_model
+    from model.precision import place, resolve_dtype
     from model.sampling import one_shot
     from model.vision import preprocess
 
@@ -81,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in notes:
         print(f"note: {note}", file=log)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = model.to(device=device, dtype=dtype).eval()
+    dtype = resolve_dtype(cfg.precision, device)
+    model = place(model, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters on {device} ({dtype})", file=log)
+    print(f"model: {n_params / 1e6:.1f}M parameters on {device} in {str(dtype).removeprefix('torch.')}", file=log)
     transform = preprocess(model.cfg.vision.image_size)
     if cfg.attention_map:
         from model.attention import check_layer_head

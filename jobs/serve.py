@@ -5,8 +5,9 @@ image, choose k, and see the top-k labels of one-shot sampling with probability 
 and the attention map of a chosen label (its first token over the image patches, a
 decoder layer and head or their mean, as ``jobs.infer --attention-map`` draws it).
 ``--checkpoint`` takes what ``jobs.infer`` takes (an exported folder, its hub id, or a
-released NxTP .pth with ``--tokenizer``, ``--clip-weights``, ``--llama-params``). Uses CUDA (bf16)
-when present, else the CPU (fp32). Ctrl-C stops the server.
+released NxTP .pth with ``--tokenizer``, ``--clip-weights``, ``--llama-params``). Uses CUDA
+when present, else the CPU; ``--precision`` as ``jobs.infer`` takes it (auto: bf16 on a GPU,
+fp32 on a CPU; see model/precision.py). Ctrl-C stops the server.
 
 The page itself is ``jobs/serve_page.py``, run by Streamlit's own launcher; this job
 checks that the checkpoint exists, then runs ``streamlit run jobs/serve_page.py -- <these flags>``.
@@ -47,6 +48,8 @@ class ServeConfig:
     """base CLIP weights, for a released .pth holding only trained keys"""
     llama_params: str | None = None
     """Meta's params.json of the decoder, for a released .pth"""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """weights and activations: auto (bf16 on a GPU that has it, fp16 on an older GPU, fp32 on a CPU), bf16, fp16 or fp32; rotary tables, norm statistics, softmaxes and logits stay fp32"""
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -66,12 +69,13 @@ class Predictor:
         import torch
 
         from model.checkpoint import load_model
+        from model.precision import place, resolve_dtype
         from model.vision import preprocess
 
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = resolve_dtype(cfg.precision, self.device)
         model, self.tokenizer, self.notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = place(model, self.device, self.dtype)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.transform = preprocess(self.model.cfg.vision.image_size)
 

@@ -9,8 +9,11 @@ Two ways through the blocks:
 - ``forward``: a whole sequence under an explicit boolean mask (training, and the prompt
   prefill at inference), optionally returning every layer's keys and values;
 - ``decode``: one new token for each of K labels per image, attending to the image's
-  shared prefix cache (read once, never copied K times) and to the label's own earlier
-  tokens. This is what makes one-shot sampling of 100 labels cheap.
+  shared prefix cache (read once, never copied K times nor per head group) and to the
+  label's own earlier tokens. This is what makes one-shot sampling of 100 labels cheap.
+
+Numerics (see model/precision.py): rotary tables, norm statistics, attention softmax and
+the output layer's logits are float32 whatever the weights' dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import DecoderConfig
+from model.precision import linear_fp32, matmul_fp32
 
 
 class RMSNorm(nn.Module):
@@ -37,15 +41,20 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables of the rotary embedding for given positions (rotate-half layout)."""
+    """cos/sin tables of the rotary embedding for given positions (rotate-half layout), in float32.
+
+    The frequencies are made at each call rather than held in a buffer: ``model.to(bfloat16)``
+    casts buffers, and bf16 frequencies put the angles off by ~0.35 rad at positions 256-289.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq  # [..., head_dim / 2]
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)  # [head_dim / 2]
+        freqs = positions.float()[..., None] * inv_freq  # [..., head_dim / 2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [..., head_dim]
         return emb.cos(), emb.sin()
 
@@ -85,24 +94,36 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), k, v
 
     def decode(self, x, cos, sin, prefix_k, prefix_v, cache_k, cache_v, step: int):
-        # x: [B, K, D], one token per label; cos/sin: [hd] (one position shared by all labels)
-        # prefix_k/v: [B, Hkv, P, hd]; cache_k/v: [B, K, Hkv, T, hd], slot `step` is written here
+        """One new token for each of K labels per image; scores and softmax in float32.
+
+        x: [B, K, D], one token per label; cos/sin: [hd] (one position shared by all labels).
+        prefix_k/v: [B, Hkv, P, hd], the image and prompt, shared by the image's K labels.
+        cache_k/v: [B, Hkv, K, T, hd], each label's own tokens; slot ``step`` is written here.
+        Nothing is copied per label or per head group: query head h = kv * G + g reads kv
+        head kv, so the G query heads of a kv head and the K labels are the rows of one
+        product with that head's prefix, and each label's rows meet its own cache slots.
+        """
         B, K, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(B, K, self.n_heads, self.head_dim), cos, sin)
-        cache_k[:, :, :, step] = apply_rotary(self.k_proj(x).view(B, K, self.n_kv_heads, self.head_dim), cos, sin)
-        cache_v[:, :, :, step] = self.v_proj(x).view(B, K, self.n_kv_heads, self.head_dim)
-        groups = self.n_heads // self.n_kv_heads
-        label_k = _repeat_kv(cache_k[:, :, :, : step + 1], groups, 2)  # [B, K, H, t, hd]
-        label_v = _repeat_kv(cache_v[:, :, :, : step + 1], groups, 2)
-        q = q.transpose(1, 2)  # [B, H, K, hd]: the K labels are K queries against one prefix
-        scale = 1.0 / math.sqrt(self.head_dim)
-        s_prefix = torch.matmul(q, _repeat_kv(prefix_k, groups, 1).transpose(-1, -2)) * scale  # [B, H, K, P]
-        s_label = torch.einsum("bhkd,bkhtd->bhkt", q, label_k) * scale  # [B, H, K, t]
-        P = s_prefix.shape[-1]
-        p = torch.softmax(torch.cat([s_prefix, s_label], dim=-1).float(), dim=-1).to(q.dtype)
-        out = torch.matmul(p[..., :P], _repeat_kv(prefix_v, groups, 1))  # [B, H, K, hd]
-        out = out + torch.einsum("bhkt,bkhtd->bhkd", p[..., P:], label_v)
-        return self.o_proj(out.transpose(1, 2).reshape(B, K, -1))
+        Hkv, hd = self.n_kv_heads, self.head_dim
+        G = self.n_heads // Hkv
+        q = apply_rotary(self.q_proj(x).view(B, K, Hkv, G, hd), cos, sin)
+        q = q.permute(0, 2, 1, 3, 4).contiguous()  # [B, Hkv, K, G, hd]
+        cache_k[:, :, :, step] = apply_rotary(self.k_proj(x).view(B, K, Hkv, hd), cos, sin).transpose(1, 2)
+        cache_v[:, :, :, step] = self.v_proj(x).view(B, K, Hkv, hd).transpose(1, 2)
+        label_k, label_v = cache_k[:, :, :, : step + 1], cache_v[:, :, :, : step + 1]  # [B, Hkv, K, t, hd], views
+        scale = 1.0 / math.sqrt(hd)
+        s_prefix = matmul_fp32(q.view(B, Hkv, K * G, hd), prefix_k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, K*G, P]
+        s_label = matmul_fp32(q, label_k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, K, G, t]
+        s_prefix = s_prefix.view(B, Hkv, K, G, -1)
+        # one softmax over prefix and label keys together, without concatenating the scores
+        top = torch.maximum(s_prefix.amax(-1, keepdim=True), s_label.amax(-1, keepdim=True))  # [B, Hkv, K, G, 1]
+        e_prefix, e_label = (s_prefix - top).exp_(), (s_label - top).exp_()
+        total = e_prefix.sum(-1, keepdim=True) + e_label.sum(-1, keepdim=True)
+        p_prefix, p_label = (e_prefix / total).to(x.dtype), (e_label / total).to(x.dtype)
+        out = matmul_fp32(p_prefix.view(B, Hkv, K * G, -1), prefix_v).view(B, Hkv, K, G, hd)
+        out += matmul_fp32(p_label, label_v)  # [B, Hkv, K, G, hd]
+        out = out.to(x.dtype).permute(0, 2, 1, 3, 4).reshape(B, K, Hkv * G * hd)
+        return self.o_proj(out)
 
     def probs(self, x, cos, sin, mask, positions: list[int]) -> torch.Tensor:
         """The attention probabilities ``forward`` applies at the query ``positions``: [B, H, Q, L], float32.
@@ -167,6 +188,20 @@ class TokenEmbedding(nn.Module):
         return torch.where(is_special, special, base)  # [..., D]
 
 
+class OutputLayer(nn.Linear):
+    """The vocabulary-wide output layer: float32 logits whatever the weights' dtype.
+
+    A module of its own (not a function of ``lm_head.weight``) so that parameter hooks
+    such as ZeRO-3's gathering run around it.
+    """
+
+    def __init__(self, dim: int, vocab: int):
+        super().__init__(dim, vocab, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_fp32(x, self.weight)  # [..., D] -> [..., V] float32
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, n_special: int):
         super().__init__()
@@ -174,7 +209,7 @@ class Decoder(nn.Module):
         self.embed = TokenEmbedding(cfg.vocab_size, n_special, cfg.dim)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size + n_special, bias=False)
+        self.lm_head = OutputLayer(cfg.dim, cfg.vocab_size + n_special)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, return_kv: bool = False):
@@ -201,7 +236,11 @@ class Decoder(nn.Module):
         return torch.stack(maps)
 
     def decode(self, h, position: int, prefix_kv, caches, step: int) -> torch.Tensor:
-        """h: [B, K, D], one token per label at ``position`` -> normed hidden [B, K, D]."""
+        """h: [B, K, D], one token per label at ``position`` -> normed hidden [B, K, D].
+
+        ``prefix_kv``: per layer (k, v) [B, Hkv, P, hd] from ``forward(return_kv=True)``;
+        ``caches``: per layer (k, v) [B, Hkv, K, T, hd], slot ``step`` written by this call.
+        """
         cos, sin = self.rotary(torch.tensor(position, device=h.device))
         for layer, (pk, pv), (ck, cv) in zip(self.layers, prefix_kv, caches):
             h = layer.decode(h, cos, sin, pk, pv, ck, cv, step)

@@ -29,6 +29,7 @@ from model import convert
 from model.config import IMAGE_TOKEN, PAD_TOKEN, DecoderConfig, NxTPConfig, VisionConfig
 from model.convert import KeyMapper, WeightError
 from model.nxtp import NxTP
+from model.precision import place
 from model.tokenizer import Tokenizer
 
 FORMAT, FORMAT_VERSION, MODEL_TYPE = "nxtp", 2, "nxtp"
@@ -307,6 +308,6 @@ def load_folder(folder: str, device: str | torch.device = "cpu", dtype: torch.dt
         state = join_state({rel: load_file(os.path.join(folder, rel)) for rel in (REST_FILE, DECODER_FILE, VISION_FILE)}, cfg, folder)
     model = NxTP(cfg)
     convert.load_state_strict(model, state, folder)
-    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    model = place(model, device, dtype or torch.float32)  # the float32 rule: model.precision
     model.tokenizer = Tokenizer(os.path.join(folder, "tokenizer.model"))
-    return model.eval(), model.tokenizer
+    return model, model.tokenizer

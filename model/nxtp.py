@@ -81,13 +81,13 @@ class NxTP(
         return out
 
     def _text_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # only positions with a target go through the (vocabulary-wide) output layer
+        # only positions with a target go through the (vocabulary-wide) output layer; float32 logits and loss
         keep = targets != IGNORE
         logits = self.decoder.lm_head(hidden[keep])  # [M, V]
-        return F.cross_entropy(logits.float(), targets[keep]), keep.sum()
+        return F.cross_entropy(logits, targets[keep]), keep.sum()
 
     def prefill(self, images: torch.Tensor, prompt_ids: torch.Tensor):
-        """Encode images and the prompt: (logits at the last prompt position [B, V], per-layer (k, v), prefix embeddings [B, P, D]).
+        """Encode images and the prompt: (float32 logits at the last prompt position [B, V], per-layer (k, v), prefix embeddings [B, P, D]).
 
         P = image tokens + prompt tokens; the prefix embeddings are what the decoder read,
         for sampling that recomputes the whole sequence (``use_cache=False``).

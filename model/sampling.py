@@ -10,9 +10,10 @@
    (a forced delimiter counts 1); labels with the same text are merged by summing;
    results are sorted by probability.
 
-The continuation reuses the prefix's keys and values (``Decoder.decode``); with
-``use_cache=False`` it recomputes the whole sequence every step instead, as the
-reference implementation does (kept for tests and the benchmark).
+The continuation reuses the prefix's keys and values (``Decoder.decode``) and computes
+only the labels still running (``_LabelDecoder``); with ``use_cache=False`` it recomputes
+every label's whole sequence every step instead, as the reference implementation does
+(kept for tests and the benchmark). Softmaxes are float32 whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -47,37 +48,119 @@ def sample_tokens(
     """Token ids [B, k, T] and probabilities [B, k, T] of each label, and its length [B, k].
 
     A label's length counts its tokens before the delimiter; ``probs[..., :length + 1]``
-    holds its factors (the delimiter's last, absent when it was forced).
+    holds its factors (the delimiter's last, absent when it was forced). Past a label's
+    delimiter its tokens are the delimiter and its probabilities 1.
     """
     B = images.shape[0]
     ids = torch.as_tensor(prompt_ids, device=images.device).expand(B, -1)
     logits, prefix_kv, prefix_h = model.prefill(images, ids)
     probs0, first = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)  # [B, k]
-    tokens, probs = [first], [probs0]
+    width = max(max_steps - 1, 1)  # a label's tokens, the first one from the top-k included
+    tokens = first.new_full((B, k, width), delimiter_id)
+    probs = probs0.new_ones((B, k, width))
+    tokens[..., 0], probs[..., 0] = first, probs0
     done = first == delimiter_id
-    P = prefix_h.shape[1]
-    cache = _label_cache(model, prefix_kv[0][0], B, k, max_steps) if use_cache else None
-    step = 0
-    while not bool(done.all()) and len(tokens) < max_steps - 1:
-        if use_cache:
-            h = model.decoder.decode(model.decoder.embed(tokens[-1]), P + step, prefix_kv, cache, step)  # [B, k, D]
+    labels = _LabelDecoder(model, prefix_kv, prefix_h.shape[1], max_steps) if use_cache else None
+    n = 1  # tokens so far
+    while n < width and not bool(done.all()):
+        if labels is not None:
+            p, nxt = labels.step(tokens[..., n - 1], done)
         else:
-            h = _recompute_last(model, prefix_h, torch.stack(tokens, dim=-1))
-        p, nxt = torch.softmax(model.decoder.lm_head(h).float(), dim=-1).max(dim=-1)  # [B, k]
-        tokens.append(nxt)
-        probs.append(p)
+            p, nxt = _greedy(model, _recompute_last(model, prefix_h, tokens[..., :n]))
+        tokens[..., n] = torch.where(done, delimiter_id, nxt)
+        probs[..., n] = torch.where(done, 1.0, p)
         done |= nxt == delimiter_id
-        step += 1
-    tokens_t, probs_t = torch.stack(tokens, dim=-1), torch.stack(probs, dim=-1)  # [B, k, T]
-    is_delim = tokens_t == delimiter_id
-    lengths = torch.where(is_delim.any(-1), is_delim.float().argmax(-1), torch.full_like(tokens_t[..., 0], tokens_t.shape[-1]))
-    return tokens_t, probs_t, lengths
+        n += 1
+    tokens, probs = tokens[..., :n], probs[..., :n]
+    is_delim = tokens == delimiter_id
+    lengths = torch.where(is_delim.any(-1), is_delim.float().argmax(-1), torch.full_like(tokens[..., 0], n))
+    return tokens, probs, lengths
 
 
-def _label_cache(model: NxTP, like: torch.Tensor, B: int, k: int, max_steps: int):
+def _greedy(model: NxTP, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probability, id) of the most probable next token; softmax in float32."""
+    return torch.softmax(model.decoder.lm_head(hidden).float(), dim=-1).max(dim=-1)
+
+
+class _LabelDecoder:
+    """The KV-cached continuation of k labels per image, computing only labels still running.
+
+    The decoder works on a compact block [B', K'] of (image, label) slots: the images that
+    still have a running label, and for each the first K' of its labels with running ones
+    first (K' = the most running labels of any image). Finished labels keep their slots
+    only as padding of a shorter image; when finished labels would leave a quarter of the
+    block idle, the block shrinks: the running labels' cache slots (and the prefixes of
+    images still running) are gathered into a smaller block. A label's numbers do not
+    depend on which slot or block it runs in.
+    """
+
+    SHRINK = 0.75  # rebuild the block when the running labels need at most this share of it
+
+    def __init__(self, model: NxTP, prefix_kv, prefix_len: int, max_steps: int):
+        self.model, self.prefix_kv, self.prefix_len = model, prefix_kv, prefix_len
+        self.slots = max(max_steps - 2, 1)  # the label tokens that are ever inputs
+        B = prefix_kv[0][0].shape[0]
+        self.images = torch.arange(B, device=prefix_kv[0][0].device)  # [B'] image of each block row
+        self.labels: torch.Tensor | None = None  # [B', K'] label (of k) in each slot
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.step_index = 0  # label tokens already in the cache
+
+    def step(self, last: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token (probability, id) [B, k] of every label, given the last tokens [B, k].
+
+        Entries of labels that are done are left as filler (the caller masks them).
+        """
+        B, k = last.shape
+        if self.labels is None:
+            self.labels = torch.arange(k, device=last.device).expand(B, k)
+        self._maybe_shrink(done)
+        rows = self.images[:, None]  # [B', 1]
+        x = self.model.decoder.embed(last[rows, self.labels])  # [B', K', D]
+        h = self.model.decoder.decode(x, self.prefix_len + self.step_index, self.prefix_kv, self.cache, self.step_index)
+        self.step_index += 1
+        p_block, nxt_block = _greedy(self.model, h)  # [B', K']
+        p = p_block.new_ones((B, k))
+        nxt = nxt_block.new_zeros((B, k))
+        # the slots of a row hold distinct labels: a plain scatter
+        p[rows, self.labels], nxt[rows, self.labels] = p_block, nxt_block
+        return p, nxt
+
+    def _maybe_shrink(self, done: torch.Tensor) -> None:
+        running = ~done[self.images[:, None], self.labels]  # [B', K']
+        per_image = running.sum(1)
+        K_new = int(per_image.max())
+        keep = torch.nonzero(per_image).squeeze(1)  # block rows with a running label
+        rows_new = keep.numel()
+        size = self.labels.numel()
+        if self.cache and rows_new * K_new > self.SHRINK * size:
+            return
+        # running labels first in each row (stable: they keep their order), then finished ones as padding
+        order = torch.argsort((~running[keep]).to(torch.int8), dim=1, stable=True)[:, :K_new]  # [B'', K'']
+        self.labels = torch.gather(self.labels[keep], 1, order)
+        if rows_new < self.images.numel():
+            self.prefix_kv = [(pk[keep], pv[keep]) for pk, pv in self.prefix_kv]
+        self.images = self.images[keep]
+        if not self.cache:
+            self.cache = _label_cache(self.model, self.prefix_kv[0][0], rows_new, K_new, self.slots)
+            return
+        filled = self.step_index
+        self.cache = [(_gather_slots(ck, keep, order, filled), _gather_slots(cv, keep, order, filled)) for ck, cv in self.cache]
+
+
+def _gather_slots(cache: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, filled: int) -> torch.Tensor:
+    """A smaller cache [B'', Hkv, K'', T, hd]: slots ``order`` [B'', K''] of rows ``rows``, filled steps copied."""
+    _, Hkv, K, T, hd = cache.shape
+    heads = torch.arange(Hkv, device=cache.device)
+    flat = (rows[:, None, None] * Hkv + heads[None, :, None]) * K + order[:, None, :]  # [B'', Hkv, K'']
+    out = cache.new_empty((*flat.shape, T, hd))
+    out[..., :filled, :] = cache.view(-1, T, hd)[flat, :filled]
+    return out
+
+
+def _label_cache(model: NxTP, like: torch.Tensor, B: int, k: int, slots: int):
     cfg = model.cfg.decoder
-    shape = (B, k, cfg.n_kv_heads or cfg.n_heads, max_steps, cfg.head_dim)
-    return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in model.decoder.layers]
+    shape = (B, cfg.n_kv_heads or cfg.n_heads, k, slots, cfg.head_dim)
+    return [(like.new_empty(shape), like.new_empty(shape)) for _ in model.decoder.layers]
 
 
 def _recompute_last(model: NxTP, prefix_h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -233,8 +233,8 @@ class Predict:
 
     ``checkpoint`` is an exported model folder or a released NxTP ``.pth`` (with
     ``tokenizer``, ``clip_weights``, ``llama_params``, as ``model.checkpoint.load_model``
-    takes them). On CUDA the model runs in bf16, on the CPU in fp32 with ``threads``
-    intra-op threads.
+    takes them). ``precision`` as ``model.precision.resolve_dtype`` takes it (auto: bf16
+    on CUDA, fp32 on the CPU); on the CPU ``threads`` intra-op threads.
     """
 
     def __init__(
@@ -247,17 +247,19 @@ class Predict:
         max_steps: int | None = None,
         device: str = "cpu",
         threads: int | None = None,
+        precision: str = "auto",
     ):
         import torch
 
         from model.checkpoint import load_model
+        from model.precision import place, resolve_dtype
 
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = resolve_dtype(precision, self.device)
         model, self.tokenizer, _ = load_model(checkpoint, tokenizer, clip_weights, llama_params)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = place(model, self.device, self.dtype)
         self.k, self.max_steps = k, max_steps
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:

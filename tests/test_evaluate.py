@@ -201,6 +201,23 @@ def test_predict_stage_equals_one_shot_and_carries_no_image(world, export):
     assert rows[0]["targets"] == ["circle", "table"] and rows[3]["targets"] == []
 
 
+def test_predict_stage_runs_in_the_precision_asked(world, export):
+    from model.precision import place
+
+    batch = _numpy_batch(evaluation.decode_batch(_samples_batch(world), image_size=32))
+    stage = evaluation.Predict(export, k=6, precision="bf16")
+    assert stage.dtype == torch.bfloat16 and stage.model.decoder.lm_head.weight.dtype == torch.bfloat16
+    rows = stage(batch).to_pylist()
+    model, tok = load_pretrained(export)
+    expected = one_shot(place(model, "cpu", torch.bfloat16), torch.from_numpy(batch["image"][[0, 3]]).bfloat16(), tok, k=6)
+    for row, want in zip([rows[0], rows[3]], expected):
+        assert row["predictions"] == want.labels
+        np.testing.assert_allclose(row["probabilities"], want.probs, rtol=1e-6)
+    assert evaluation.Predict(export, k=6).dtype == torch.float32, "auto is fp32 on a CPU"
+    with pytest.raises(ValueError, match="--precision must be one of auto, bf16, fp16, fp32"):
+        job.EvaluateConfig(checkpoint="/m", shards="/s", labels="/l", output="/o", precision="half")
+
+
 def _predicted(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PREDICTED)
 

@@ -58,6 +58,31 @@ def test_infer_reports_unreadable_image(tmp_path, world, capsys):
     assert good in captured.out and "| prob: " in captured.out
 
 
+def test_infer_precision_flag(tmp_path, world, capsys):
+    import torch
+
+    from model.checkpoint import load_pretrained
+    from model.precision import place
+
+    tok = Tokenizer(world.tokenizer)
+    export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
+    image = _images(world, 1)[0]
+    assert infer.main(["--checkpoint", export, "--image", image, "--format", "json", "--num-labels", "5", "--precision", "bf16"]) == 0
+    captured = capsys.readouterr()
+    assert "on cpu in bfloat16" in captured.err
+    model, _ = load_pretrained(export)
+    with Image.open(image) as img:
+        pixels = preprocess(model.cfg.vision.image_size)(img.convert("RGB"))
+    (expected,) = one_shot(place(model, "cpu", torch.bfloat16), pixels[None].bfloat16(), tok, k=5)
+    (got,) = json.loads(captured.out)
+    assert got["labels"] == expected.labels and got["probs"] == [round(p, 5) for p in expected.probs]
+    assert infer.main(["--checkpoint", export, "--image", image]) == 0
+    assert "on cpu in float32" in capsys.readouterr().out, "auto is fp32 on a CPU"
+    with pytest.raises(SystemExit):
+        infer.main(["--checkpoint", export, "--image", image, "--precision", "half"])
+    assert "invalid choice 'half' for argument '--precision'" in capsys.readouterr().err
+
+
 def test_infer_writes_an_attention_map_per_image(tmp_path, world, capsys):
     tok = Tokenizer(world.tokenizer)
     export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))

@@ -17,10 +17,12 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from PIL import Image
 
 from jobs import infer, serve, setup_browser
 from model.checkpoint import save_pretrained
+from model.precision import place
 from model.sampling import one_shot
 from model.tokenizer import Tokenizer
 from model.vision import preprocess
@@ -96,6 +98,11 @@ def test_predictor_gives_one_shot_labels_and_attention_pictures(tmp_path, world)
     picture = predictor.attention(image, labels[0], layer=-1)
     assert picture.size == (256, 256) and picture.mode == "RGB"
     assert predictor.attention(image, "") is None  # no first token: no map
+    # --precision as jobs.infer takes it: the model placed by model.precision.place
+    half = serve.Predictor(serve.ServeConfig(checkpoint=export, device="cpu", precision="bf16"))
+    assert half.dtype == torch.bfloat16 and half.model.decoder.lm_head.weight.dtype == torch.bfloat16
+    (expected,) = one_shot(place(model, "cpu", torch.bfloat16), preprocess(model.cfg.vision.image_size)(image)[None].bfloat16(), tok, k=4)
+    assert half.labels(image, 4) == (expected.labels, expected.probs)
 
 
 @pytest.mark.cluster

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Every performance figure of BENCHMARKS.md in one call.
+#
+#   bash benchmarks/gpu_suite.sh            # one GPU, the published shapes (1.78B), about 20-25 minutes
+#   bash benchmarks/gpu_suite.sh --cpu      # a CPU, small shapes: the same scripts, so regressions show without a GPU
+#   bash benchmarks/gpu_suite.sh --dry-run  # print the commands only
+#
+# GPU mode, in this order (each step under its own time limit, so the suite ends in time even
+# when one step does not):
+#   1. sampling   benchmarks.sampling_bench, g3m shapes, batch 64, top-10 and top-100, KV-cached vs recompute
+#   2. evaluation benchmarks.evaluate_bench, g3m shapes, batch 64, 5000 images, 1 predictor actor
+#   3. training   benchmarks.train_bench --shapes g3m (1.78B, the paper's freezing policy), 1 rank,
+#                 batch 16, then 32, 64, 128 until one runs out of memory: the largest that ran is
+#                 the largest that fits (of those)
+# Results: benchmarks/results/suite_<cuda|cpu>/ (each benchmark's JSON / Markdown, suite.log, and
+# summary.md: the rows for BENCHMARKS.md), also copied into $OUT when that variable is set.
+# Needs the project's Python environment and LLaMA-2's tokenizer.model ($NXTP_TOKENIZER, default
+# assets/llama2_tokenizer.model). $PYTHON picks the interpreter (default: python).
+set -uo pipefail
+
+usage() {
+    echo "usage: benchmarks/gpu_suite.sh [--cpu] [--dry-run]" >&2
+    echo "  --cpu      small shapes on the CPU (no GPU needed)" >&2
+    echo "  --dry-run  print the commands without running them" >&2
+}
+
+MODE=cuda
+DRY=0
+for arg in "$@"; do
+    case "$arg" in
+        --cpu) MODE=cpu ;;
+        --dry-run) DRY=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown option: $arg" >&2; usage; exit 2 ;;
+    esac
+done
+
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python}
+export NXTP_TOKENIZER=${NXTP_TOKENIZER:-assets/llama2_tokenizer.model}
+RES=benchmarks/results/suite_$MODE
+STARTED=$(date +%s)
+FAILED=0
+
+say() { echo "[suite $(date +%H:%M:%S)] $*"; }
+
+# step NAME LIMIT_S COMMAND...: run COMMAND with a time limit, its output in $RES/NAME.log
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "\$ $*"
+    [ "$DRY" = 1 ] && return 0
+    say "$name: start (limit ${limit}s)"
+    timeout --signal=INT --kill-after=30 "$limit" "$@" > "$RES/$name.log" 2>&1
+    local code=$?
+    tail -n 5 "$RES/$name.log"
+    if [ "$code" = 0 ]; then
+        say "$name: done in $(($(date +%s) - STARTED))s since the start"
+    else
+        say "$name: FAILED (exit $code$([ "$code" = 124 ] && echo ', time limit'))"
+    fi
+    return "$code"
+}
+
+if [ "$DRY" = 0 ]; then
+    if [ ! -f "$NXTP_TOKENIZER" ]; then
+        echo "error: no LLaMA-2 tokenizer at $NXTP_TOKENIZER: set NXTP_TOKENIZER" >&2
+        exit 2
+    fi
+    if [ "$MODE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "error: no CUDA device visible to torch: run with --cpu for the small-shape suite" >&2
+        exit 2
+    fi
+    rm -rf "$RES"
+    mkdir -p "$RES"
+    exec > >(tee "$RES/suite.log") 2>&1
+    "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+    [ "$MODE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+
+if [ "$MODE" = cuda ]; then
+    step sampling 420 "$PY" -m benchmarks.sampling_bench --device cuda --config g3m --batch 64 --ks 10 100 --repeats 3 \
+        --out "$RES/sampling_cuda_g3m.json" || FAILED=1
+    step evaluate 540 "$PY" -m benchmarks.evaluate_bench --device cuda --config g3m --batch 64 --images 5000 --actors 1 \
+        --model-only-images 1280 --workdir .cache/evaluate_bench_g3m --out "$RES/evaluate_cuda_g3m" || FAILED=1
+    step train_b16 360 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch 16 --steps 60 --skip 20 \
+        --out "$RES/train_b16" || FAILED=1
+    for batch in 32 64 128; do
+        if [ "$DRY" = 0 ] && [ $(($(date +%s) - STARTED)) -gt 1140 ]; then
+            say "train_b$batch: skipped (the suite has run 19 minutes)"
+            break
+        fi
+        if ! step "train_b$batch" 300 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$batch" --steps 40 --skip 15 \
+            --out "$RES/train_b$batch"; then
+            grep -qiE "out of memory|OutOfMemoryError" "$RES/train_b$batch.log" 2>/dev/null && say "batch $batch does not fit" || FAILED=1
+            break
+        fi
+    done
+else
+    step sampling 900 "$PY" -m benchmarks.sampling_bench --device cpu --config small --batch 4 --ks 10 100 --repeats 2 \
+        --recompute-batch 1 --out "$RES/sampling_cpu_small.json" || FAILED=1
+    step evaluate 900 "$PY" -m benchmarks.evaluate_bench --device cpu --config small --batch 16 --images 240 --actors 1 \
+        --model-only-images 80 --workdir .cache/evaluate_bench_small --out "$RES/evaluate_cpu_small" || FAILED=1
+    step train 900 "$PY" -m benchmarks.train_bench --steps 60 --skip 20 --out "$RES/train" || FAILED=1
+fi
+
+[ "$DRY" = 1 ] && exit 0
+"$PY" -m benchmarks.suite_report "$RES" --command "bash benchmarks/gpu_suite.sh $*" || FAILED=1
+say "total $(($(date +%s) - STARTED))s; results in $RES"
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT/suite_$MODE"
+    cp -r "$RES/." "$OUT/suite_$MODE/"
+    say "copied to $OUT/suite_$MODE"
+fi
+exit "$FAILED"

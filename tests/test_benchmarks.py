@@ -1,0 +1,94 @@
+"""Benchmark plumbing that must hold on any device: the sampling benchmark's memory sizing,
+its result file, and the GPU suite's command line (run for real at CPU shapes elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from benchmarks import sampling_bench
+from model.config import g3m_config
+
+GIB = 2**30
+PROMPT = 8  # <|image|>, BOS and "The objects in the image are" in LLaMA-2's pieces
+
+
+def _estimate(cfg, batch: int, k: int, dtype=torch.bfloat16) -> float:
+    """What recompute_batch budgets for ``batch`` images: weights plus the margin on the activations."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in sampling_bench.NxTP(cfg).parameters())
+    act = batch * k * sampling_bench.recompute_row_bytes(cfg, PROMPT, cfg.max_label_steps, dtype)
+    return n_params * (torch.finfo(dtype).bits // 8) + 1.5 * act
+
+
+@pytest.mark.parametrize("device_gib", [24, 40, 80, 141])
+def test_recompute_batch_fits_a_fake_device(device_gib):
+    cfg = g3m_config()
+    memory = device_gib * GIB
+    sizes = {}
+    for k in (10, 100):
+        b = sampling_bench.recompute_batch(memory, cfg, k, 64, PROMPT, cfg.max_label_steps, torch.bfloat16)
+        assert 1 <= b <= 64
+        assert _estimate(cfg, b, k) <= 0.6 * memory, "the chosen batch fits the budget"
+        assert b == 64 or _estimate(cfg, b + 1, k) > 0.6 * memory, "and one more image would not"
+        sizes[k] = b
+    assert sizes[100] <= sizes[10]
+
+
+def test_recompute_batch_grows_with_the_device_and_refuses_what_cannot_fit():
+    cfg = g3m_config()
+    sizes = [sampling_bench.recompute_batch(g * GIB, cfg, 100, 1000, PROMPT, 20, torch.bfloat16) for g in (24, 80, 141)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    # one g3m image at top-100 holds 100 sequences of ~282 positions: tens of MiB each
+    row = sampling_bench.recompute_row_bytes(cfg, PROMPT, 20, torch.bfloat16)
+    assert 20 * 2**20 < row < 200 * 2**20
+    with pytest.raises(ValueError, match="recompute baseline needs .* GiB for one image at top-100"):
+        sampling_bench.recompute_batch(8 * GIB, cfg, 100, 64, PROMPT, 20, torch.bfloat16)
+
+
+def test_sampling_bench_writes_each_k_as_it_goes(tmp_path, world):
+    out = tmp_path / "sampling_cpu_small.json"
+    # a tiny vocabulary: the synthetic world's tokenizer; small shapes, one repeat
+    args = ["--device", "cpu", "--config", "small", "--ks", "2", "3", "--batch", "1", "--repeats", "1", "--tokenizer", world.tokenizer, "--out", str(out)]
+    seen = []
+    real_write = sampling_bench.write_json
+
+    def spy(path, result):
+        real_write(path, result)
+        seen.append([row["k"] for row in json.load(open(path))["results"]])
+
+    sampling_bench.write_json = spy
+    try:
+        assert sampling_bench.main(args) == 0
+    finally:
+        sampling_bench.write_json = real_write
+    assert seen == [[2], [2, 3]], "the file holds each k's figures as soon as they exist"
+    result = json.load(open(out))
+    assert result["dtype"] == "float32" and result["device_memory_gib"] > 0
+    for row in result["results"]:
+        assert row["cached_images_per_s"] > 0 and row["recompute_images_per_s"] > 0 and row["recompute_batch"] == 1
+        assert row["agreement"] == 1.0, "fp32: the cached labels are the recomputed ones"
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    # the suite's summary turns it into BENCHMARKS.md rows
+    from benchmarks import suite_report
+
+    assert suite_report.main([str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| model | one-shot top-2, KV-cached vs recompute, small shapes, batch 1, float32 |" in summary
+    assert "| model | one-shot top-3," in summary and "python -m benchmarks.sampling_bench --device cpu" in summary
+
+
+def test_gpu_suite_refuses_unknown_options(repo_root):
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--bogus"], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage: benchmarks/gpu_suite.sh" in proc.stderr
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("benchmarks.train_bench --shapes g3m --ranks 1 --batch 16", "benchmarks.sampling_bench --device cuda --config g3m --batch 64 --ks 10 100",
+                   "benchmarks.evaluate_bench --device cuda --config g3m --batch 64"):  # fmt: skip
+        assert needle in proc.stdout, needle
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--cpu", "--dry-run"], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--device cpu --config small" in proc.stdout and "--shapes g3m" not in proc.stdout
