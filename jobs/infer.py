@@ -7,6 +7,10 @@ base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless 
 holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
 "| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA (bf16) when
 present, else the CPU (fp32).
+
+``--caption`` writes a caption of each image instead (the text the model continues the
+caption prompt with, greedy or ``--beams N`` beam search, at most ``--max-length``
+tokens; see model/generate.py): a model trained with ``caption_weight > 0`` has learned it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ class InferConfig:
     """images per forward pass"""
     max_steps: int | None = None
     """one-shot sampling step limit (default: the model config's, 20)"""
+    caption: bool = False
+    """write a caption of each image (after the caption prompt) instead of its labels"""
+    max_length: int = 30
+    """--caption: at most this many generated tokens per caption"""
+    beams: int = 1
+    """--caption: 1 for greedy search, more for beam search with that many beams"""
+    length_penalty: float = 1.0
+    """--caption with beams > 1: a hypothesis scores log-probability / length ** length_penalty (0: total probability)"""
 
     def __post_init__(self):
         if not self.images:
@@ -54,6 +66,8 @@ class InferConfig:
             raise ValueError("--num-labels must be >= 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if self.max_length < 1 or self.beams < 1:
+            raise ValueError("--max-length and --beams must be >= 1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     log = sys.stderr if cfg.format == "json" else sys.stdout
     print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
     from model.checkpoint import load_model
+    from model.generate import generate
     from model.sampling import one_shot
     from model.vision import preprocess
 
@@ -92,8 +107,24 @@ def main(argv: list[str] | None = None) -> int:
         if not tensors:
             continue
         t0 = time.perf_counter()
+        batch = torch.stack(tensors).to(device, dtype)
+        if cfg.caption:
+            try:
+                with torch.inference_mode():
+                    captions = generate(model, batch, tok, max_length=cfg.max_length, beams=cfg.beams, length_penalty=cfg.length_penalty)
+            except ValueError as err:  # a max_length the model cannot hold
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            seconds = time.perf_counter() - t0
+            for path, out in zip(paths, captions):
+                results.append({"image": path, "caption": out.text, "log_prob": round(out.log_prob, 5), "tokens": len(out.tokens), "ended": out.ended})
+                if cfg.format == "text":
+                    search = "greedy" if cfg.beams == 1 else f"beam search, {cfg.beams} beams"
+                    print(f"\n{path} (inference time: {seconds:.3f}s for {len(paths)} image(s), {search})")
+                    print(f"caption: {out.text}" + ("" if out.ended else f"  [cut at --max-length {cfg.max_length}]"))
+            continue
         with torch.inference_mode():
-            labels = one_shot(model, torch.stack(tensors).to(device, dtype), tok, k=cfg.num_labels, max_steps=cfg.max_steps)
+            labels = one_shot(model, batch, tok, k=cfg.num_labels, max_steps=cfg.max_steps)
         seconds = time.perf_counter() - t0
         for path, out in zip(paths, labels):
             results.append({"image": path, "labels": out.labels, "probs": [round(p, 5) for p in out.probs]})
