@@ -145,7 +145,9 @@ class TrainStream(IterableDataset):
                     stats["no_labels"] += 1
                     continue
                 yielded += 1
-                caption = sample.data.get("txt", b"").decode("utf-8", "replace")
+                # several captions of one image (COCO's) are "\n"-joined in its txt: the caption branch reads one, drawn anew each time
+                captions = [c for c in sample.data.get("txt", b"").decode("utf-8", "replace").split("\n") if c.strip()] or [""]
+                caption = captions[0] if len(captions) == 1 else rng.choice(captions)
                 yield {"jpg": sample.data["jpg"], "labels": found, "caption": caption, "key": sample.key}
             if reader.damage:
                 stats["bad_shards"] += 1

@@ -159,7 +159,7 @@ def _samples_batch(world) -> pa.Table:
         {"key": "c", "shard": "00000", "image": None, "targets": ["cup"], "error": "missing_image: no jpg member"},
         {"key": "d", "shard": "00000", "image": good[1], "targets": [], "error": "no_targets: the label table lists no label"},
     ]
-    return pa.Table.from_pylist(rows, schema=SAMPLES)
+    return pa.Table.from_pylist([{"classes": [], "references": [], **r} for r in rows], schema=SAMPLES)
 
 
 def _numpy_batch(table: pa.Table) -> dict:
@@ -200,7 +200,7 @@ def test_predict_stage_equals_one_shot_and_carries_no_image(world, export):
 
 
 def _predicted(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=PREDICTED)
+    return pa.Table.from_pylist([{"classes": [], "references": [], "caption": None, **r} for r in rows], schema=PREDICTED)
 
 
 def test_score_stage_scores_only_usable_rows():
@@ -255,7 +255,7 @@ def _scored_row(key, error=None, recall_at=None, exact=None):
         "key": key, "shard": "00000", "targets": ["x"], "predictions": ["x"], "probabilities": [1.0],
         "error": error,
         "recall_at": recall_at, "precision_at": recall_at, "f1_at": recall_at,
-        "exact_recall_at": exact, "exact_precision_at": exact,
+        "exact_recall_at": exact, "exact_precision_at": exact, "classes": [], "references": [],
     }  # fmt: skip
 
 
