@@ -184,7 +184,9 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
     checkpoint = resolve(cfg.checkpoint, local_files_only=True) if is_hub_id(cfg.checkpoint) else cfg.checkpoint
     if os.path.isdir(checkpoint):
-        image_size = check_pretrained(checkpoint).vision.image_size
+        model_cfg = check_pretrained(checkpoint)
+        image_size = model_cfg.vision.image_size
+        check_caption_length(cfg, model_cfg, os.path.join(checkpoint, "tokenizer.model"))
     elif os.path.isfile(checkpoint):
         if not cfg.tokenizer:
             raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
@@ -201,6 +203,19 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     check_embedding_model(cfg.embedding_model)
     classes = check_classes(cfg, found)
     return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size, checkpoint, classes
+
+
+def check_caption_length(cfg: EvaluateConfig, model_cfg, tokenizer: str) -> None:
+    """ValueError when image tokens + the caption prompt + --max-length exceed the model's sequence length."""
+    from model.config import CAPTION_PROMPT
+    from model.tokenizer import Tokenizer
+
+    if "caption" not in cfg.task or not os.path.isfile(tokenizer):
+        return
+    prompt = len(Tokenizer(tokenizer).prompt_ids(CAPTION_PROMPT))
+    if model_cfg.vision.n_tokens + prompt + cfg.max_length > model_cfg.decoder.max_seq_len:
+        raise ValueError(f"--max-length {cfg.max_length}: {model_cfg.vision.n_tokens} image tokens + {prompt} prompt tokens + "
+                         f"{cfg.max_length} exceed the model's max_seq_len {model_cfg.decoder.max_seq_len}")  # fmt: skip
 
 
 def check_classes(cfg: EvaluateConfig, found: list[shards.Shard]):

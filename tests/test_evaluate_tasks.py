@@ -244,3 +244,5 @@ def test_a_missing_class_column_is_named_before_any_work(tmp_path, shard, export
     classes.write_text("0: star\n0: cup\n")
     assert job.main(argv) == 2
     assert "classes.txt:2: class index 0 is repeated" in capsys.readouterr().err
+    assert job.main([*argv[:-2], "--task", "caption", "--max-length", "1000"]) == 2
+    assert "--max-length 1000: 4 image tokens" in capsys.readouterr().err
