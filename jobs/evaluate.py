@@ -411,7 +411,7 @@ def write_gallery(staging: str, cfg: EvaluateConfig, scored, reads: list[dict], 
         shown.append(row)
     summary = (f"{len(shown)} of {len(candidates)} validation images (a fixed sample, seed 0) of {cfg.dataset}: targets (green: found "
                f"among the predictions), top-{k} predictions with their probabilities (bold, ticked: a target). Model: {cfg.checkpoint}")  # fmt: skip
-    gallery.write_gallery(os.path.join(staging, "gallery.html"), shown, images, title=f"{cfg.dataset}: top-{k} labels of {os.path.basename(cfg.checkpoint.rstrip('/'))}", summary=summary)
+    gallery.write_gallery(os.path.join(staging, "gallery.html"), shown, images, title=f"{cfg.dataset}: top-{k} labels of {'/'.join(cfg.checkpoint.rstrip('/').split('/')[-2:])}", summary=summary)
 
 
 def main(argv: list[str] | None = None) -> int:
