@@ -71,7 +71,6 @@ from schemas import (
 )
 
 TASKS = ("labels", "caption")
-CLASS_SOURCES = ("labels", "json")  # where a sample's class comes from: a label-table column, or a field of the shard's json member
 
 # ----------------------------------------------------------------------------- row errors
 
@@ -140,12 +139,6 @@ SCORED = pa.schema(
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def read_label_table(path: str) -> dict[str, list[str]]:
-    """key -> target labels of one shard's label table."""
-    table = pq.read_table(path, columns=["key", "labels"])
-    return dict(zip(table.column("key").to_pylist(), table.column("labels").to_pylist()))
 
 
 def read_label_rows(path: str, columns: Sequence[str] = ()) -> dict[str, dict]:
