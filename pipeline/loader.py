@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import random
 from collections import Counter, OrderedDict
@@ -77,6 +78,7 @@ class TrainStream(IterableDataset):
         prompt_augmentation: bool = True,
         caption_loss: bool = False,
         shuffle_buffer: int = 256,
+        caption_fraction: float = 1.0,
     ):
         self.datasets = list(datasets)
         self.shards = [d.find() for d in self.datasets]
@@ -94,6 +96,8 @@ class TrainStream(IterableDataset):
         self.max_text_len = max_text_len
         self.templates = PROMPT_TEMPLATES if prompt_augmentation else (PROMPT,)
         self.caption_loss = caption_loss
+        # the first ones of each batch also train the caption branch (at least one)
+        self.caption_samples = max(1, math.ceil(caption_fraction * batch_size))
         self.shuffle_buffer = shuffle_buffer
 
     def __iter__(self) -> Iterator[dict]:
@@ -114,7 +118,7 @@ class TrainStream(IterableDataset):
                 continue
             ids, targets, answer = training_text(sample["labels"], tok, rng, self.templates, self.max_text_len)
             example = {"image": image, "ids": ids, "targets": targets, "answer": answer}
-            if self.caption_loss:
+            if self.caption_loss and len(batch) < self.caption_samples:
                 example["caption_ids"], example["caption_targets"] = caption_text(sample["caption"], tok, CAPTION_PROMPT, self.max_text_len)
             stats["samples"] += 1
             batch.append(example)
@@ -190,9 +194,10 @@ def collate(examples: list[dict], tok: Tokenizer, stats: dict) -> dict:
         "segments": label_segments(ids, answer, tok.delimiter_id),
         "stats": stats,
     }
-    if "caption_ids" in examples[0]:
-        batch["caption_ids"] = pad_batch([e["caption_ids"] for e in examples], tok.pad_id)
-        batch["caption_targets"] = pad_batch([e["caption_targets"] for e in examples], IGNORE)
+    captioned = [e for e in examples if "caption_ids" in e]  # the batch's first samples (TrainStream's caption_fraction)
+    if captioned:
+        batch["caption_ids"] = pad_batch([e["caption_ids"] for e in captioned], tok.pad_id)
+        batch["caption_targets"] = pad_batch([e["caption_targets"] for e in captioned], IGNORE)
     return batch
 
 
