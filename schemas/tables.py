@@ -14,6 +14,7 @@ Each stage reads only what the stage before it wrote, through these schemas:
     CONFUSION        jobs.evaluate  confusion.parquet (--classes), one row per (k, true, predicted class) confused
     CAPTIONS         jobs.evaluate  captions.parquet (--task caption), one row per validation sample
     CAPTION_REPORT   jobs.evaluate  caption_report.parquet (--task caption), one row per dataset
+    CURATION         jobs.curate    curation.parquet, one row per input sample: hashes, scores, kept or why not
 
 A schema may allow columns beyond the declared ones: its metadata's ``extra_columns`` is a
 regular expression their names match (they are float64).
@@ -32,6 +33,7 @@ __all__ = [
     "CAPTION_REPORT",
     "CLOSED_SET",
     "CONFUSION",
+    "CURATION",
     "LABEL_TABLE",
     "PER_K_METRICS",
     "PREDICTIONS",
@@ -243,7 +245,27 @@ CAPTION_REPORT = _schema(
     ],
 )
 
+CURATION = _schema(
+    "curation",
+    1,
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),  # input (and output) shard name, e.g. "00012"
+        pa.field("caption", pa.string()),
+        pa.field("sha256", pa.string()),  # of the stored image bytes: exact duplicates share it
+        pa.field("phash", pa.string()),  # 256-bit perceptual hash (phash or dhash), 64 hex digits
+        pa.field("clip_score", pa.float64()),  # image-caption cosine; null when not scored (dropped by dedup)
+        pa.field("classifier_score", pa.float64()),  # --classifier's score of the image embedding
+        pa.field("kept", pa.bool_(), nullable=False),
+        # null when kept, else: unreadable | eval_duplicate | exact_duplicate | near_duplicate
+        # | classifier | low_clip_score | below_top_fraction (the first that applies)
+        pa.field("reason", pa.string()),
+        pa.field("duplicate_of", pa.string()),  # the kept key it duplicates (eval duplicates: <eval shard>/<key>)
+        pa.field("phash_distance", pa.int64()),  # bits between the two perceptual hashes
+    ],
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"schema_name"].decode(): s
-    for s in (URL_TABLE, SHARD_MANIFEST, LABEL_TABLE, VOCAB, PREDICTIONS, REPORT, CLOSED_SET, CONFUSION, CAPTIONS, CAPTION_REPORT)
+    for s in (URL_TABLE, SHARD_MANIFEST, LABEL_TABLE, VOCAB, PREDICTIONS, REPORT, CURATION, CLOSED_SET, CONFUSION, CAPTIONS, CAPTION_REPORT)
 }
