@@ -340,6 +340,10 @@ class Demo:
             ("summary", self.path("summary.json")),
         ):
             print(f"    {label:22s} {path}")
+        export = self.path("run", "export")
+        print("\n=== try the trained model")
+        print(f"    page (labels, probability bars, attention maps; Ctrl-C stops it): {shlex.join([sys.executable, '-m', 'jobs.serve', '--checkpoint', export])}")
+        print(f"    attention maps of an image: {shlex.join([sys.executable, '-m', 'jobs.infer', '--checkpoint', export, '--image', image, '--attention-map', self.path('attention')])}")
         return summary
 
 

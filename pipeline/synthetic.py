@@ -11,7 +11,8 @@ real download path run on it:
 
     <out>/images/<split>/<index>.jpg       image files (also the local image folder)
     <out>/ground_truth.parquet             one row per sample: split, index, file, kind,
-                                            caption, objects, scene, labels
+                                            caption, objects, scene, labels, boxes (each
+                                            drawn object's noun and pixel bounds)
     <out>/tokenizer.model                  a small SentencePiece model for tiny models
     <out>/<split>/cc3m.tsv                 caption \\t url, no header (CC3M / CC12M layout)
     <out>/<split>/coco_captions.json       images[] with coco_url, annotations[] (3-5 per image)
@@ -334,6 +335,17 @@ def _draw_object(draw: ImageDraw.ImageDraw, noun: str, colour: tuple[int, int, i
 
 def render(sample: Sample, seed: int) -> Image.Image:
     """Draw ``sample`` (deterministic): scene texture, then each object in its own cell."""
+    return render_with_boxes(sample, seed)[0]
+
+
+def render_with_boxes(sample: Sample, seed: int) -> tuple[Image.Image, list[dict]]:
+    """The image of ``sample`` and the box of each object drawn in it.
+
+    A box is ``{"noun", "x0", "y0", "x1", "y1"}`` in pixels of the IMAGE_SIZE image, the
+    tight bounds of the object's drawn pixels (x1, y1 exclusive); an object drawn twice or
+    three times has one box per copy. The boxes are measured on a blank layer per object,
+    so the image and the draw stream are the same as without them.
+    """
     rng = _rng(seed, sample.split, sample.index, "draw")
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
     draw = ImageDraw.Draw(img)
@@ -341,13 +353,18 @@ def render(sample: Sample, seed: int) -> Image.Image:
     instances = [(noun, colour, size) for noun, colour, size, count in sample.objects for _ in range(count)]
     cell = IMAGE_SIZE // 2
     cells = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], len(instances))
+    boxes = []
     for (noun, colour, size), (cx, cy) in zip(instances, cells):
         scale = SIZES.get(size, 0.86) * rng.uniform(0.92, 1.0)
         r = 0.46 * cell * scale
         x = cx * cell + cell / 2 + rng.uniform(-1, 1) * (cell / 2 - r) * 0.8
         y = cy * cell + cell / 2 + rng.uniform(-1, 1) * (cell / 2 - r) * 0.8
         _draw_object(draw, noun, COLOURS[colour], x, y, r)
-    return img
+        layer = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # white on black: every part of the object is non-zero
+        _draw_object(ImageDraw.Draw(layer), noun, COLOURS["white"], x, y, r)
+        x0, y0, x1, y1 = layer.getbbox()
+        boxes.append({"noun": noun, "x0": x0, "y0": y0, "x1": x1, "y1": y1})
+    return img, boxes
 
 
 def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
@@ -409,13 +426,14 @@ def write_world(
         for i in range(n):
             s = make_sample(seed, split, i, bad_fraction)
             path = os.path.join(out, s.file)
+            img, boxes = render_with_boxes(s, seed)  # every row records its boxes, bad rows too
             if s.kind == "not_image":
                 body = b"<!doctype html><html><body><h1>Moved</h1><p>This page has moved.</p></body></html>\n"
             elif s.kind == "truncated_jpeg":
-                data = jpeg_bytes(render(s, seed))
+                data = jpeg_bytes(img)
                 body = data[: int(len(data) * 0.4)]
             else:
-                body = jpeg_bytes(render(s, seed))
+                body = jpeg_bytes(img)
             if s.kind != "dead_url":
                 write_bytes(path, body)
             rows.append(
@@ -430,6 +448,7 @@ def write_world(
                     "labels": s.labels,
                     "transform": None,
                     "duplicate_of": None,
+                    "boxes": boxes,
                 }
             )
             done += 1
@@ -496,15 +515,17 @@ def hygiene_rows(
             else:
                 source = make_sample(seed, split, sources[next_source], bad_fraction)
                 next_source += 1
-            img = render(source, seed)
+            img, boxes = render_with_boxes(source, seed)
             transform = rng.choice(DUPLICATE_TRANSFORMS)
             body = _copy(img, jpeg_bytes(img), transform, rng)
             caption = rng.choice(source.captions)
             sample, duplicate_of = source, source.file
+            boxes = boxes if transform in ("exact", "reencode") else None
         else:
             kind, transform, duplicate_of = "mismatch", None, None
             sample = make_sample(seed, split, index)
-            body = jpeg_bytes(render(sample, seed))
+            img, boxes = render_with_boxes(sample, seed)
+            body = jpeg_bytes(img)
             caption = "\n".join(_mismatched_caption(seed, split, index, sample).captions)
         yield (
             {
@@ -518,6 +539,7 @@ def hygiene_rows(
                 "labels": sample.labels,
                 "transform": transform,
                 "duplicate_of": duplicate_of,
+                "boxes": boxes,
             },
             body,
         )
@@ -551,6 +573,9 @@ GROUND_TRUTH = pa.schema(
         ("labels", pa.list_(pa.string())),  # what the image shows (a mismatch row's caption says otherwise)
         ("transform", pa.string()),  # duplicate rows: exact | reencode | resize | crop
         ("duplicate_of", pa.string()),  # duplicate rows: the file of the image they copy
+        # one per drawn object: its noun and tight pixel bounds in the IMAGE_SIZE image (x1, y1 exclusive);
+        # null for a resized or cropped duplicate, whose pixels no longer sit where the boxes say
+        ("boxes", pa.list_(pa.struct([("noun", pa.string()), ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32())]))),
     ]
 )
 

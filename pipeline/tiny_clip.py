@@ -61,24 +61,38 @@ def train_tiny_clip(
     # the 49k-row token embedding stays as initialized (distinct random vectors): updating it densely
     # every step would cost more than the rest of the model together
     model.token_embedding.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05
+    )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
-        idx = torch.randperm(len(pairs), generator=generator)[:batch_size]
-        out = model(images[idx], texts[idx])
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if progress is not None and (step + 1) % 50 == 0:
-            progress(step + 1, float(loss.detach()))
+    with torch.enable_grad():  # whatever the caller's grad mode
+        for step in range(steps):
+            idx = torch.randperm(len(pairs), generator=generator)[:batch_size]
+            out = model(images[idx], texts[idx])
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if progress is not None and (step + 1) % 50 == 0:
+                progress(step + 1, float(loss.detach()))
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, "open_clip_model.safetensors"))
-    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD), "size": size}
-    write_json(os.path.join(out_dir, "open_clip_config.json"), {"model_cfg": TINY_CLIP, "preprocess_cfg": preprocess})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        os.path.join(out_dir, "open_clip_model.safetensors"),
+    )
+    preprocess = {
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "size": size,
+    }
+    write_json(
+        os.path.join(out_dir, "open_clip_config.json"), {"model_cfg": TINY_CLIP, "preprocess_cfg": preprocess}
+    )
     with open(os.path.join(out_dir, "README.txt"), "w") as f:
-        f.write(f"tiny CLIP trained {steps} steps on {len(pairs)} synthetic image-caption pairs; config {json.dumps(TINY_CLIP)}\n")
+        f.write(
+            f"tiny CLIP trained {steps} steps on {len(pairs)} synthetic image-caption pairs; config {json.dumps(TINY_CLIP)}\n"
+        )
     return f"local-dir:{os.path.abspath(out_dir)}"
