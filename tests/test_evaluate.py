@@ -397,7 +397,7 @@ def job_run(ray_head, repo_root, job_inputs, tmp_path_factory):
 def test_job_writes_every_sample_once_with_valid_schemas(job_run, job_inputs):
     out, log = job_run
     shards, labels, export = job_inputs
-    assert sorted(os.listdir(out)) == ["config.json", "predictions.parquet", "report.parquet", "report.png", "summary.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "gallery.html", "predictions.parquet", "report.parquet", "report.png", "summary.json"]
     assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".")]  # no temporary folder left
     predictions = read_table(os.path.join(out, "predictions.parquet"), PREDICTIONS)
     assert predictions.schema.metadata[b"schema_name"] == b"predictions"
