@@ -10,9 +10,11 @@
    lowest 5% of CLIP scores dropped), scored against the world's labels;
 5. ``ray job submit`` noun labels of the curated train split and of validation (spaCy);
 6. ``deepspeed`` training of the demo model (2 ranks, ZeRO-2; CPU here, GPU when present);
-7. ``ray job submit`` evaluation of the trained and of an untrained model;
+7. ``ray job submit`` evaluation of the trained and of an untrained model: top-k labels,
+   closed-set accuracy over the world's 24 nouns, and captions (CIDEr-D), in one pass each;
 8. prints the report table, a held-out image's labels from ``jobs.infer``, whether the
-   model learned (exact recall@5 >= 0.7 and >= 3x the untrained model's), and every path.
+   model learned (exact recall@5 >= 0.7 and >= 3x the untrained model's; CIDEr-D >= 0.5
+   and >= 3x the untrained model's), and every path.
 
 Every stage's output goes to the terminal and to ``<out>/logs/<stage>.log``; a failing
 stage is named with its log. Exit status: 0 when the chain ran and the model learned.
@@ -69,6 +71,12 @@ CURATE = {"duplicates": 0.05, "mismatches": 0.03, "clip_pairs": 1500, "clip_step
 
 class StageFailed(RuntimeError):
     pass
+
+
+def synthetic_classes() -> str:
+    from pipeline.synthetic import class_list_text
+
+    return class_list_text()
 
 
 class Demo:
@@ -153,12 +161,15 @@ class Demo:
             ])  # fmt: skip
         self._train(world)
         untrained = self._untrained(world)
+        classes = self.path("world", "classes.txt")  # the world's closed vocabulary: 16 objects and 8 scenes
+        with open(classes, "w") as f:
+            f.write(synthetic_classes())
         reports = {}
         for name, checkpoint in (("trained", self.path("run", "export")), ("untrained", untrained)):
             self._submit(head, f"evaluate_{name}", f"evaluate the {name} model on held-out images", [
                 py, "-m", "jobs.evaluate", "--checkpoint", checkpoint, "--shards", self.path("shards", "val"),
                 "--labels", self.path("labels", "val"), "--dataset", "synthetic", "--k", "5", "10",
-                "--output", self.path("reports", name),
+                "--task", "labels", "caption", "--classes", classes, "--output", self.path("reports", name),
             ])  # fmt: skip
             reports[name] = self.path("reports", name)
         return self._summary(world, reports)
@@ -265,11 +276,19 @@ class Demo:
         import pyarrow.parquet as pq
 
         rows = {name: {(r["k"]): r for r in pq.read_table(os.path.join(path, "report.parquet")).to_pylist()} for name, path in reports.items()}
-        print("\n=== report (held-out synthetic images)")
-        print(f"{'model':10s} {'k':>3s} {'samples':>8s} {'failed':>7s} {'R':>7s} {'P':>7s} {'F1':>7s} {'exact R@k':>10s} {'exact P@k':>10s}")
+        captions = {name: pq.read_table(os.path.join(path, "caption_report.parquet")).to_pylist()[0] for name, path in reports.items()}
+        print("\n=== report (held-out synthetic images; top-1/top-5: closed set of the world's 24 nouns)")
+        print(f"{'model':10s} {'k':>3s} {'samples':>8s} {'failed':>7s} {'R':>7s} {'P':>7s} {'F1':>7s} {'exact R@k':>10s} {'exact P@k':>10s} {'top-1':>7s} {'top-5':>7s}")
         for name, by_k in rows.items():
             for k, r in sorted(by_k.items()):
-                print(f"{name:10s} {k:3d} {r['samples']:8d} {r['failed']:7d} {r['recall']:7.3f} {r['precision']:7.3f} {r['f1']:7.3f} {r['exact_recall']:10.3f} {r['exact_precision']:10.3f}")
+                print(f"{name:10s} {k:3d} {r['samples']:8d} {r['failed']:7d} {r['recall']:7.3f} {r['precision']:7.3f} {r['f1']:7.3f} {r['exact_recall']:10.3f} {r['exact_precision']:10.3f} "
+                      f"{r['top1_accuracy']:7.3f} {r['top5_accuracy']:7.3f}")  # fmt: skip
+        print(f"\n{'model':10s} {'captions':>8s} {'CIDEr-D':>8s} {'BLEU-4':>7s}   (greedy, against the 3-5 reference captions of each image)")
+        for name, c in captions.items():
+            print(f"{name:10s} {c['samples']:8d} {c['cider']:8.3f} {c['bleu4']:7.3f}")
+        sample_captions = pq.read_table(os.path.join(reports["trained"], "captions.parquet"), columns=["key", "caption", "references"]).slice(0, 2).to_pylist()
+        for c in sample_captions:
+            print(f"    {c['key']}: {c['caption']!r}  (a reference: {c['references'][0]!r})")
         sample = next(s for s in world.samples("val") if s["kind"] == "good")
         image = os.path.join(world.root, sample["file"])
         self.stage("infer", "jobs.infer on a held-out image", [sys.executable, "-m", "jobs.infer", "--checkpoint", self.path("run", "export"), "--image", image, "--num-labels", "5"])
@@ -277,13 +296,19 @@ class Demo:
         curation = self._curation_report(world)
         trained, untrained = rows["trained"][5], rows["untrained"][5]
         ratio = trained["exact_recall"] / untrained["exact_recall"] if untrained["exact_recall"] > 0 else None  # None: untrained found nothing
-        learned = trained["exact_recall"] >= 0.7 and trained["exact_recall"] >= 3 * untrained["exact_recall"] and trained["recall"] > untrained["recall"]
+        cider, untrained_cider = captions["trained"]["cider"], captions["untrained"]["cider"]
+        captioned = cider >= 0.5 and cider >= 3 * untrained_cider
+        learned = trained["exact_recall"] >= 0.7 and trained["exact_recall"] >= 3 * untrained["exact_recall"] and trained["recall"] > untrained["recall"] and captioned
         summary = {
             "trained_exact_recall_at_5": trained["exact_recall"],
             "untrained_exact_recall_at_5": untrained["exact_recall"],
             "ratio": ratio,
             "trained_semantic_recall_at_5": trained["recall"],
             "untrained_semantic_recall_at_5": untrained["recall"],
+            "trained_top1_accuracy_at_5": trained["top1_accuracy"],
+            "untrained_top1_accuracy_at_5": untrained["top1_accuracy"],
+            "trained_cider": cider,
+            "untrained_cider": untrained_cider,
             "learned": learned,
             "curation": curation,
         }
@@ -293,7 +318,8 @@ class Demo:
         print(
             f"\n=== learning check: trained exact recall@5 {trained['exact_recall']:.3f} (goal >= 0.7), "
             f"{f'{ratio:.1f}x' if ratio is not None else 'against 0 for'} the untrained model's {untrained['exact_recall']:.3f} (goal >= 3x); "
-            f"semantic recall {trained['recall']:.3f} vs {untrained['recall']:.3f}: {verdict}"
+            f"semantic recall {trained['recall']:.3f} vs {untrained['recall']:.3f}; "
+            f"captions: CIDEr-D {cider:.3f} (goal >= 0.5) vs {untrained_cider:.3f} (goal >= 3x): {verdict}"
         )
         print("\n=== outputs")
         for label, path in (
@@ -309,6 +335,7 @@ class Demo:
             ("TensorBoard", self.path("run", "tensorboard")),
             ("reports", self.path("reports")),
             ("report chart", self.path("reports", "trained", "report.png")),
+            ("gallery", self.path("reports", "trained", "gallery.html")),
             ("stage logs", self.logs),
             ("summary", self.path("summary.json")),
         ):

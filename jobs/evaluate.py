@@ -18,8 +18,25 @@ at once when complete (see ``pipeline.evaluation``):
                                   recall_at_<k>, precision_at_<k>, f1_at_<k>, exact_*_at_<k> for each --k
     <output>/report.parquet       schemas.REPORT, one row per (k, embedding model)
     <output>/report.png           R / P / F1 per k
+    <output>/gallery.html         a fixed sample of --gallery images with their targets and top-k labels
     <output>/summary.json         counts, errors by kind, timings
     <output>/config.json          this job's settings
+
+Closed-set evaluation (the paper's ImageNet experiments), with ``--classes classes.txt``:
+each sample's labels are mapped to the class list (an exact synonym, else the nearest by
+the sentence model) and ranked; each sample's class comes from a label-table column or a
+field of its json member in the tar (``--class-source labels|json``, ``--class-field``).
+Adds top-1 / top-5 accuracy to the report and prints the most confused pairs:
+
+    <output>/closed_set.parquet   schemas.CLOSED_SET, per sample: its class(es), the predicted classes, top1/top5_correct_at_<k>
+    <output>/confusion.parquet    schemas.CONFUSION, per k: (true class, wrong top-1 class, samples)
+
+Captions (``--task caption``, or ``--task labels caption`` for both in one pass): a caption
+of each image (``--beams``, ``--max-length``), scored with CIDEr-D and BLEU against the
+references (the label table's captions; see ``pipeline.captions``):
+
+    <output>/captions.parquet        schemas.CAPTIONS, per sample: caption, references, CIDEr-D, BLEU-4
+    <output>/caption_report.parquet  schemas.CAPTION_REPORT, one row
 """
 
 from __future__ import annotations
@@ -41,12 +58,21 @@ from model.hub import is_hub_id
 from model.precision import PRECISIONS
 from pipeline import evaluation, shards, tracking
 from pipeline.outputs import write_json
-from schemas import REPORT, predictions_schema, read_table, write_table
+from schemas import (
+    CAPTION_REPORT,
+    CAPTIONS,
+    CONFUSION,
+    REPORT,
+    closed_set_schema,
+    predictions_schema,
+    read_table,
+    write_table,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the embedding models are local files: never ask the Hugging Face hub
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-PATHS = ("shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights", "log_to")
+PATHS = ("shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights", "classes", "log_to")
 
 
 @dataclass
@@ -93,6 +119,24 @@ class EvaluateConfig:
     """Restarts of a dead actor, and retries of the batch it was working on."""
     address: str | None = None
     """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
+    task: list[Literal["labels", "caption"]] = field(default_factory=lambda: ["labels"])
+    """labels (top-k labels: R / P / F1, closed-set accuracy with --classes) and/or caption (a caption per image: CIDEr-D, BLEU); several share one pass."""
+    classes: str | None = None
+    """Class list for closed-set accuracy: one class per line, synonyms comma-separated (ImageNet's usual lists: plain, '0: tench, Tinca tinca', wnid-prefixed, a dict literal or JSON)."""
+    class_source: Literal["labels", "json"] = "labels"
+    """--classes: where each sample's class comes from: a column of its label table (labels), or a field of its json member in the tar (json)."""
+    class_field: str | None = None
+    """--classes: that column or field (default: 'labels' for a label-table column, 'label' for json); its value is a class name (any synonym), a 0-based index, or a list of them (a multi-label image)."""
+    confusion_top: int = 10
+    """--classes: most confused (true, predicted) class pairs printed; confusion.parquet holds all of them."""
+    gallery: int = 48
+    """Validation images shown in gallery.html (a fixed, seeded sample; 0: no gallery)."""
+    max_length: int = 30
+    """--task caption: at most this many generated tokens per caption."""
+    beams: int = 1
+    """--task caption: 1 for greedy search, more for beam search with that many beams."""
+    length_penalty: float = 1.0
+    """--task caption with --beams > 1: a hypothesis scores log-probability / length ** length_penalty."""
     log_to: str | None = None
     """A training run folder (jobs.train --run-dir): add the figures, the report table and its chart to the run's TensorBoard events and W&B run (those of them it has), at the model's training step."""
     wandb_mode: Literal["online", "offline"] | None = None
@@ -110,18 +154,30 @@ class EvaluateConfig:
             raise ValueError(f"--cpus-per-actor must be > 0, not {self.cpus_per_actor}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.log_to is not None and "labels" not in self.task:
+            raise ValueError("--log-to logs the labels report (R / P / F1): it needs --task labels")
         if self.max_steps is not None and self.max_steps < 2:
             raise ValueError(f"--max-steps must be >= 2, not {self.max_steps}")
         if self.max_retries < 0:
             raise ValueError(f"--max-retries must be >= 0, not {self.max_retries}")
+        self.task = list(dict.fromkeys(self.task))
+        if not self.task:
+            raise ValueError("--task needs labels and/or caption")
+        if self.classes and "labels" not in self.task:
+            raise ValueError("--classes scores the labels task: add --task labels")
+        if self.confusion_top < 0 or self.gallery < 0:
+            raise ValueError("--confusion-top and --gallery must be >= 0")
+        if self.max_length < 1 or self.beams < 1:
+            raise ValueError(f"--max-length and --beams must be >= 1, not {self.max_length} and {self.beams}")
+        self.class_field = self.class_field or ("labels" if self.class_source == "labels" else "label")
         self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/")) or "shards"
 
 
 # ----------------------------------------------------------------------------- checks before any work
 
 
-def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], int, str]:
-    """(shards, read plan, model input size, model path); raises with a clear message before Ray starts.
+def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], int, str, object]:
+    """(shards, read plan, model input size, model path, class list or None); raises with a clear message before Ray starts.
 
     A hub id is resolved to its folder in the local Hugging Face cache (the model path the
     predictors load).
@@ -144,7 +200,9 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
     checkpoint = resolve(cfg.checkpoint, local_files_only=True) if is_hub_id(cfg.checkpoint) else cfg.checkpoint
     if os.path.isdir(checkpoint):
-        image_size = check_pretrained(checkpoint).vision.image_size
+        model_cfg = check_pretrained(checkpoint)
+        image_size = model_cfg.vision.image_size
+        check_caption_length(cfg, model_cfg, os.path.join(checkpoint, "tokenizer.model"))
     elif os.path.isfile(checkpoint):
         if not cfg.tokenizer:
             raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
@@ -159,7 +217,39 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     else:
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such model folder or file")
     check_embedding_model(cfg.embedding_model)
-    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size, checkpoint
+    classes = check_classes(cfg, found)
+    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size, checkpoint, classes
+
+
+def check_caption_length(cfg: EvaluateConfig, model_cfg, tokenizer: str) -> None:
+    """ValueError when image tokens + the caption prompt + --max-length exceed the model's sequence length."""
+    from model.config import CAPTION_PROMPT
+    from model.tokenizer import Tokenizer
+
+    if "caption" not in cfg.task or not os.path.isfile(tokenizer):
+        return
+    prompt = len(Tokenizer(tokenizer).prompt_ids(CAPTION_PROMPT))
+    if model_cfg.vision.n_tokens + prompt + cfg.max_length > model_cfg.decoder.max_seq_len:
+        raise ValueError(f"--max-length {cfg.max_length}: {model_cfg.vision.n_tokens} image tokens + {prompt} prompt tokens + "
+                         f"{cfg.max_length} exceed the model's max_seq_len {model_cfg.decoder.max_seq_len}")  # fmt: skip
+
+
+def check_classes(cfg: EvaluateConfig, found: list[shards.Shard]):
+    """The --classes list (``pipeline.closed_set.ClassList``) or None; a label-table class column must exist in every table."""
+    from pipeline.closed_set import read_class_list
+
+    if not cfg.classes:
+        return None
+    if not os.path.isfile(cfg.classes):
+        raise FileNotFoundError(f"--classes {cfg.classes}: no such file")
+    classes = read_class_list(cfg.classes)
+    if cfg.class_source == "labels":
+        for shard in found:
+            path = shards.label_table_path(cfg.labels, shard.name)
+            columns = evaluation.label_table_columns(path)
+            if cfg.class_field not in columns:
+                raise ValueError(f"{path}: no column '{cfg.class_field}' to take each sample's class from (--class-field; it has {', '.join(columns)})")
+    return classes
 
 
 def check_embedding_model(model: str | None) -> None:
@@ -207,6 +297,9 @@ def _finite(x: float) -> float | None:
 def _print_summary(summary: dict, report_text: str, output: str) -> None:
     print(report_text)
     print(f"samples {summary['samples']}: scored {summary['scored']}, failed {summary['failed']}, without targets {summary['no_targets']}")
+    if "closed_set" in summary:
+        c = summary["closed_set"]
+        print(f"closed set: {c['classified']} sample(s) with a class of {c['classes']}; without one: {c['not_classified'] or 'none'}")
     for code, n in summary["errors"].items():
         print(f"  {code}: {n}")
     t = summary["timings"]
@@ -215,41 +308,83 @@ def _print_summary(summary: dict, report_text: str, output: str) -> None:
     print(f"wrote {output}")
 
 
+def caption_search(cfg: EvaluateConfig) -> dict:
+    """The keyword arguments of ``model.generate.generate`` for --task caption."""
+    return {"max_length": cfg.max_length, "beams": cfg.beams, "length_penalty": cfg.length_penalty}
+
+
 def write_outputs(
-    staging: str, cfg: EvaluateConfig, run, checkpoint: evaluation.CheckpointIdentity, version: str, wall: float, n_shards: int
-) -> tuple[dict, str]:
-    """predictions.parquet, report.parquet, report.png and summary.json into ``staging``; (summary, report as text)."""
+    staging: str, cfg: EvaluateConfig, run, checkpoint: evaluation.CheckpointIdentity, version: str, wall: float, n_shards: int,
+    classes=None, reads: list[dict] | None = None,
+) -> tuple[dict, str]:  # fmt: skip
+    """The outputs of each task asked into ``staging`` (see the module docstring); (summary, report as text)."""
     from pipeline import scoring
 
     n = run.table.num_rows
     images_per_s = n / run.seconds if run.seconds > 0 else 0.0
-    report = evaluation.build_report(
-        run.table,
-        dataset=cfg.dataset,
-        ks=cfg.k,
-        embedders=scoring.embedding_names(cfg.embedding_model, cfg.clip_text_weights),
-        checkpoint=checkpoint,
-        code_version=version,
-        wall_time_s=wall,
-        images_per_s=images_per_s,
-    )
-    write_table(evaluation.predictions_table(run.table, cfg.k), os.path.join(staging, "predictions.parquet"), predictions_schema(cfg.k))
-    write_table(report, os.path.join(staging, "report.parquet"), REPORT)
-    evaluation.plot_report(report, os.path.join(staging, "report.png"))
     codes = Counter(evaluation.error_code(e) for e in run.table.column("error").to_pylist())
+    texts, tasks = [], {}
+    if "labels" in cfg.task:
+        report = evaluation.build_report(
+            run.table,
+            dataset=cfg.dataset,
+            ks=cfg.k,
+            embedders=scoring.embedding_names(cfg.embedding_model, cfg.clip_text_weights),
+            checkpoint=checkpoint,
+            code_version=version,
+            wall_time_s=wall,
+            images_per_s=images_per_s,
+            classified=classes is not None,
+        )
+        write_table(evaluation.predictions_table(run.table, cfg.k), os.path.join(staging, "predictions.parquet"), predictions_schema(cfg.k))
+        write_table(report, os.path.join(staging, "report.parquet"), REPORT)
+        evaluation.plot_report(report, os.path.join(staging, "report.png"))
+        texts.append(evaluation.format_report(report))
+        first = report.slice(0, 1).to_pylist()[0]
+        tasks["labels"] = {"scored": first["samples"], "failed": first["failed"], "no_targets": first["no_targets"]}
+        if classes is not None:
+            closed = evaluation.closed_set_table(run.table, classes, cfg.k)
+            confusion = evaluation.confusion_table(run.table, classes, cfg.k)
+            write_table(closed, os.path.join(staging, "closed_set.parquet"), closed_set_schema(cfg.k))
+            write_table(confusion, os.path.join(staging, "confusion.parquet"), CONFUSION)
+            class_errors = Counter(evaluation.error_code(e) for e, ids in zip(closed.column("error").to_pylist(), closed.column("class_ids").to_pylist()) if ids is None and e)
+            tasks["closed_set"] = {
+                "classes": len(classes),
+                "class_list": cfg.classes,
+                "shared_synonyms": classes.shared_synonyms,
+                "classified": first["classified"] or 0,
+                "not_classified": dict(sorted(class_errors.items())),
+                "top1_accuracy": {r["k"]: r["top1_accuracy"] for r in report.to_pylist() if r["embedding"] == first["embedding"]},
+                "top5_accuracy": {r["k"]: r["top5_accuracy"] for r in report.to_pylist() if r["embedding"] == first["embedding"]},
+            }
+            texts.append(evaluation.format_confusion(confusion, cfg.confusion_top))
+        if cfg.gallery:
+            write_gallery(staging, cfg, run.table, reads or [], classes)
+    if "caption" in cfg.task:
+        captions, caption_report = evaluation.caption_tables(
+            run.table, dataset=cfg.dataset, search=caption_search(cfg), checkpoint=checkpoint, code_version=version,
+            wall_time_s=wall, images_per_s=images_per_s,
+        )  # fmt: skip
+        write_table(captions, os.path.join(staging, "captions.parquet"), CAPTIONS)
+        write_table(caption_report, os.path.join(staging, "caption_report.parquet"), CAPTION_REPORT)
+        texts.append(evaluation.format_caption_report(caption_report))
+        r = caption_report.to_pylist()[0]
+        tasks["caption"] = {k: r[k] for k in ("samples", "failed", "no_references", "cider", "bleu1", "bleu4", "search", "beams", "max_length")}
     scored = codes.pop(None, 0)
-    first = report.slice(0, 1).to_pylist()[0]
+    image_failures = sum(v for c, v in codes.items() if c in evaluation.IMAGE_ERRORS)
     summary = {
         "dataset": cfg.dataset,
+        "tasks": cfg.task,
         "checkpoint": dataclasses.asdict(checkpoint),
         "code_version": version,
         "protocol": cfg.protocol,
         "shards": n_shards,
         "samples": n,
         "scored": scored,
-        "failed": first["failed"],
-        "no_targets": first["no_targets"],
+        "failed": image_failures,
+        "no_targets": codes.get(evaluation.NO_TARGETS, 0) + codes.get(evaluation.NO_LABEL_ROW, 0),
         "errors": dict(sorted(codes.items())),
+        **tasks,
         "timings": {
             "wall_time_s": round(wall, 3),
             "pipeline_s": round(run.seconds, 3),
@@ -260,7 +395,40 @@ def write_outputs(
         },
     }
     write_json(os.path.join(staging, "summary.json"), summary)
-    return summary, evaluation.format_report(report)
+    return summary, "\n\n".join(texts)
+
+
+def write_gallery(staging: str, cfg: EvaluateConfig, scored, reads: list[dict], classes) -> None:
+    """gallery.html: a seeded sample of --gallery samples that had an image, their images read from the tars again."""
+    import fsspec
+
+    from pipeline import gallery
+
+    rows = scored.to_pylist()
+    candidates = [i for i, r in enumerate(rows) if evaluation.error_code(r["error"]) not in evaluation.IMAGE_ERRORS]
+    chosen = [rows[i] for i in gallery.sample_indices(candidates, cfg.gallery, seed=0)]
+    wanted = {(r["shard"], r["key"]) for r in chosen}
+    images: dict[tuple[str, str], bytes | None] = {}
+    for spec in reads:
+        needed = [(key, offset, size) for key, offset, size in zip(spec["keys"], spec["offsets"], spec["sizes"]) if (spec["shard"], key) in wanted]
+        if needed:
+            with fsspec.open(spec["tar"], "rb") as f:
+                for key, offset, size in needed:
+                    f.seek(offset)
+                    images[(spec["shard"], key)] = f.read(size)
+    k = max(cfg.k)
+    shown = []
+    for r in chosen:
+        row = {**r, "caption": r["caption"] if "caption" in cfg.task else None}
+        if classes is not None and r["class_ids"] is not None:
+            row["classes"] = [classes.names[i] for i in r["class_ids"]]
+            row["predicted_classes"] = [classes.names[i] for i in r["ranked_class_ids"] or []]
+        else:
+            row["classes"] = None
+        shown.append(row)
+    summary = (f"{len(shown)} of {len(candidates)} validation images (a fixed sample, seed 0) of {cfg.dataset}: targets (green: found "
+               f"among the predictions), top-{k} predictions with their probabilities (bold, ticked: a target). Model: {cfg.checkpoint}")  # fmt: skip
+    gallery.write_gallery(os.path.join(staging, "gallery.html"), shown, images, title=f"{cfg.dataset}: top-{k} labels of {'/'.join(cfg.checkpoint.rstrip('/').split('/')[-2:])}", summary=summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
     try:
-        found, reads, image_size, model_path = check_inputs(cfg)
+        found, reads, image_size, model_path, classes = check_inputs(cfg)
     except (FileNotFoundError, FileExistsError) as err:
         print_path_error(err)
         return 2
@@ -310,17 +478,22 @@ def main(argv: list[str] | None = None) -> int:
                 "device": device,
                 "precision": cfg.precision,
                 "threads": plan.threads if device == "cpu" else None,
+                "tasks": cfg.task,
+                "caption": caption_search(cfg),
             }
-            scorer = {"ks": cfg.k, "embedding_model": cfg.embedding_model, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1, "protocol": cfg.protocol}
+            scorer = {"ks": cfg.k, "embedding_model": cfg.embedding_model, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1,
+                      "score_labels": "labels" in cfg.task, "classes": classes, "protocol": cfg.protocol}  # fmt: skip
+            read = {"class_source": cfg.class_source if classes is not None else None, "class_field": cfg.class_field, "references": "caption" in cfg.task}
             with evaluation.staged_output(cfg.output) as staging:
                 write_json(os.path.join(staging, "config.json"), dataclasses.asdict(cfg))
                 run = evaluation.run_evaluation(
-                    reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True)
+                    reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True), read=read
                 )
-                summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(found))
-                report = read_table(os.path.join(staging, "report.parquet"), REPORT)
-                with open(os.path.join(staging, "report.png"), "rb") as f:
-                    chart = f.read()
+                summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(found), classes, reads)
+                if cfg.log_to is not None:  # --log-to needs the labels task (checked in EvaluateConfig)
+                    report = read_table(os.path.join(staging, "report.parquet"), REPORT)
+                    with open(os.path.join(staging, "report.png"), "rb") as f:
+                        chart = f.read()
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

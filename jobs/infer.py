@@ -7,6 +7,12 @@ base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless 
 holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
 "| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA when present,
 else the CPU; ``--precision auto`` runs bf16 on a GPU and fp32 on a CPU (see model/precision.py).
+
+``--caption`` writes a caption of each image instead (the text the model continues the
+caption prompt with, greedy or ``--beams N`` beam search, at most ``--max-length``
+tokens; see model/generate.py): a model trained with ``caption_weight > 0`` has learned it.
+``--caption`` and ``--attention-map`` (the labels' attention maps) exclude each other: run
+the job once for each.
 """
 
 from __future__ import annotations
@@ -50,6 +56,14 @@ class InferConfig:
     """images per forward pass"""
     max_steps: int | None = None
     """one-shot sampling step limit (default: the model config's, 20)"""
+    caption: bool = False
+    """write a caption of each image (after the caption prompt) instead of its labels"""
+    max_length: int = 30
+    """--caption: at most this many generated tokens per caption"""
+    beams: int = 1
+    """--caption: 1 for greedy search, more for beam search with that many beams"""
+    length_penalty: float = 1.0
+    """--caption with beams > 1: a hypothesis scores log-probability / length ** length_penalty (0: total probability)"""
     attention_map: str | None = None
     """folder for one PNG per image: each label's attention (its first token's) over the image patches"""
     layer: int | None = None
@@ -66,8 +80,12 @@ class InferConfig:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if self.max_length < 1 or self.beams < 1:
+            raise ValueError("--max-length and --beams must be >= 1")
         if (self.layer is not None or self.head is not None) and not self.attention_map:
             raise ValueError("--layer and --head choose the attention maps: they need --attention-map DIR")
+        if self.caption and self.attention_map:
+            raise ValueError("--attention-map draws the labels' attention and --caption writes no labels: give one of them per run")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     log = sys.stderr if cfg.format == "json" else sys.stdout
     print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
     from model.checkpoint import load_model
+    from model.generate import generate
     from model.precision import place, resolve_dtype
     from model.sampling import one_shot
     from model.vision import preprocess
@@ -116,8 +135,24 @@ def main(argv: list[str] | None = None) -> int:
         if not tensors:
             continue
         t0 = time.perf_counter()
+        batch = torch.stack(tensors).to(device, dtype)
+        if cfg.caption:
+            try:
+                with torch.inference_mode():
+                    captions = generate(model, batch, tok, max_length=cfg.max_length, beams=cfg.beams, length_penalty=cfg.length_penalty)
+            except ValueError as err:  # a max_length the model cannot hold
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            seconds = time.perf_counter() - t0
+            for path, out in zip(paths, captions):
+                results.append({"image": path, "caption": out.text, "log_prob": round(out.log_prob, 5), "tokens": len(out.tokens), "ended": out.ended})
+                if cfg.format == "text":
+                    search = "greedy" if cfg.beams == 1 else f"beam search, {cfg.beams} beams"
+                    print(f"\n{path} (inference time: {seconds:.3f}s for {len(paths)} image(s), {search})")
+                    print(f"caption: {out.text}" + ("" if out.ended else f"  [cut at --max-length {cfg.max_length}]"))
+            continue
         with torch.inference_mode():
-            labels = one_shot(model, torch.stack(tensors).to(device, dtype), tok, k=cfg.num_labels, max_steps=cfg.max_steps)
+            labels = one_shot(model, batch, tok, k=cfg.num_labels, max_steps=cfg.max_steps)
         seconds = time.perf_counter() - t0
         for path, image, out in zip(paths, tensors, labels):
             results.append({"image": path, "labels": out.labels, "probs": [round(p, 5) for p in out.probs]})

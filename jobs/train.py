@@ -115,6 +115,8 @@ class TrainConfig:
     """draw one of the paper's 10 prompt templates per sample"""
     caption_weight: float = 0.0
     """weight of the optional caption loss (0: off, as in the G3M recipe)"""
+    caption_fraction: float = 1.0
+    """share of each batch's samples (its first ones) that also train the caption branch; less makes a step cheaper"""
     protocol: Literal["nxtp", "reference"] = "nxtp"
     """nxtp: this project's training mask; reference: the released code's (the last label sees only the prefix; see the README)"""
     seed: int = 42
@@ -147,6 +149,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError("need 0 <= min_lr <= lr and lr > 0")
+        if not 0 < self.caption_fraction <= 1:
+            raise ValueError(f"caption_fraction must be in (0, 1], not {self.caption_fraction}")
 
     def total_steps(self, world_size: int) -> int:
         if self.steps > 0:

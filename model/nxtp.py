@@ -64,7 +64,8 @@ class NxTP(
         """Training loss.
 
         images [B, 3, S, S]; ids, targets, segments [B, T] from model.prompt (label
-        sequence); optional caption branch ids/targets [B, T'] weighted by ``caption_weight``.
+        sequence); optional caption branch ids/targets [C, T'] of the batch's first C <= B
+        images, weighted by ``caption_weight``.
         """
         image_tokens = self.vision(images)  # [B, N, D]
         n = image_tokens.shape[1]
@@ -73,7 +74,7 @@ class NxTP(
         label_loss, n_tokens = self._text_loss(hidden[:, n:], targets)
         out = {"label_loss": label_loss, "loss": label_loss, "tokens": n_tokens}
         if caption_weight > 0 and caption_ids is not None:
-            h = torch.cat([image_tokens, self.decoder.embed(caption_ids)], dim=1)
+            h = torch.cat([image_tokens[: caption_ids.shape[0]], self.decoder.embed(caption_ids)], dim=1)
             hidden, _ = self.decoder(h, prefix_mask(n, caption_ids.shape[1], h.device))
             caption_loss, _ = self._text_loss(hidden[:, n:], caption_targets)
             out["caption_loss"] = caption_loss

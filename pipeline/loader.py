@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import random
 from collections import Counter, OrderedDict
@@ -78,6 +79,7 @@ class TrainStream(IterableDataset):
         prompt_augmentation: bool = True,
         caption_loss: bool = False,
         shuffle_buffer: int = 256,
+        caption_fraction: float = 1.0,
         protocol: str = "nxtp",
     ):
         self.datasets = list(datasets)
@@ -96,6 +98,8 @@ class TrainStream(IterableDataset):
         self.max_text_len = max_text_len
         self.templates = PROMPT_TEMPLATES if prompt_augmentation else (PROMPT,)
         self.caption_loss = caption_loss
+        # the first ones of each batch also train the caption branch (at least one)
+        self.caption_samples = max(1, math.ceil(caption_fraction * batch_size))
         self.shuffle_buffer = shuffle_buffer
         self.protocol = check_protocol(protocol)  # the label mask's (model.prompt.label_segments)
 
@@ -117,7 +121,7 @@ class TrainStream(IterableDataset):
                 continue
             ids, targets, answer = training_text(sample["labels"], tok, rng, self.templates, self.max_text_len)
             example = {"image": image, "ids": ids, "targets": targets, "answer": answer}
-            if self.caption_loss:
+            if self.caption_loss and len(batch) < self.caption_samples:
                 example["caption_ids"], example["caption_targets"] = caption_text(sample["caption"], tok, CAPTION_PROMPT, self.max_text_len)
             stats["samples"] += 1
             batch.append(example)
@@ -148,7 +152,9 @@ class TrainStream(IterableDataset):
                     stats["no_labels"] += 1
                     continue
                 yielded += 1
-                caption = sample.data.get("txt", b"").decode("utf-8", "replace")
+                # several captions of one image (COCO's) are "\n"-joined in its txt: the caption branch reads one, drawn anew each time
+                captions = [c for c in sample.data.get("txt", b"").decode("utf-8", "replace").split("\n") if c.strip()] or [""]
+                caption = captions[0] if len(captions) == 1 else rng.choice(captions)
                 yield {"jpg": sample.data["jpg"], "labels": found, "caption": caption, "key": sample.key}
             if reader.damage:
                 stats["bad_shards"] += 1
@@ -191,9 +197,10 @@ def collate(examples: list[dict], tok: Tokenizer, stats: dict, protocol: str = "
         "segments": label_segments(ids, answer, tok.delimiter_id, protocol),
         "stats": stats,
     }
-    if "caption_ids" in examples[0]:
-        batch["caption_ids"] = pad_batch([e["caption_ids"] for e in examples], tok.pad_id)
-        batch["caption_targets"] = pad_batch([e["caption_targets"] for e in examples], IGNORE)
+    captioned = [e for e in examples if "caption_ids" in e]  # the batch's first samples (TrainStream's caption_fraction)
+    if captioned:
+        batch["caption_ids"] = pad_batch([e["caption_ids"] for e in captioned], tok.pad_id)
+        batch["caption_targets"] = pad_batch([e["caption_targets"] for e in captioned], IGNORE)
     return batch
 
 

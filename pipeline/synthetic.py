@@ -817,3 +817,13 @@ def serve(root: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------- its closed vocabulary
+
+
+def class_list_text() -> str:
+    """The world's closed vocabulary as a class list (``pipeline.closed_set``): its 16 objects, then its
+    8 scenes, one per line with an index prefix, each object's plural as a synonym ("15: mouse, mice")."""
+    names = [f"{noun}, {plural}" if plural != noun else noun for noun, plural in OBJECTS.items()] + list(SCENES)
+    return "".join(f"{i}: {name}\n" for i, name in enumerate(names))

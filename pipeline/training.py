@@ -204,6 +204,7 @@ class Trainer:
             max_text_len=min(cfg.max_text_len, self.model_cfg.decoder.max_seq_len - self.model_cfg.vision.n_tokens),
             prompt_augmentation=cfg.prompt_augmentation,
             caption_loss=cfg.caption_weight > 0,
+            caption_fraction=cfg.caption_fraction,
             shuffle_buffer=cfg.shuffle_buffer,
             protocol=cfg.protocol,
         )

@@ -1,6 +1,10 @@
 """Arrow schemas of every table the pipeline writes, and the helpers that check them."""
 
 from schemas.tables import (
+    CAPTION_REPORT,
+    CAPTIONS,
+    CLOSED_SET,
+    CONFUSION,
     CURATION,
     LABEL_TABLE,
     PER_K_METRICS,
@@ -10,6 +14,7 @@ from schemas.tables import (
     SHARD_MANIFEST,
     URL_TABLE,
     VOCAB,
+    closed_set_schema,
     per_k_columns,
     predictions_schema,
     reason_counts,
@@ -18,6 +23,10 @@ from schemas.tables import (
 from schemas.validate import SchemaError, conform, read_table, validate, write_table
 
 __all__ = [
+    "CAPTIONS",
+    "CAPTION_REPORT",
+    "CLOSED_SET",
+    "CONFUSION",
     "CURATION",
     "LABEL_TABLE",
     "PER_K_METRICS",
@@ -28,6 +37,7 @@ __all__ = [
     "URL_TABLE",
     "VOCAB",
     "SchemaError",
+    "closed_set_schema",
     "conform",
     "per_k_columns",
     "predictions_schema",

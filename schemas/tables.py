@@ -9,6 +9,11 @@ Each stage reads only what the stage before it wrote, through these schemas:
     PREDICTIONS      jobs.evaluate  predictions.parquet, one row per validation sample, plus a
                                     column per (metric, k) asked (predictions_schema(ks))
     REPORT           jobs.evaluate  report.parquet, one row per (dataset, k, embedding model)
+    CLOSED_SET       jobs.evaluate  closed_set.parquet (--classes), one row per validation sample, plus
+                                    top-1 / top-5 columns per k (closed_set_schema(ks))
+    CONFUSION        jobs.evaluate  confusion.parquet (--classes), one row per (k, true, predicted class) confused
+    CAPTIONS         jobs.evaluate  captions.parquet (--task caption), one row per validation sample
+    CAPTION_REPORT   jobs.evaluate  caption_report.parquet (--task caption), one row per dataset
     CURATION         jobs.curate    curation.parquet, one row per input sample: hashes, scores, kept or why not
 
 A schema may allow columns beyond the declared ones: its metadata's ``extra_columns`` is a
@@ -24,6 +29,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 __all__ = [
+    "CAPTIONS",
+    "CAPTION_REPORT",
+    "CLOSED_SET",
+    "CONFUSION",
     "CURATION",
     "LABEL_TABLE",
     "PER_K_METRICS",
@@ -33,6 +42,7 @@ __all__ = [
     "SHARD_MANIFEST",
     "URL_TABLE",
     "VOCAB",
+    "closed_set_schema",
     "per_k_columns",
     "predictions_schema",
     "reason_counts",
@@ -142,7 +152,7 @@ def predictions_schema(ks) -> pa.Schema:
 
 REPORT = _schema(
     "report",
-    3,
+    4,
     [
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("k", pa.int64(), nullable=False),
@@ -156,12 +166,98 @@ REPORT = _schema(
         pa.field("f1", pa.float64()),
         pa.field("exact_recall", pa.float64()),  # exact-match recall@k; null when nothing was scored
         pa.field("exact_precision", pa.float64()),  # exact-match precision@k
+        # closed-set accuracy (--classes): the top-k labels mapped to the class list with the run's sentence model,
+        # the same on each embedding's row of a k; null without a class list or when no sample has a class
+        pa.field("top1_accuracy", pa.float64()),
+        pa.field("top5_accuracy", pa.float64()),
+        pa.field("classified", pa.int64()),  # samples with a usable image and a known class (the accuracy's denominator)
         pa.field("checkpoint", pa.string(), nullable=False),  # the model's path or hub id, as given
         pa.field("checkpoint_sha256", pa.string(), nullable=False),  # of its weight file(s)
         pa.field("step", pa.int64()),  # training step of an exported model; null when unknown
         pa.field("code_version", pa.string(), nullable=False),  # git:<commit>[+dirty] or source:<sha256 of the code>
         pa.field("wall_time_s", pa.float64(), nullable=False),  # the whole job
         pa.field("images_per_s", pa.float64(), nullable=False),  # samples / seconds of the Ray pipeline
+    ],
+)
+
+# closed-set evaluation (pipeline.closed_set); per k asked, top1_correct_at_<k> and top5_correct_at_<k>:
+# 1.0 / 0.0 (a mean is the accuracy), null where the sample has no usable image or no known class
+CLOSED_SET_COLUMN = r"^top[15]_correct_at_[0-9]+$"
+CLOSED_SET = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("classes", pa.list_(pa.string()), nullable=False),  # the sample's class(es) as its data gives them
+        pa.field("class_ids", pa.list_(pa.int64())),  # those classes' indices in the list; null when none or unknown
+        pa.field("class_names", pa.list_(pa.string())),  # and their names (first synonym)
+        pa.field("predicted_class_ids", pa.list_(pa.int64())),  # best first, at most 5, from the largest k's labels
+        pa.field("predicted_classes", pa.list_(pa.string())),
+        pa.field("class_scores", pa.list_(pa.float64())),  # summed probability of the labels mapped to each
+        pa.field("label_classes", pa.list_(pa.string())),  # the class of each predicted label (predictions.parquet's order)
+        pa.field("label_similarity", pa.list_(pa.float64())),  # 1.0 exact synonym, else cosine to the nearest synonym
+        pa.field("error", pa.string()),  # why not scored: the image's error, no_class or unknown_class
+    ],
+    metadata={"schema_name": "closed_set", "schema_version": "1", "extra_columns": CLOSED_SET_COLUMN},
+)
+
+
+def closed_set_schema(ks) -> pa.Schema:
+    """CLOSED_SET with the top-1 / top-5 columns of ``ks``: the exact schema a run writes."""
+    extra = [pa.field(f"top{n}_correct_at_{k}", pa.float64()) for k in sorted(set(ks)) for n in (1, 5)]
+    return pa.schema(list(CLOSED_SET) + extra, metadata=CLOSED_SET.metadata)
+
+
+CONFUSION = _schema(
+    "confusion",
+    1,
+    [
+        pa.field("k", pa.int64(), nullable=False),  # labels per image the classes were ranked from
+        pa.field("true_class_id", pa.int64(), nullable=False),
+        pa.field("true_class", pa.string(), nullable=False),
+        pa.field("predicted_class_id", pa.int64(), nullable=False),  # the wrong top-1 class
+        pa.field("predicted_class", pa.string(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),  # samples of the true class whose top-1 was that class
+        pa.field("share", pa.float64(), nullable=False),  # count / scored samples of the true class
+    ],
+)
+
+CAPTIONS = _schema(
+    "captions",
+    1,
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),  # the generated caption; null without a usable image
+        pa.field("references", pa.list_(pa.string()), nullable=False),  # the label table's captions of the sample
+        pa.field("cider", pa.float64()),  # the sample's CIDEr-D within this set; null when not scored
+        pa.field("bleu4", pa.float64()),  # its sentence BLEU-4
+        pa.field("error", pa.string()),  # why not scored: the image's error, or no_references
+    ],
+)
+
+CAPTION_REPORT = _schema(
+    "caption_report",
+    1,
+    [
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("samples", pa.int64(), nullable=False),  # captions scored
+        pa.field("failed", pa.int64(), nullable=False),  # samples without a usable image
+        pa.field("no_references", pa.int64(), nullable=False),  # captioned, but no reference to score against
+        pa.field("cider", pa.float64()),  # CIDEr-D of the set (pycocoevalcap; x10 scale, as COCO reports it); null when nothing was scored
+        pa.field("bleu1", pa.float64()),
+        pa.field("bleu2", pa.float64()),
+        pa.field("bleu3", pa.float64()),
+        pa.field("bleu4", pa.float64()),
+        pa.field("search", pa.string(), nullable=False),  # greedy | beam
+        pa.field("beams", pa.int64(), nullable=False),
+        pa.field("max_length", pa.int64(), nullable=False),  # generated tokens at most
+        pa.field("length_penalty", pa.float64(), nullable=False),
+        pa.field("checkpoint", pa.string(), nullable=False),
+        pa.field("checkpoint_sha256", pa.string(), nullable=False),
+        pa.field("step", pa.int64()),
+        pa.field("code_version", pa.string(), nullable=False),
+        pa.field("wall_time_s", pa.float64(), nullable=False),
+        pa.field("images_per_s", pa.float64(), nullable=False),
     ],
 )
 
@@ -187,5 +283,5 @@ CURATION = _schema(
 
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"schema_name"].decode(): s
-    for s in (URL_TABLE, SHARD_MANIFEST, LABEL_TABLE, VOCAB, PREDICTIONS, REPORT, CURATION)
+    for s in (URL_TABLE, SHARD_MANIFEST, LABEL_TABLE, VOCAB, PREDICTIONS, REPORT, CURATION, CLOSED_SET, CONFUSION, CAPTIONS, CAPTION_REPORT)
 }

@@ -21,7 +21,17 @@ from collections import Counter
 
 import pytest
 
-from schemas import LABEL_TABLE, PREDICTIONS, REPORT, SHARD_MANIFEST, read_table
+from schemas import (
+    CAPTION_REPORT,
+    CAPTIONS,
+    CLOSED_SET,
+    CONFUSION,
+    LABEL_TABLE,
+    PREDICTIONS,
+    REPORT,
+    SHARD_MANIFEST,
+    read_table,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.launcher]
 
@@ -61,6 +71,47 @@ def test_demo_reports_every_held_out_sample_with_valid_tables(demo_run):
         # the targets are the labels spaCy extracted from the captions: exactly the world's ground truth
         targets = Counter(tuple(sorted(t)) for t in predictions.column("targets").to_pylist())
         assert targets == Counter(tuple(sorted(s["labels"])) for s in good)
+
+
+def test_demo_closed_set_accuracy_and_captions_beat_the_untrained_model(demo_run):
+    """The world's 24 nouns as a class list (labels column: a multi-label closed set), and greedy captions."""
+    out, proc = demo_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    # chance: a random class is one of a sample's 2-4 nouns about 3 times in 24
+    assert summary["trained_top1_accuracy_at_5"] >= 0.6, summary
+    assert summary["trained_top1_accuracy_at_5"] >= 2 * summary["untrained_top1_accuracy_at_5"], summary
+    assert summary["trained_cider"] >= 0.5 and summary["trained_cider"] >= 3 * summary["untrained_cider"], summary
+    assert "CIDEr-D" in proc.stdout and "most confused classes" in proc.stdout
+    for name in ("trained", "untrained"):
+        folder = os.path.join(out, "reports", name)
+        predictions = read_table(os.path.join(folder, "predictions.parquet"), PREDICTIONS)
+        keys = set(zip(predictions.column("shard").to_pylist(), predictions.column("key").to_pylist()))
+        closed = read_table(os.path.join(folder, "closed_set.parquet"), CLOSED_SET)
+        captions = read_table(os.path.join(folder, "captions.parquet"), CAPTIONS)
+        for table in (closed, captions):
+            assert set(zip(table.column("shard").to_pylist(), table.column("key").to_pylist())) == keys and table.num_rows == len(keys)
+        assert closed.column("error").null_count == closed.num_rows  # every sample's nouns are classes of the list
+        mean_top1 = sum(closed.column("top1_correct_at_5").to_pylist()) / closed.num_rows
+        report = read_table(os.path.join(folder, "report.parquet"), REPORT).to_pylist()
+        assert [r["top1_accuracy"] for r in report if r["k"] == 5] == [pytest.approx(mean_top1)] and {r["classified"] for r in report} == {len(keys)}
+        read_table(os.path.join(folder, "confusion.parquet"), CONFUSION)
+        (caption_report,) = read_table(os.path.join(folder, "caption_report.parquet"), CAPTION_REPORT).to_pylist()
+        assert caption_report["samples"] == len(keys) and caption_report["search"] == "greedy"
+        assert all(len(r) >= 3 for r in captions.column("references").to_pylist())  # COCO format: every caption of the image
+
+
+def test_demo_gallery_shows_what_the_predictions_table_holds(demo_run):
+    from tests.test_evaluate_tasks import check_gallery_against_predictions, parse_gallery
+
+    out, proc = demo_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    folder = os.path.join(out, "reports", "trained")
+    page = parse_gallery(os.path.join(folder, "gallery.html"))
+    predictions = read_table(os.path.join(folder, "predictions.parquet"), PREDICTIONS).to_pylist()
+    assert len(page.samples) == min(48, len(predictions)) and page.images == len(page.samples)
+    check_gallery_against_predictions(page, predictions)
+    assert any(c for s in page.samples for _, c, _ in s["predictions"]), "a trained model gets some labels right"
 
 
 def test_demo_infer_names_the_objects_of_a_held_out_image(demo_run):

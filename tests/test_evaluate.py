@@ -161,7 +161,7 @@ def _samples_batch(world) -> pa.Table:
         {"key": "c", "shard": "00000", "image": None, "targets": ["cup"], "error": "missing_image: no jpg member"},
         {"key": "d", "shard": "00000", "image": good[1], "targets": [], "error": "no_targets: the label table lists no label"},
     ]
-    return pa.Table.from_pylist(rows, schema=SAMPLES)
+    return pa.Table.from_pylist([{"classes": [], "references": [], **r} for r in rows], schema=SAMPLES)
 
 
 def _numpy_batch(table: pa.Table) -> dict:
@@ -219,7 +219,7 @@ def test_predict_stage_runs_in_the_precision_asked(world, export):
 
 
 def _predicted(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=PREDICTED)
+    return pa.Table.from_pylist([{"classes": [], "references": [], "caption": None, **r} for r in rows], schema=PREDICTED)
 
 
 def test_score_stage_scores_only_usable_rows():
@@ -274,7 +274,7 @@ def _scored_row(key, error=None, recall_at=None, exact=None):
         "key": key, "shard": "00000", "targets": ["x"], "predictions": ["x"], "probabilities": [1.0],
         "error": error,
         "recall_at": recall_at, "precision_at": recall_at, "f1_at": recall_at,
-        "exact_recall_at": exact, "exact_precision_at": exact,
+        "exact_recall_at": exact, "exact_precision_at": exact, "classes": [], "references": [],
     }  # fmt: skip
 
 
@@ -423,7 +423,7 @@ def job_run(ray_head, repo_root, job_inputs, tmp_path_factory):
 def test_job_writes_every_sample_once_with_valid_schemas(job_run, job_inputs):
     out, log = job_run
     shards, labels, export = job_inputs
-    assert sorted(os.listdir(out)) == ["config.json", "predictions.parquet", "report.parquet", "report.png", "summary.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "gallery.html", "predictions.parquet", "report.parquet", "report.png", "summary.json"]
     assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".")]  # no temporary folder left
     predictions = read_table(os.path.join(out, "predictions.parquet"), PREDICTIONS)
     assert predictions.schema.metadata[b"schema_name"] == b"predictions"

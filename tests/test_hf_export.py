@@ -287,7 +287,7 @@ with contextlib.redirect_stdout(stdout):
 out["infer"] = json.loads(stdout.getvalue())
 cfg = evaluate.EvaluateConfig(checkpoint="nxtp-test/tiny", shards=p["shards"], labels=p["labels"], output=p["output"])
 out["checkpoint_flag"] = cfg.checkpoint
-_, _, out["image_size"], out["model_path"] = evaluate.check_inputs(cfg)
+_, _, out["image_size"], out["model_path"], _ = evaluate.check_inputs(cfg)
 for name in ("damaged", "absent"):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
         out[name + "_rc"] = evaluate.main(["--checkpoint", "nxtp-test/" + name, "--shards", p["shards"], "--labels", p["labels"], "--output", p["output"]])

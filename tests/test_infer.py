@@ -58,6 +58,34 @@ def test_infer_reports_unreadable_image(tmp_path, world, capsys):
     assert good in captured.out and "| prob: " in captured.out
 
 
+def test_infer_caption_greedy_and_beam_as_generate_writes_them(tmp_path, world, capsys):
+    import torch
+
+    from model.generate import generate
+
+    tok = Tokenizer(world.tokenizer)
+    model = _tiny_model(tok)
+    export = save_pretrained(model, tok, str(tmp_path / "export"))
+    images = _images(world)
+    with torch.no_grad():
+        batch = torch.stack([preprocess(model.cfg.vision.image_size)(Image.open(p).convert("RGB")) for p in images])
+    for beams in (1, 3):
+        assert infer.main(["--checkpoint", export, "--image", *images, "--caption", "--beams", str(beams), "--max-length", "6", "--format", "json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        expected = generate(model, batch, tok, max_length=6, beams=beams)
+        assert [r["caption"] for r in out] == [c.text for c in expected]
+        assert [r["tokens"] for r in out] == [len(c.tokens) for c in expected] and all(r["tokens"] <= 6 for r in out)
+    assert infer.main(["--checkpoint", export, "--image", images[0], "--caption", "--max-length", "2"]) == 0
+    assert "\ncaption: " in capsys.readouterr().out
+    assert infer.main(["--checkpoint", export, "--image", images[0], "--caption", "--max-length", "1000"]) == 2
+    assert "exceed the model's max_seq_len" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="give one of them per run"):
+        infer.InferConfig(checkpoint=export, images=images, caption=True, attention_map=str(tmp_path / "maps"))
+    with pytest.raises(SystemExit):
+        infer.main(["--checkpoint", export, "--image", images[0], "--caption", "--attention-map", str(tmp_path / "maps")])
+    assert not (tmp_path / "maps").exists()
+
+
 def test_infer_precision_flag(tmp_path, world, capsys):
     import torch
 

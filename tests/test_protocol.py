@@ -223,6 +223,9 @@ def test_the_evaluation_scorer_stage_applies_the_protocol(minilm):
             "error": [None, None],
             "predictions": [["dog", "", "dog"], []],
             "probabilities": [[0.5, 0.2, 0.1], []],
+            "classes": [[], []],
+            "references": [[], []],
+            "caption": [None, None],
         },
         schema=PREDICTED,
     )

@@ -35,7 +35,7 @@ def _label_rows():
 
 
 def test_every_schema_is_versioned_and_named():
-    assert set(SCHEMAS) == {"url_table", "shard_manifest", "label_table", "vocab", "predictions", "report", "curation"}
+    assert set(SCHEMAS) == {"url_table", "shard_manifest", "label_table", "vocab", "predictions", "report", "curation", "closed_set", "confusion", "captions", "caption_report"}
     for name, schema in SCHEMAS.items():
         assert schema.metadata[b"schema_name"].decode() == name
         assert int(schema.metadata[b"schema_version"]) >= 1
