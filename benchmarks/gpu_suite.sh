@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_suite.sh            # one GPU, the published shapes (1.78B), about 20-25 minutes
 #   bash benchmarks/gpu_suite.sh --cpu      # a CPU, small shapes: the same scripts, so regressions show without a GPU
 #   bash benchmarks/gpu_suite.sh --dry-run  # print the commands only
+#   bash benchmarks/gpu_suite.sh --only sampling,train --budget 540   # a subset, inside 9 minutes
 #
 # GPU mode, in this order (each step under its own time limit, so the suite ends in time even
 # when one step does not):
@@ -15,25 +16,39 @@
 # Results: benchmarks/results/suite_<cuda|cpu>/ (each benchmark's JSON / Markdown, suite.log, and
 # summary.md: the rows for BENCHMARKS.md), also copied into $OUT when that variable is set.
 # Needs the project's Python environment and LLaMA-2's tokenizer.model ($NXTP_TOKENIZER, default
-# assets/llama2_tokenizer.model). $PYTHON picks the interpreter (default: python).
+# assets/llama2_tokenizer.model; without it, `python -m benchmarks.stand_in_tokenizer FILE` writes a
+# stand-in of the same size). $PYTHON picks the interpreter (default: python). --budget S caps the
+# whole suite: each step's limit is cut to the time left, and the batch sweep stops early.
 set -uo pipefail
 
 usage() {
-    echo "usage: benchmarks/gpu_suite.sh [--cpu] [--dry-run]" >&2
+    echo "usage: benchmarks/gpu_suite.sh [--cpu] [--dry-run] [--only sampling,evaluate,train] [--budget SECONDS]" >&2
     echo "  --cpu      small shapes on the CPU (no GPU needed)" >&2
     echo "  --dry-run  print the commands without running them" >&2
+    echo "  --only     run only these steps (default: all three)" >&2
+    echo "  --budget   seconds for the whole suite (default 1500)" >&2
 }
 
 MODE=cuda
 DRY=0
-for arg in "$@"; do
-    case "$arg" in
+ONLY=sampling,evaluate,train
+BUDGET=1500
+ARGS="$*"
+while [ $# -gt 0 ]; do
+    case "$1" in
         --cpu) MODE=cpu ;;
         --dry-run) DRY=1 ;;
+        --only) ONLY=${2:?--only needs a list}; shift ;;
+        --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
         -h | --help) usage; exit 0 ;;
-        *) echo "unknown option: $arg" >&2; usage; exit 2 ;;
+        *) echo "unknown option: $1" >&2; usage; exit 2 ;;
     esac
+    shift
 done
+for s in ${ONLY//,/ }; do
+    case "$s" in sampling | evaluate | train) ;; *) echo "unknown step in --only: $s" >&2; usage; exit 2 ;; esac
+done
+wants() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python}
@@ -50,10 +65,19 @@ step() {
     shift 2
     echo "\$ $*"
     [ "$DRY" = 1 ] && return 0
+    local left=$((BUDGET - ($(date +%s) - STARTED) - 20))
+    if [ "$left" -lt 60 ]; then
+        say "$name: skipped (${left}s of the --budget left)"
+        return 3
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     say "$name: start (limit ${limit}s)"
     timeout --signal=INT --kill-after=30 "$limit" "$@" > "$RES/$name.log" 2>&1
     local code=$?
     tail -n 5 "$RES/$name.log"
+    if [ -n "${OUT:-}" ]; then  # what is done comes back even if a later step is cut short
+        mkdir -p "$OUT/suite_$MODE" && cp -r "$RES/." "$OUT/suite_$MODE/"
+    fi
     if [ "$code" = 0 ]; then
         say "$name: done in $(($(date +%s) - STARTED))s since the start"
     else
@@ -79,33 +103,45 @@ if [ "$DRY" = 0 ]; then
 fi
 
 if [ "$MODE" = cuda ]; then
-    step sampling 420 "$PY" -m benchmarks.sampling_bench --device cuda --config g3m --batch 64 --ks 10 100 --repeats 3 \
-        --out "$RES/sampling_cuda_g3m.json" || FAILED=1
-    step evaluate 540 "$PY" -m benchmarks.evaluate_bench --device cuda --config g3m --batch 64 --images 5000 --actors 1 \
-        --model-only-images 1280 --workdir .cache/evaluate_bench_g3m --out "$RES/evaluate_cuda_g3m" || FAILED=1
-    step train_b16 360 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch 16 --steps 60 --skip 20 \
-        --out "$RES/train_b16" || FAILED=1
-    for batch in 32 64 128; do
-        if [ "$DRY" = 0 ] && [ $(($(date +%s) - STARTED)) -gt 1140 ]; then
-            say "train_b$batch: skipped (the suite has run 19 minutes)"
-            break
-        fi
-        if ! step "train_b$batch" 300 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$batch" --steps 40 --skip 15 \
-            --out "$RES/train_b$batch"; then
-            grep -qiE "out of memory|OutOfMemoryError" "$RES/train_b$batch.log" 2>/dev/null && say "batch $batch does not fit" || FAILED=1
-            break
-        fi
-    done
+    if wants sampling; then
+        step sampling 420 "$PY" -m benchmarks.sampling_bench --device cuda --config g3m --batch 64 --ks 10 100 --repeats 3 \
+            --out "$RES/sampling_cuda_g3m.json" || FAILED=1
+    fi
+    if wants evaluate; then
+        step evaluate 540 "$PY" -m benchmarks.evaluate_bench --device cuda --config g3m --batch 64 --images 5000 --actors 1 \
+            --model-only-images 1280 --workdir .cache/evaluate_bench_g3m --out "$RES/evaluate_cuda_g3m" || FAILED=1
+    fi
+    if wants train; then
+        step train_b16 360 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch 16 --steps 60 --skip 20 \
+            --out "$RES/train_b16" || FAILED=1
+        for batch in 32 64 128; do
+            if [ "$DRY" = 0 ] && [ $((BUDGET - ($(date +%s) - STARTED))) -lt 360 ]; then
+                say "train_b$batch: skipped (less than 6 minutes of the --budget left)"
+                break
+            fi
+            if ! step "train_b$batch" 300 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$batch" --steps 40 --skip 15 \
+                --out "$RES/train_b$batch"; then
+                grep -qiE "out of memory|OutOfMemoryError" "$RES/train_b$batch.log" 2>/dev/null && say "batch $batch does not fit" || FAILED=1
+                break
+            fi
+        done
+    fi
 else
-    step sampling 900 "$PY" -m benchmarks.sampling_bench --device cpu --config small --batch 4 --ks 10 100 --repeats 2 \
-        --recompute-batch 1 --out "$RES/sampling_cpu_small.json" || FAILED=1
-    step evaluate 900 "$PY" -m benchmarks.evaluate_bench --device cpu --config small --batch 16 --images 240 --actors 1 \
-        --model-only-images 80 --workdir .cache/evaluate_bench_small --out "$RES/evaluate_cpu_small" || FAILED=1
-    step train 900 "$PY" -m benchmarks.train_bench --steps 60 --skip 20 --out "$RES/train" || FAILED=1
+    if wants sampling; then
+        step sampling 900 "$PY" -m benchmarks.sampling_bench --device cpu --config small --batch 4 --ks 10 100 --repeats 2 \
+            --recompute-batch 1 --out "$RES/sampling_cpu_small.json" || FAILED=1
+    fi
+    if wants evaluate; then
+        step evaluate 900 "$PY" -m benchmarks.evaluate_bench --device cpu --config small --batch 16 --images 240 --actors 1 \
+            --model-only-images 80 --workdir .cache/evaluate_bench_small --out "$RES/evaluate_cpu_small" || FAILED=1
+    fi
+    if wants train; then
+        step train 900 "$PY" -m benchmarks.train_bench --steps 60 --skip 20 --out "$RES/train" || FAILED=1
+    fi
 fi
 
 [ "$DRY" = 1 ] && exit 0
-"$PY" -m benchmarks.suite_report "$RES" --command "bash benchmarks/gpu_suite.sh $*" || FAILED=1
+"$PY" -m benchmarks.suite_report "$RES" --command "bash benchmarks/gpu_suite.sh $ARGS" || FAILED=1
 say "total $(($(date +%s) - STARTED))s; results in $RES"
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/suite_$MODE"
