@@ -15,9 +15,11 @@ one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader 
 5. builds the token ids, targets and label segments (labels shuffled, a prompt template
    drawn) and collates batches, all in the worker.
 
-Determinism: the stream is a pure function of (seed, rank, worker, start step). The
-trainer starts a new stream at every checkpoint with the checkpoint's step, so that a
-run resumed from a checkpoint reads exactly the batches the uninterrupted run read.
+Determinism: the batches are a pure function of (seed, rank, number of workers, start
+step, checkpoint interval). The stream restarts itself at every checkpoint step (the
+segment's worker streams are seeded with that step), inside the same worker processes,
+so that a run resumed from a checkpoint reads exactly the batches the uninterrupted run
+read, without new workers at every checkpoint.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class TrainStream(IterableDataset):
         prompt_augmentation: bool = True,
         caption_loss: bool = False,
         shuffle_buffer: int = 256,
+        segment_steps: int = 0,
+        batches_per_step: int = 1,
     ):
         self.datasets = list(datasets)
         self.shards = [d.shard_paths() for d in self.datasets]
@@ -99,11 +103,32 @@ class TrainStream(IterableDataset):
         self.templates = PROMPT_TEMPLATES if prompt_augmentation else (PROMPT,)
         self.caption_loss = caption_loss
         self.shuffle_buffer = shuffle_buffer
+        self.segment_steps = segment_steps  # the checkpoint interval (0: one segment from start_step on)
+        self.batches_per_step = batches_per_step  # gradient accumulation
 
     def __iter__(self) -> Iterator[dict]:
+        """Worker w of W yields batches w, w+W, ... (the DataLoader's order), counted from step 0.
+
+        Batches are grouped in segments that start at ``start_step`` and at every multiple of
+        ``segment_steps`` after it. Within a segment, batch j is the (j // W)-th batch of the
+        segment's stream number j % W, seeded with the segment's first step: what a loader
+        started at that step yields, whichever worker produces it.
+        """
         info = get_worker_info()
-        worker = info.id if info else 0
-        rng = random.Random(_seed(self.seed, self.rank, worker, self.start_step))
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        first = self.start_step * self.batches_per_step
+        per_segment = self.segment_steps * self.batches_per_step
+        b, current, batches = first + worker, None, None
+        while True:
+            start = max(first, b - b % per_segment) if per_segment > 0 else first
+            if start != current:
+                current, batches = start, self._batches(worker, (b - start) % workers, start // self.batches_per_step)
+            yield next(batches)
+            b += workers
+
+    def _batches(self, worker: int, stream: int, start_step: int) -> Iterator[dict]:
+        """Collated batches of one segment's stream ``stream``, produced by ``worker``."""
+        rng = random.Random(_seed(self.seed, self.rank, stream, start_step))
         tok = Tokenizer(self.tokenizer_path)
         transform = preprocess(self.image_size)
         stats: Counter = Counter()
@@ -210,6 +235,11 @@ def collate(examples: list[dict], tok: Tokenizer, stats: dict) -> dict:
     return batch
 
 
-def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
-    """Batches are made in the workers (batch_size=None); worker w serves batches w, w+W, ..."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, prefetch_factor=4 if num_workers else None)
+def train_loader(stream: TrainStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches are made in the workers (batch_size=None); worker w serves batches w, w+W, ...
+
+    pin_memory: page-locked batches, for non-blocking copies to a GPU.
+    """
+    return DataLoader(
+        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None
+    )
