@@ -245,7 +245,10 @@ def test_user_config_trains_under_the_launcher(name, launch_config, repo_root, t
     path = tmp_path / f"{name}.json"
     path.write_text(USER_CONFIGS[name])  # verbatim
     run = str(tmp_path / "run")
-    output = _launch(repo_root, launch_config, str(path), run)
+    # ZeRO-3 with activation checkpointing (parameters gathered again for the recomputation)
+    checkpointing = name == "llava_zero3"
+    output = _launch(repo_root, dict(launch_config, activation_checkpointing=checkpointing), str(path), run)
+    assert f'"activation_checkpointing": {str(checkpointing).lower()}' in output
     saved = json.load(open(os.path.join(run, "ds_config.json")))
     assert list(auto_keys(saved)) == [] and '"auto"' not in open(os.path.join(run, "ds_config.json")).read()
     assert (saved["train_micro_batch_size_per_gpu"], saved["gradient_accumulation_steps"], saved["train_batch_size"]) == (4, 1, 8)
