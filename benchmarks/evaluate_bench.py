@@ -136,9 +136,10 @@ def _decoded_images(shards: str, labels: str, image_size: int) -> torch.Tensor:
     from ray.data.block import BlockAccessor
 
     from pipeline import evaluation
+    from pipeline.shards import find_shards
 
     blocks = []
-    for spec in evaluation.plan_reads(evaluation.find_shards(shards, labels), PER_SHARD):
+    for spec in evaluation.plan_reads(find_shards(shards, labels=labels), labels, PER_SHARD):
         samples = evaluation.read_samples_batch(pa.Table.from_pylist([spec]))
         batch = BlockAccessor.for_block(evaluation.decode_batch(samples, image_size)).to_batch_format("numpy")
         blocks.append(torch.from_numpy(batch["image"]))

@@ -100,13 +100,14 @@ def job_overhead(corpus: list) -> dict:
     import pyarrow as pa
 
     from pipeline import labels
+    from pipeline.shards import find_shards
 
     work = tempfile.mkdtemp(prefix="labels_bench_stage")
     try:
         write_shards(corpus, os.path.join(work, "shards"), per_shard=len(corpus))
-        (shard,) = labels.find_shards(os.path.join(work, "shards"))
+        (shard,) = find_shards(os.path.join(work, "shards"))
         os.makedirs(os.path.join(work, "out"))
-        stage = labels.LabelShards(os.path.join(work, "out"), "spacy", batch_size=BATCH)
+        stage = labels.LabelShards(os.path.join(work, "out"), labels.LabelSettings("spacy", batch_size=BATCH))
         stage.extract(corpus[:BATCH])  # warm-up
         spec = pa.Table.from_pylist([{"shard": shard.name, "tar": shard.tar, "parquet": shard.parquet}])
         cpu = time.process_time()
@@ -184,6 +185,7 @@ def scaling(captions: list, sizes: tuple[int, ...], workers: tuple[int, ...], ro
     import ray
 
     from pipeline import labels
+    from pipeline.shards import find_shards
 
     ray.init(address="local", num_cpus=max(workers), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     import ray.data
@@ -194,14 +196,14 @@ def scaling(captions: list, sizes: tuple[int, ...], workers: tuple[int, ...], ro
         shards = {}
         for size in sizes:
             write_shards(captions[:size], os.path.join(work_dir, f"shards{size}"), per_shard=2000)
-            shards[size] = labels.find_shards(os.path.join(work_dir, f"shards{size}"))
+            shards[size] = find_shards(os.path.join(work_dir, f"shards{size}"))
         for round_ in range(rounds):
             for w in workers:
                 for size in sizes:
                     out = os.path.join(work_dir, f"out{size}_{w}_{round_}")
                     os.makedirs(out)
                     start = time.perf_counter()
-                    summary = labels.label_shards(shards[size], out, concurrency=w, batch_size=BATCH, nltk_data=[os.environ["NLTK_DATA"]])
+                    summary = labels.label_shards(shards[size], out, labels.LabelSettings(concurrency=w, batch_size=BATCH, nltk_data=(os.environ["NLTK_DATA"],)))
                     wall = time.perf_counter() - start
                     runs.append(
                         {"round": round_, "workers": w, "captions": summary["captions"], "shards": len(shards[size]), "wall_s": round(wall, 2),

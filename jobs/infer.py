@@ -1,7 +1,8 @@
 """Labels for images: ``python -m jobs.infer --checkpoint CKPT --image a.jpg [b.jpg ...]``.
 
-``--checkpoint`` is an exported model folder (``jobs.train`` writes one) or a released
-NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
+``--checkpoint`` is an exported model folder (``jobs.train`` writes one), its hub id
+(``owner/name``: from the local Hugging Face cache when ``HF_HUB_OFFLINE=1``, else
+downloaded by huggingface_hub), or a released NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
 base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless the file
 holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
 "| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA (bf16) when
@@ -10,25 +11,29 @@ present, else the CPU (fp32).
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
 
 import torch
+import tyro
 from PIL import Image
+
+from jobs._cli import parse
 
 
 @dataclass
 class InferConfig:
     checkpoint: str
-    """exported model folder, or a released NxTP .pth"""
-    images: list[str]
-    """image files to label"""
-    num_labels: int = 10
+    """exported model folder, its hub id (owner/name) in the local Hugging Face cache, or a released NxTP .pth"""
+    images: Annotated[list[str], tyro.conf.arg(name="image", aliases=("--images",))]
+    """image file(s) to label"""
+    num_labels: Annotated[int, tyro.conf.arg(aliases=("--k",))] = 10
     """k of one-shot sampling: labels per image (after merging duplicates, possibly fewer)"""
-    format: str = "text"
+    format: Literal["text", "json"] = "text"
     """text (the reference's lines) or json"""
     tokenizer: str | None = None
     """LLaMA tokenizer.model, for a released .pth"""
@@ -36,44 +41,32 @@ class InferConfig:
     """base CLIP weights (OpenAI .pt or open_clip file), for a released .pth holding only trained keys"""
     llama_params: str | None = None
     """Meta's params.json of the decoder, for a released .pth"""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (cuda if present), cuda or cpu"""
     batch_size: int = 16
     """images per forward pass"""
     max_steps: int | None = None
     """one-shot sampling step limit (default: the model config's, 20)"""
+    attention_map: str | None = None
+    """folder for one PNG per image: each label's attention (its first token's) over the image patches"""
+    layer: int | None = None
+    """decoder layer of the attention maps, 0-based, negative from the last (default: mean over layers)"""
+    head: int | None = None
+    """attention head of the attention maps (default: mean over heads)"""
 
     def __post_init__(self):
+        if not self.images:
+            raise ValueError("--image needs at least one file")
         if self.num_labels < 1:
             raise ValueError("--num-labels must be >= 1")
-        if self.format not in ("text", "json"):
-            raise ValueError("--format must be text or json")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError("--device must be auto, cuda or cpu")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
-
-
-def parse_args(argv: list[str] | None) -> InferConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="exported model folder, or a released NxTP .pth")
-    p.add_argument("--image", dest="images", nargs="+", required=True, help="image file(s)")
-    p.add_argument("--num-labels", type=int, default=10, help="labels per image (default 10)")
-    p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--tokenizer", help="LLaMA tokenizer.model (for a released .pth)")
-    p.add_argument("--clip-weights", help="base CLIP weights for the frozen ViT blocks (for a released .pth)")
-    p.add_argument("--llama-params", help="Meta params.json of the decoder (for a released .pth)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-steps", type=int, default=None, help="one-shot step limit (default: model config, 20)")
-    try:
-        return InferConfig(**vars(p.parse_args(argv)))
-    except ValueError as err:
-        p.error(str(err))
+        if (self.layer is not None or self.head is not None) and not self.attention_map:
+            raise ValueError("--layer and --head choose the attention maps: they need --attention-map DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse(InferConfig, argv, prog="python -m jobs.infer", description=__doc__)
     log = sys.stderr if cfg.format == "json" else sys.stdout
     print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
     from model.checkpoint import load_model
@@ -81,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     from model.vision import preprocess
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
-    model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
+    try:
+        model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
+    except (FileNotFoundError, ValueError) as err:  # WeightError included: a damaged export names its file and key
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for note in notes:
         print(f"note: {note}", file=log)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -89,8 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters on {device} ({dtype})", file=log)
     transform = preprocess(model.cfg.vision.image_size)
+    if cfg.attention_map:
+        from model.attention import check_layer_head
 
-    results, failed = [], 0
+        try:
+            check_layer_head(model.cfg.decoder.n_layers, model.cfg.decoder.n_heads, cfg.layer, cfg.head)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        os.makedirs(cfg.attention_map, exist_ok=True)
+
+    results, failed, written = [], 0, set()
     for start in range(0, len(cfg.images), cfg.batch_size):
         paths, tensors = [], []
         for path in cfg.images[start : start + cfg.batch_size]:
@@ -107,17 +113,47 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             labels = one_shot(model, torch.stack(tensors).to(device, dtype), tok, k=cfg.num_labels, max_steps=cfg.max_steps)
         seconds = time.perf_counter() - t0
-        for path, out in zip(paths, labels):
+        for path, image, out in zip(paths, tensors, labels):
             results.append({"image": path, "labels": out.labels, "probs": [round(p, 5) for p in out.probs]})
+            if cfg.attention_map:
+                results[-1]["attention_map"] = _write_attention_map(cfg, model, tok, path, image.to(device, dtype), out, written, log)
             if cfg.format == "text":
                 print(f"\n{path} (inference time: {seconds:.3f}s for {len(paths)} image(s))")
                 print(f"top-{cfg.num_labels} predictions:")
                 for label, prob in zip(out.labels, out.probs):
                     print(f"| prob: {prob:.5f} - {label}")
+            if cfg.attention_map:
+                print(f"attention map: {results[-1]['attention_map']}", file=log)
     if cfg.format == "json":
         json.dump(results, sys.stdout, indent=2)
         print()
     return 1 if failed else 0
+
+
+def _write_attention_map(cfg: InferConfig, model, tok, path: str, image: torch.Tensor, out, written: set[str], log) -> str:
+    """The PNG of one image's label attention maps in ``cfg.attention_map``; returns its path."""
+    from model.attention import label_maps
+    from pipeline.attention_maps import write_figure
+
+    with torch.inference_mode():
+        maps = label_maps(model, tok, image, out.labels, cfg.layer, cfg.head)
+    for label in out.labels:
+        if label not in maps:
+            print(f"note: {path}: no attention map for the label {label!r} (it does not tokenize after the prompt)", file=log)
+    kept = [(label, prob) for label, prob in zip(out.labels, out.probs) if label in maps]
+    which = f"layer {'mean' if cfg.layer is None else cfg.layer}, head {'mean' if cfg.head is None else cfg.head}"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    target, n = os.path.join(cfg.attention_map, f"{stem}.png"), 1
+    while target in written:  # two inputs with one file name: keep both
+        n += 1
+        target = os.path.join(cfg.attention_map, f"{stem}-{n}.png")
+    written.add(target)
+    with Image.open(path) as img:
+        write_figure(
+            target, img, [label for label, _ in kept], [p for _, p in kept], [maps[label].float().cpu().numpy() for label, _ in kept],
+            caption=f"{os.path.basename(path)}: first label token's attention, {which}",
+        )
+    return target
 
 
 if __name__ == "__main__":

@@ -15,18 +15,18 @@ retry them), 2 on a usage or input error.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from jobs._cli import field_docs
+import tyro
+
+from jobs._cli import SUBMITTED, parse, ray_session, resolve_paths
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
 
@@ -34,6 +34,7 @@ import pyarrow as pa  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline import ingest, sources  # noqa: E402
+from pipeline.outputs import write_json  # noqa: E402
 from schemas import URL_TABLE, read_table, write_table  # noqa: E402
 
 WORKER_ENV = {
@@ -42,18 +43,17 @@ WORKER_ENV = {
     # and Ray's job supervisor, so that other work on a busy node does not starve them
     "RAY_worker_niceness": "0",
 }
-SUBMITTED = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the job supervisor under `ray job submit`
 
 
 @dataclass
 class IngestConfig:
     """Everything one ingestion run depends on; saved as ``<output>/ingest_config.json``."""
 
-    source: str
+    source: Literal[sources.SOURCES]
     """Format of --input: cc3m | cc12m (tsv), coco (captions json), laion (parquet), openimages (narratives jsonl)."""
     input: str
     """The URL list: a .tsv, a COCO captions .json, a LAION .parquet or an OpenImages narratives .jsonl."""
-    output: str
+    output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
     """Folder for shards, manifest and URL table; re-running on it completes missing shards."""
     split: str = "train"
     """Written into the split column of every row (and each sample's json)."""
@@ -77,7 +77,7 @@ class IngestConfig:
     """laion only: drop rows whose CLIP similarity is below this."""
     image_size: int = 256
     """Target image size in pixels, applied according to --resize-mode."""
-    resize_mode: str = "keep_ratio"
+    resize_mode: Literal[ingest.RESIZE_MODES] = "keep_ratio"
     """img2dataset resize mode: keep_ratio (smaller side = size) | center_crop | border | keep_ratio_largest | no."""
     processes: int = 0
     """Shards downloaded at once, one Ray task (1 CPU) each; 0: every CPU of the Ray cluster."""
@@ -89,8 +89,22 @@ class IngestConfig:
     """Seconds before one image download is given up (counted as timeout)."""
     max_shard_retries: int = 2
     """Times a failed shard is retried before the run gives up on it (a re-run tries again)."""
-    ray_address: str | None = None
-    """Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray instance is started)."""
+    retries: int = 2
+    """Times one download is retried after a transient failure (timeout, connection_error, http_429, http_5xx), with backoff; never after another (404, not an image)."""
+    retry_backoff: float = 1.0
+    """Seconds before the first retry of a download, doubling each time (a server's Retry-After wins; at most 60)."""
+    retry_failed: list[str] = dataclasses.field(default_factory=list)
+    """Download again the failed rows of done shards whose reason is listed (e.g. timeout connection_error http_5xx http_429), into new shards."""
+    max_image_area: int = ingest.DEFAULT_MAX_IMAGE_AREA
+    """Largest width x height decoded; a larger image (a decompression bomb) is refused, counted as image_area_too_large."""
+    max_image_bytes: int = ingest.DEFAULT_MAX_IMAGE_BYTES
+    """Largest body downloaded; a longer one is refused, counted as file_too_large."""
+    user_agent_token: str | None = None
+    """Token added to the User-Agent (e.g. img2dataset); X-Robots-Tag lines addressed to it apply."""
+    disallowed_header_directives: list[str] = dataclasses.field(default_factory=lambda: list(ingest.X_ROBOTS_DIRECTIVES))
+    """X-Robots-Tag directives that skip an image (counted as disallowed_by_robots); give none to honour none."""
+    address: Annotated[str | None, tyro.conf.arg(aliases=("--ray-address",))] = None
+    """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
 
     def __post_init__(self):
         if self.source not in sources.SOURCES:
@@ -111,6 +125,7 @@ class IngestConfig:
             raise ValueError("--processes and --max-shard-retries must be >= 0")
         if not self.split or "/" in self.split:
             raise ValueError(f"--split {self.split!r}: a plain name such as train or val")
+        ingest.check_reasons(self.retry_failed)
         self.shard_settings()  # checks image size, resize mode, threads, shard size, timeout
 
     def shard_settings(self) -> ingest.ShardSettings:
@@ -120,6 +135,12 @@ class IngestConfig:
             samples_per_shard=self.samples_per_shard,
             threads=self.threads,
             timeout=self.timeout,
+            retries=self.retries,
+            retry_backoff=self.retry_backoff,
+            max_image_area=self.max_image_area,
+            max_image_bytes=self.max_image_bytes,
+            user_agent_token=self.user_agent_token,
+            disallowed_header_directives=tuple(self.disallowed_header_directives),
         )
 
     def paths(self) -> dict[str, str]:
@@ -135,27 +156,12 @@ DATASET_FIELDS = (
 )  # fmt: skip
 
 
-def parse_args(argv: list[str] | None) -> IngestConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = field_docs(IngestConfig)
-    types = {"int": int, "float": float, "str": str}
-    for f in dataclasses.fields(IngestConfig):
-        required = f.default is dataclasses.MISSING
-        typ = types[str(f.type).split(" |")[0]]
-        default = "" if required or f.default is None else f" (default {f.default})"
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, required=required, default=None if required else f.default, help=docs[f.name] + default)
-    try:
-        return IngestConfig(**vars(p.parse_args(argv)))
-    except ValueError as e:
-        p.error(str(e))
-
-
-def check_paths(cfg: IngestConfig, submitted: bool) -> None:
-    """Clear errors for paths the cluster cannot use (they are resolved where the job runs)."""
-    where = "on the cluster (under `ray job submit` the job runs on the head node, in a copy of the working dir)" if submitted else "on this machine"
+def check_paths(cfg: IngestConfig) -> None:
+    """Absolute paths, and clear errors for paths the job cannot use (they are resolved where the job runs)."""
+    names = ("input", "output", "images_dir", "url_map", "blocklist")
+    resolve_paths(cfg, names)
+    where = "on the cluster (under `ray job submit` the job runs on the head node)" if SUBMITTED in os.environ else "on this machine"
     for flag, path in cfg.paths().items():
-        if submitted and not os.path.isabs(path):
-            raise ValueError(f"{flag} {path}: give an absolute path; paths are resolved {where}")
         if flag != "--output" and not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path}: no such file or folder (paths are resolved {where})")
     if cfg.images_dir is not None and not os.path.isdir(cfg.images_dir):
@@ -198,55 +204,6 @@ def check_resume(cfg: IngestConfig, urls: pa.Table) -> None:
             )
 
 
-def _save_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _submitted_env_vars() -> dict:
-    """Env vars the submitter put in the job's runtime env (``ray job submit --runtime-env-json``)."""
-    try:
-        return json.loads(os.environ.get(SUBMITTED, "{}")).get("runtime_env", {}).get("env_vars") or {}
-    except (ValueError, AttributeError):
-        return {}
-
-
-@contextlib.contextmanager
-def ray_session(cfg: IngestConfig) -> Iterator[dict[str, str] | None]:
-    """Ray for the run: the caller's connection when it has one, else --ray-address / $RAY_ADDRESS
-    (set by `ray job submit`), else a private local instance on loopback; shut down if opened here.
-
-    Yields the env vars the download tasks still need per task: None when WORKER_ENV went
-    into the job's own runtime env, so that the tasks run in the job's (prestarted) workers
-    rather than in extra ones started for a per-task env.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield dict(WORKER_ENV)
-        return
-    taken = _submitted_env_vars()  # the submitter's own setting wins; Ray refuses a conflicting one
-    runtime_env = {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in taken}}
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    else:
-        ray.init(
-            num_cpus=cfg.processes or None,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env,
-            logging_level=logging.WARNING,
-        )
-    try:
-        yield None
-    finally:
-        ray.shutdown()
-
-
 def run(cfg: IngestConfig) -> int:
     os.makedirs(cfg.output, exist_ok=True)
     with ingest.output_lock(cfg.output):
@@ -263,17 +220,22 @@ def run(cfg: IngestConfig) -> int:
         )
         check_resume(cfg, urls)
         write_table(urls, os.path.join(cfg.output, "urls.parquet"), URL_TABLE)
-        _save_json(os.path.join(cfg.output, "ingest_config.json"), dataclasses.asdict(cfg))
+        write_json(os.path.join(cfg.output, "ingest_config.json"), dataclasses.asdict(cfg))
 
         bar = tqdm(total=urls.num_rows, unit="img", desc="ingest", mininterval=1.0 if sys.stderr.isatty() else 10.0)
 
         def progress(p: ingest.Progress) -> None:
+            bar.total = p.samples_total  # a retry round adds rows
             bar.set_description(f"shards {p.shards_done}/{p.shards_total}", refresh=False)
             bar.set_postfix(ok=p.successes, refresh=False)
             bar.update(p.samples_done - bar.n)  # prints at most every mininterval
 
+        import ray
+
+        # joined to the caller's Ray: the download tasks take the worker env per task; else the job's runtime env has it
+        task_env = dict(WORKER_ENV) if ray.is_initialized() else None
         try:
-            with ray_session(cfg) as task_env:
+            with ray_session(cfg.address, env_vars=WORKER_ENV, num_cpus=cfg.processes or None):
                 result = ingest.run_ingest(
                     urls,
                     cfg.output,
@@ -283,6 +245,7 @@ def run(cfg: IngestConfig) -> int:
                     local_root=local_root,
                     worker_env=task_env,
                     progress=progress,
+                    retry_failed=cfg.retry_failed,
                 )
         finally:
             bar.close()
@@ -298,7 +261,7 @@ def run(cfg: IngestConfig) -> int:
             selected=urls.num_rows,
             result=result,
         )
-        _save_json(os.path.join(cfg.output, "ingest_summary.json"), summary)
+        write_json(os.path.join(cfg.output, "ingest_summary.json"), summary)
         print(ingest.format_summary(summary), flush=True)
         if result.shards_failed:
             print(f"{len(result.shards_failed)} shard(s) failed after {cfg.max_shard_retries} retries: re-run the same command to retry them", file=sys.stderr)
@@ -308,13 +271,10 @@ def run(cfg: IngestConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = parse_args(argv)
+    cfg = parse(IngestConfig, argv, prog="python -m jobs.ingest", description=__doc__)
     print("ingest config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
     try:
-        check_paths(cfg, submitted=SUBMITTED in os.environ)
-        for name in ("input", "output", "images_dir", "url_map", "blocklist"):
-            if getattr(cfg, name) is not None:
-                setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
+        check_paths(cfg)
         return run(cfg)
     except (FileNotFoundError, ValueError, ingest.OutputBusyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,37 +9,48 @@ and the command blocks until Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Annotated
 
+import tyro
 from tqdm import tqdm
 
+from jobs._cli import parse
 from pipeline import synthetic
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder to write the world into")
-    p.add_argument("--n", type=int, default=1000, help="training samples (default 1000)")
-    p.add_argument("--val", type=int, default=200, help="validation samples (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="the world is a pure function of the seed")
-    p.add_argument("--bad-fraction", type=float, default=0.1, help="rows made deliberately bad (dead url, not an image, truncated jpeg, empty caption)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="base URL written into the url lists")
-    p.add_argument("--serve", action="store_true", help="serve the world over HTTP on 127.0.0.1 until Ctrl-C")
-    p.add_argument("--port", type=int, default=0, help="port for --serve (default: ephemeral)")
-    args = p.parse_args(argv)
-    if args.n < 0 or args.val < 0:
-        p.error("--n and --val must be >= 0")
-    if not 0.0 <= args.bad_fraction < 1.0:
-        p.error("--bad-fraction must be in [0, 1)")
-    return args
+@dataclass
+class SynthConfig:
+    output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
+    """folder to write the world into"""
+    n: int = 1000
+    """training samples"""
+    val: int = 200
+    """validation samples"""
+    seed: int = 0
+    """the world is a pure function of the seed"""
+    bad_fraction: float = 0.1
+    """rows made deliberately bad (dead url, not an image, truncated jpeg, empty caption)"""
+    base_url: str = "http://127.0.0.1:8000"
+    """base URL written into the url lists"""
+    serve: bool = False
+    """serve the world over HTTP on 127.0.0.1 until Ctrl-C"""
+    port: int = 0
+    """port for --serve (0: ephemeral)"""
+
+    def __post_init__(self):
+        if self.n < 0 or self.val < 0:
+            raise ValueError("--n and --val must be >= 0")
+        if not 0.0 <= self.bad_fraction < 1.0:
+            raise ValueError("--bad-fraction must be in [0, 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out = os.path.abspath(args.out)
+    args = parse(SynthConfig, argv, prog="python -m jobs.synth", description=__doc__)
+    out = os.path.abspath(args.output)
     print(f"synthetic world: {args.n} train + {args.val} val samples, seed {args.seed}, bad fraction {args.bad_fraction} -> {out}")
     bar = tqdm(total=args.n + args.val, unit="img", desc="render")
     world = synthetic.write_world(

@@ -15,27 +15,54 @@ JSON's "auto" values are filled from this config as the Hugging Face Trainer fil
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-import yaml
+import tyro
 
-from jobs._cli import field_docs
+from jobs._cli import parse
 from pipeline.ds_config import PRECISIONS, DeepSpeedConfigError, gradient_accumulation
 from pipeline.loader import DatasetSpec
+from pipeline.outputs import write_json
+
+
+def _dataset(args: list[str]) -> DatasetSpec:
+    (spec,) = args
+    name, _, rest = spec.partition("=")
+    parts = rest.split(",")
+    if not name or len(parts) not in (2, 3):
+        raise ValueError(f"--data {spec!r}: expected NAME=SHARDS,LABELS[,WEIGHT]")
+    return DatasetSpec(name, parts[0], parts[1], float(parts[2]) if len(parts) == 3 else 1.0)
+
+
+# one flag per dataset: --data NAME=SHARDS,LABELS[,WEIGHT], repeatable
+DatasetFlag = Annotated[
+    DatasetSpec,
+    tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1,
+        metavar="NAME=SHARDS,LABELS[,WEIGHT]",
+        instance_from_str=_dataset,
+        is_instance=lambda x: isinstance(x, DatasetSpec),
+        str_from_instance=lambda d: [f"{d.name}={d.shards},{d.labels},{d.weight:g}"],
+    ),
+]
 
 
 @dataclass
 class TrainConfig:
+    deepspeed: str
+    """DeepSpeed JSON config (jobs/configs/zero2.json, zero3.json, zero2_offload.json); its "auto" values are filled from this config"""
+    config: str | None = None
+    """YAML preset (jobs/configs/*.yaml) whose values are the defaults; flags override them (a --data flag replaces the preset's datasets)"""
     run_dir: str = "runs/demo"
     """folder for checkpoints, logs, TensorBoard events and the exported model"""
-    data: list[DatasetSpec] = field(default_factory=list)
-    """datasets: name, shards folder, labels folder (jobs.labels output), mixture weight"""
+    data: Annotated[list[DatasetFlag], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """a dataset: its name, shards (folder, glob or brace pattern), labels folder (jobs.labels output) and mixture weight"""
     model: str = "tiny"
     """tiny (random, sized for the synthetic world), pretrained (CLIP + LLaMA from local files), or an exported model folder to continue from"""
     tokenizer: str | None = None
@@ -54,7 +81,7 @@ class TrainConfig:
     """tiny: the ViT's patch size in pixels"""
     train_vision_blocks: int = 6
     """last ViT blocks that train, with ln_post (the projection always trains); -1: the whole ViT"""
-    train_embeddings: str = "special"
+    train_embeddings: Literal["special", "all", "none"] = "special"
     """token embeddings that train: special (the <|image|> and pad rows), all, none"""
     lr: float = 1e-5
     """peak learning rate (AdamW, betas 0.9/0.98, eps 1e-6; fused on CUDA)"""
@@ -96,7 +123,7 @@ class TrainConfig:
     """weight of the optional caption loss (0: off, as in the G3M recipe)"""
     seed: int = 42
     """seed of weights and data order"""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto (bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU), bf16, fp16 (DeepSpeed's dynamic loss scaling) or fp32"""
     export: bool = True
     """at the end, save the last checkpoint and write export/ (false: neither, e.g. for benchmarks)"""
@@ -152,50 +179,13 @@ class TrainConfig:
         return math.ceil(self.epochs * math.ceil(self.samples_per_epoch / global_batch))
 
 
-def _parse_data(spec: str) -> DatasetSpec:
-    name, _, rest = spec.partition("=")
-    parts = rest.split(",")
-    if not name or len(parts) not in (2, 3):
-        raise argparse.ArgumentTypeError(f"--data {spec!r}: expected NAME=SHARDS,LABELS[,WEIGHT]")
-    return DatasetSpec(name, parts[0], parts[1], float(parts[2]) if len(parts) == 3 else 1.0)
-
-
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML preset (jobs/configs/*.yaml); flags override it")
-    p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON config (jobs/configs/zero2.json, zero3.json, zero2_offload.json)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    p.add_argument("--data", type=_parse_data, action="append", help="NAME=SHARDS,LABELS[,WEIGHT], repeatable")
-    docs = field_docs(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "data":
-            continue
-        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None, help=docs.get(f.name, ""))
-    args = p.parse_args(argv)
-    values = {}
-    if args.config:
-        with open(args.config) as fh:
-            values = yaml.safe_load(fh) or {}
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            p.error(f"{args.config}: unknown field(s) {sorted(unknown)}")
-    values.update({k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None})
-    try:
-        cfg = TrainConfig(**values)
-    except (TypeError, ValueError) as err:
-        p.error(str(err))
-    with open(args.deepspeed) as fh:
-        ds = json.load(fh)
-    return cfg, ds
-
-
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {v}")
+    """The config from flags over the preset (``--local_rank``, which the launcher adds, is dropped), and the DeepSpeed JSON."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for i, a in enumerate(args) if not (a.startswith(("--local_rank", "--local-rank")) or (i and args[i - 1] in ("--local_rank", "--local-rank")))]
+    cfg = parse(TrainConfig, args, prog="deepspeed jobs/train.py", description=__doc__)
+    with open(cfg.deepspeed) as fh:
+        return cfg, json.load(fh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,14 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         print(f"train config: {json.dumps(dataclasses.asdict(cfg), indent=2)}", flush=True)
-        _write_json(os.path.join(cfg.run_dir, "train_config.json"), dataclasses.asdict(cfg))
+        write_json(os.path.join(cfg.run_dir, "train_config.json"), dataclasses.asdict(cfg))
 
     def on_start(info: dict) -> None:
         nonlocal bar, board
         if rank == 0:
             ds = info.pop("deepspeed_config")
             print(f"deepspeed config (filled): {json.dumps(ds, indent=2)}", flush=True)
-            _write_json(os.path.join(cfg.run_dir, "ds_config.json"), ds)
+            write_json(os.path.join(cfg.run_dir, "ds_config.json"), ds)
             print(json.dumps(info, indent=2), flush=True)
             bar = tqdm(total=info["total_steps"], initial=info["start_step"], desc="train", unit="step", dynamic_ncols=True)
             board = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"), purge_step=info["start_step"] + 1)
@@ -257,13 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
-
-
-def _write_json(path: str, value) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(value, fh, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

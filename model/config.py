@@ -96,10 +96,6 @@ class NxTPConfig:
     def n_special(self) -> int:
         return 2  # <|image|> and the pad token
 
-    @property
-    def vocab_total(self) -> int:
-        return self.decoder.vocab_size + self.n_special
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -32,10 +32,6 @@ class Tokenizer:
         self.specials = {self.image_id: IMAGE_TOKEN, self.pad_id: PAD_TOKEN}
         self.delimiter_id = self._delimiter()
 
-    @property
-    def n_words(self) -> int:
-        return self.n_base + len(self.specials)
-
     def _delimiter(self) -> int:
         ids = self.sp.encode("word, word")
         pieces = [self.sp.id_to_piece(i) for i in ids]

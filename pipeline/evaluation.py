@@ -35,22 +35,21 @@ import glob
 import hashlib
 import io
 import os
-import re
 import subprocess
-import tarfile
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import outputs
-from schemas import PREDICTIONS, REPORT
+from pipeline.shards import Shard, index_tar, label_table_path
+from schemas import PREDICTIONS, REPORT, per_k_columns, predictions_schema
 
 # ----------------------------------------------------------------------------- row errors
 
@@ -98,40 +97,6 @@ SCORED = pa.schema(list(PREDICTIONS) + [pa.field(name, pa.list_(pa.float64())) f
 # ----------------------------------------------------------------------------- inputs
 
 
-@dataclass(frozen=True)
-class ShardInput:
-    """One validation shard: its name ("00012"), its tar, and its label table."""
-
-    name: str
-    tar: str
-    labels: str
-
-
-def find_shards(shards_dir: str, labels_dir: str) -> list[ShardInput]:
-    """Every ``<name>.tar`` of ``shards_dir`` with its ``<labels_dir>/labels/<name>.parquet``.
-
-    Raises ``FileNotFoundError`` naming what is missing: the folders, any tar, or the label
-    table of any shard (``jobs.labels`` writes one per readable shard).
-    """
-    if not os.path.isdir(shards_dir):
-        raise FileNotFoundError(f"{shards_dir}: no such folder of shards")
-    if not os.path.isdir(labels_dir):
-        raise FileNotFoundError(f"{labels_dir}: no such labels folder (jobs.labels writes it)")
-    tars = sorted(glob.glob(os.path.join(shards_dir, "*.tar")))
-    if not tars:
-        raise FileNotFoundError(f"{shards_dir}: holds no webdataset shard (<name>.tar)")
-    shards = []
-    for tar in tars:
-        name = os.path.basename(tar).removesuffix(".tar")
-        shards.append(ShardInput(name, tar, os.path.join(labels_dir, "labels", f"{name}.parquet")))
-    missing = [s.labels for s in shards if not os.path.isfile(s.labels)]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} shard(s) have no label table, e.g. {missing[0]} (run jobs.labels on {shards_dir})"
-        )
-    return shards
-
-
 def read_label_table(path: str) -> dict[str, list[str]]:
     """key -> target labels of one shard's label table."""
     table = pq.read_table(path, columns=["key", "labels"])
@@ -141,81 +106,32 @@ def read_label_table(path: str) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- stage 1: read and join
 
 
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule (tariterators.base_plus_ext)
-
-
-def _split_member(name: str) -> tuple[str | None, str | None]:
-    """(key, extension) of a tar member: ``a/b.seg.jpg`` -> (``a/b``, ``seg.jpg``)."""
-    match = _KEY_EXT.match(name)
-    return (match.group(1), match.group(2)) if match else (None, None)
-
-
-@dataclass
-class TarIndex:
-    """Where each sample's image lies in a tar, from its headers alone (no image is read)."""
-
-    samples: list[tuple[str, int, int]]  # (key, offset of the image's data or -1 without one, its size), in tar order
-    unread: list[tuple[str, str]]  # (key, reason): samples whose headers were seen but whose image is cut off
-    broken: str | None  # why the scan stopped before the end of the archive; None when it is whole
-
-
-def index_tar(path: str) -> TarIndex:
-    """Index a webdataset tar: a sample is a run of members sharing a key (webdataset's rule).
-
-    A truncated or corrupt tar is indexed up to the damage (``broken`` says why); a key
-    whose members are not contiguous raises ``ValueError`` naming the tar.
-    """
-    file_size = os.path.getsize(path)
-    samples: list[list] = []
-    unread: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    broken = None
-    try:
-        with tarfile.open(path, mode="r:") as tar:  # random access: headers are read, data is skipped
-            for info in tar:
-                key, ext = _split_member(info.name) if info.isreg() else (None, None)
-                if key is None:
-                    continue
-                if not samples or samples[-1][0] != key:
-                    if key in seen:
-                        raise ValueError(f"{path}: the files of sample {key!r} are not contiguous (or it appears twice)")
-                    seen.add(key)
-                    samples.append([key, -1, 0])
-                if info.offset_data + info.size > file_size:
-                    broken = f"{info.name} runs past the end of the file (truncated)"
-                    if samples[-1][1] < 0:  # its image is not there: the sample cannot be read
-                        unread.append((samples.pop()[0], f"{os.path.basename(path)} is cut off inside it ({broken})"))
-                    break
-                if samples[-1][1] < 0 and ext.lower() in IMAGE_EXTENSIONS:
-                    samples[-1][1:] = [info.offset_data, info.size]
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        broken = f"{type(err).__name__}: {err}"
-    return TarIndex([tuple(s) for s in samples], unread, broken)
-
-
-def plan_reads(shards: Sequence[ShardInput], samples_per_task: int) -> list[dict]:
+def plan_reads(found: Sequence[Shard], labels: str, samples_per_task: int) -> list[dict]:
     """Read-task specs (rows for ``ray.data.from_items``) covering every sample of every shard once.
 
-    The samples are the tar's (read in tasks of ``samples_per_task``, so that a shard is
-    read and decoded in parallel), plus an ``unread`` entry for each sample the tar lost
-    (cut off) and each label-table key the tar does not hold (a damaged or replaced tar):
-    nothing is dropped without a row saying why.
+    ``found`` are shards with a label table each under ``labels`` (``find_shards(..., labels=)``).
+    The samples are the tar's intact ones (``pipeline.shards``' rule; read in tasks of
+    ``samples_per_task``, so that a shard is read and decoded in parallel), plus an
+    ``unread`` entry for each label-table key the tar does not hold intact (a damaged or
+    replaced tar): nothing is dropped without a row saying why.
     """
     specs = []
-    for shard in shards:
+    for shard in found:
         index = index_tar(shard.tar)
-        in_tar = {key for key, _, _ in index.samples} | {key for key, _ in index.unread}
+        label_file = label_table_path(labels, shard.name)
         name = os.path.basename(shard.tar)
-        missing = f"{name} broke off before it ({index.broken})" if index.broken else f"not in {name}"
-        label_keys = pq.read_table(shard.labels, columns=["key"]).column("key").to_pylist()
-        unread = index.unread + [(key, missing) for key in label_keys if key not in in_tar]
-        base = {"shard": shard.name, "tar": shard.tar, "labels": shard.labels}
-        for start in range(0, len(index.samples), samples_per_task):
-            chunk = index.samples[start : start + samples_per_task]
+        missing = f"not among the intact samples of {name}, which is damaged: {index.damage}" if index.damage else f"not in {name}"
+        intact = set(index.keys)
+        label_keys = pq.read_table(label_file, columns=["key"]).column("key").to_pylist()
+        unread = [key for key in label_keys if key not in intact]
+        base = {"shard": shard.name, "tar": shard.tar, "labels": label_file}
+        images = [(s.key, *(s.members[ext] if (ext := s.first(IMAGE_EXTENSIONS)) else (-1, 0))) for s in index.samples]
+        for start in range(0, len(images), samples_per_task):
+            chunk = images[start : start + samples_per_task]
             specs.append({**base, "keys": [c[0] for c in chunk], "offsets": [c[1] for c in chunk], "sizes": [c[2] for c in chunk],
                           "unread_keys": [], "unread_reasons": []})  # fmt: skip
         if unread:
-            specs.append({**base, "keys": [], "offsets": [], "sizes": [], "unread_keys": [k for k, _ in unread], "unread_reasons": [r for _, r in unread]})
+            specs.append({**base, "keys": [], "offsets": [], "sizes": [], "unread_keys": unread, "unread_reasons": [missing] * len(unread)})
     return specs
 
 
@@ -244,7 +160,7 @@ def read_samples_batch(batch: pa.Table) -> pa.Table:
     rows = []
     for spec in batch.to_pylist():
         targets = _label_table(spec["labels"], os.stat(spec["labels"]).st_mtime_ns)
-        with open(spec["tar"], "rb") as f:
+        with fsspec.open(spec["tar"], "rb") as f:
             for key, offset, size in zip(spec["keys"], spec["offsets"], spec["sizes"]):
                 image = None
                 if offset >= 0:
@@ -378,25 +294,25 @@ class Predict:
 class Score:
     """Ray stage (actor): PREDICTED -> SCORED. The embedding model(s) load once, in ``__init__``.
 
-    all-MiniLM-L6-v2 always (the headline figures, also the per-sample R/P/F1 of the
-    largest k); CLIP's text tower too when ``clip_text_weights`` is given.
+    The sentence model (``embedding_model``; default all-MiniLM-L6-v2, the paper's) always,
+    CLIP's text tower too when ``clip_text_weights`` is given.
     """
 
     def __init__(
         self,
         ks: Sequence[int],
-        minilm_path: str | None = None,
+        embedding_model: str | None = None,
         clip_text_weights: str | None = None,
         clip_text_quick_gelu: bool = True,
         threads: int | None = None,
     ):
         import torch
 
-        from pipeline.scoring import ClipTextEmbedder, LabelScorer, MiniLMEmbedder
+        from pipeline.scoring import ClipTextEmbedder, LabelScorer, SentenceEmbedder
 
         if threads:
             torch.set_num_threads(threads)
-        embedders = [MiniLMEmbedder(minilm_path)]
+        embedders = [SentenceEmbedder(embedding_model)]
         if clip_text_weights:
             embedders.append(ClipTextEmbedder(clip_text_weights, quick_gelu=clip_text_quick_gelu))
         self.scorer = LabelScorer(embedders, ks)
@@ -405,7 +321,7 @@ class Score:
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
         scored = [i for i in range(n) if errors[i] is None]
-        columns: dict[str, list] = {name: [None] * n for name in SCORE_LISTS + ("recall", "precision", "f1")}
+        columns: dict[str, list] = {name: [None] * n for name in SCORE_LISTS}
         if scored:
             targets = batch.column("targets").to_pylist()
             predictions = batch.column("predictions").to_pylist()
@@ -420,10 +336,6 @@ class Score:
                 columns["f1_at"][i] = f1[row].tolist()
                 columns["exact_recall_at"][i] = s.exact_recall[row].tolist()
                 columns["exact_precision_at"][i] = s.exact_precision[row].tolist()
-                last = len(self.scorer.ks) - 1  # the first embedder (MiniLM) at the largest k
-                columns["recall"][i] = float(recall[row, last])
-                columns["precision"][i] = float(precision[row, last])
-                columns["f1"][i] = float(f1[row, last])
         table = {name: batch.column(name) for name in ("key", "shard", "targets", "predictions", "probabilities", "error")}
         return pa.table({**table, **columns}).select(SCORED.names).cast(SCORED)
 
@@ -477,8 +389,11 @@ def steady_rate(arrivals: Sequence[tuple[float, int]], window: tuple[float, floa
     return float(np.polyfit(points[:, 0], points[:, 1], 1)[0])
 
 
-def build_dataset(reads: Sequence[dict], *, image_size: int, predictor: Mapping, scorer: Mapping, plan: StagePlan):
-    """The lazy Ray Dataset of SCORED rows (read -> decode -> Predict -> Score) for ``plan_reads`` specs."""
+def build_dataset(reads: Sequence[dict], *, image_size: int, predictor: Mapping, scorer: Mapping, plan: StagePlan, predictor_cls: type | None = None):
+    """The lazy Ray Dataset of SCORED rows (read -> decode -> Predict -> Score) for ``plan_reads`` specs.
+
+    ``predictor_cls``: the predictor stage's class (default :class:`Predict`; a subclass may add behaviour).
+    """
     import ray.data
 
     actor_args = {"max_restarts": plan.max_retries, "max_task_retries": plan.max_retries}
@@ -489,7 +404,7 @@ def build_dataset(reads: Sequence[dict], *, image_size: int, predictor: Mapping,
         .map_batches(read_samples_batch, batch_size=1, batch_format="pyarrow", num_cpus=plan.read_cpus)
         .map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=plan.batch_size, batch_format="pyarrow", num_cpus=plan.decode_cpus)
         .map_batches(
-            Predict,
+            predictor_cls or Predict,
             fn_constructor_kwargs=dict(predictor),
             compute=ray.data.ActorPoolStrategy(size=plan.concurrency),
             batch_size=plan.batch_size,
@@ -520,19 +435,20 @@ def run_evaluation(
     plan: StagePlan,
     log: Callable[[str], None] | None = None,
     progress_every_s: float = 30.0,
+    predictor_cls: type | None = None,
 ) -> EvaluationRun:
     """Run the pipeline on the Ray instance the caller initialized; the SCORED rows of every sample.
 
     ``reads`` come from :func:`plan_reads` (with ``samples_per_task`` = the batch size).
 
-    ``predictor`` / ``scorer`` are the keyword arguments of :class:`Predict` /
-    :class:`Score`. Raises ``RuntimeError`` when a (shard, key) came back twice.
+    ``predictor`` / ``scorer`` are the keyword arguments of :class:`Predict` (or
+    ``predictor_cls``) / :class:`Score`. Raises ``RuntimeError`` when a (shard, key) came back twice.
     """
     log = log or (lambda message: None)
     with warnings.catch_warnings():
         # Ray 2.60 takes max_restarts / max_task_retries only as extra remote args, which it flags as deprecated
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = build_dataset(reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan)
+        ds = build_dataset(reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, predictor_cls=predictor_cls)
     parts: list[pa.Table] = []
     arrivals: list[tuple[float, int]] = []
     rows = 0
@@ -570,9 +486,25 @@ def check_exactly_once(table: pa.Table) -> None:
 # ----------------------------------------------------------------------------- outputs
 
 
-def predictions_table(scored: pa.Table) -> pa.Table:
-    """The PREDICTIONS columns of SCORED rows."""
-    return scored.select(PREDICTIONS.names)
+def predictions_table(scored: pa.Table, ks: Sequence[int]) -> pa.Table:
+    """PREDICTIONS rows with a column per (metric, k): the first embedding model's R / P / F1 and the exact figures."""
+    ks = sorted(set(ks))
+    columns = {name: scored.column(name) for name in PREDICTIONS.names}
+    lists = {metric: scored.column(f"{metric}_at").to_pylist() for metric in ("recall", "precision", "f1", "exact_recall", "exact_precision")}
+    for j, k in enumerate(ks):
+        for metric, values in lists.items():
+            columns[f"{metric}_at_{k}"] = pa.array([None if v is None else v[j] for v in values], pa.float64())
+    assert list(columns) == PREDICTIONS.names + per_k_columns(ks)
+    return pa.table(columns, schema=predictions_schema(ks))
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """Which model a report is about: as given, the sha256 of its weight file(s), its training step (or None)."""
+
+    checkpoint: str
+    sha256: str
+    step: int | None
 
 
 def build_report(
@@ -581,14 +513,14 @@ def build_report(
     dataset: str,
     ks: Sequence[int],
     embedders: Sequence[str],
-    checkpoint: str,
+    checkpoint: CheckpointIdentity,
     code_version: str,
     wall_time_s: float,
     images_per_s: float,
 ) -> pa.Table:
     """REPORT rows, one per (k, embedder): means over the scored samples, counts of the others.
 
-    Semantic figures are NaN when no sample could be scored.
+    The figures are null when no sample could be scored.
     """
     ks = sorted(set(ks))
     codes = [error_code(e) for e in scored.column("error").to_pylist()]
@@ -598,10 +530,11 @@ def build_report(
 
     def matrix(name: str) -> np.ndarray:
         values = scored.column(name).to_pylist()
-        return np.array([values[i] for i in ok], dtype=np.float64).reshape(len(ok), -1)
+        width = len(values[ok[0]]) if ok else len(embedders) * len(ks)
+        return np.array([values[i] for i in ok], dtype=np.float64).reshape(len(ok), width)
 
-    def mean(values: np.ndarray) -> float:
-        return float(values.mean()) if values.size else float("nan")
+    def mean(values: np.ndarray) -> float | None:
+        return float(values.mean()) if values.size else None
 
     recall, precision, f1 = matrix("recall_at"), matrix("precision_at"), matrix("f1_at")
     exact_recall, exact_precision = matrix("exact_recall_at"), matrix("exact_precision_at")
@@ -617,12 +550,14 @@ def build_report(
                     "samples": len(ok),
                     "failed": failed,
                     "no_targets": no_targets,
-                    "recall": mean(recall[:, col]) if ok else float("nan"),
-                    "precision": mean(precision[:, col]) if ok else float("nan"),
-                    "f1": mean(f1[:, col]) if ok else float("nan"),
-                    "exact_recall": mean(exact_recall[:, j]) if ok else float("nan"),
-                    "exact_precision": mean(exact_precision[:, j]) if ok else float("nan"),
-                    "checkpoint": checkpoint,
+                    "recall": mean(recall[:, col]) if ok else None,
+                    "precision": mean(precision[:, col]) if ok else None,
+                    "f1": mean(f1[:, col]) if ok else None,
+                    "exact_recall": mean(exact_recall[:, j]) if ok else None,
+                    "exact_precision": mean(exact_precision[:, j]) if ok else None,
+                    "checkpoint": checkpoint.checkpoint,
+                    "checkpoint_sha256": checkpoint.sha256,
+                    "step": checkpoint.step,
                     "code_version": code_version,
                     "wall_time_s": float(wall_time_s),
                     "images_per_s": float(images_per_s),
@@ -631,15 +566,17 @@ def build_report(
     return pa.Table.from_pylist(rows, schema=REPORT)
 
 
+def _figure(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
+
+
 def format_report(report: pa.Table) -> str:
-    """The report as a fixed-width text table."""
+    """The report as a fixed-width text table (``-`` where nothing was scored)."""
     header = f"{'dataset':<14} {'k':>4} {'embedding':<22} {'samples':>8} {'failed':>7} {'no tgt':>7} {'R':>7} {'P':>7} {'F1':>7} {'exact R':>8} {'exact P':>8}"
     lines = [header, "-" * len(header)]
     for r in report.to_pylist():
-        lines.append(
-            f"{r['dataset'][:14]:<14} {r['k']:>4} {r['embedding'][:22]:<22} {r['samples']:>8} {r['failed']:>7} {r['no_targets']:>7} "
-            f"{r['recall']:>7.4f} {r['precision']:>7.4f} {r['f1']:>7.4f} {r['exact_recall']:>8.4f} {r['exact_precision']:>8.4f}"
-        )
+        figures = " ".join(_figure(r[m], 7) for m in ("recall", "precision", "f1")) + " " + " ".join(_figure(r[m], 8) for m in ("exact_recall", "exact_precision"))
+        lines.append(f"{r['dataset'][:14]:<14} {r['k']:>4} {r['embedding'][:22]:<22} {r['samples']:>8} {r['failed']:>7} {r['no_targets']:>7} {figures}")
     return "\n".join(lines)
 
 
@@ -660,8 +597,8 @@ def plot_report(report: pa.Table, path: str) -> None:
         width = 0.26
         for m, (name, label, colour) in enumerate(metrics):
             values = [r[name] for r in group]
-            bars = ax.bar(x + (m - 1) * width, values, width, label=label, color=colour)
-            ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=8, padding=2)
+            bars = ax.bar(x + (m - 1) * width, [v or 0.0 for v in values], width, label=label, color=colour)
+            ax.bar_label(bars, labels=["-" if v is None else f"{v:.3f}" for v in values], fontsize=8, padding=2)
         ax.set_xticks(x, [f"{r['dataset']}\ntop-{r['k']}" for r in group])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("score")
@@ -670,25 +607,41 @@ def plot_report(report: pa.Table, path: str) -> None:
         ax.legend(loc="upper right", fontsize=8)
     if rows:
         r0 = rows[0]
-        fig.suptitle(f"{os.path.basename(r0['checkpoint'].split(' ')[0])}: {r0['samples']} scored, {r0['failed']} failed, {r0['no_targets']} without targets", fontsize=10)
+        fig.suptitle(f"{os.path.basename(r0['checkpoint'].rstrip('/'))}: {r0['samples']} scored, {r0['failed']} failed, {r0['no_targets']} without targets", fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
+    with outputs.atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- provenance
 
 
-def checkpoint_id(checkpoint: str) -> str:
-    """``<path> md5:<first 12 hex digits of the weights file>`` (the released checkpoints are listed by md5)."""
-    weights = os.path.join(checkpoint, "model.safetensors") if os.path.isdir(checkpoint) else checkpoint
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(weights, "rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return f"{checkpoint} md5:{digest.hexdigest()[:12]}"
+
+
+def checkpoint_identity(path: str, name: str | None = None) -> CheckpointIdentity:
+    """The checkpoint (``name`` as the user gave it, e.g. a hub id; default ``path``), the sha256 of
+    its weights at ``path``, and the step an exported folder records.
+
+    An export's digest covers its weight files in a fixed order (``model.export.weight_files``),
+    each with its name; a single file's is the file's own.
+    """
+    from model.export import read_config, weight_files
+
+    digest = hashlib.sha256()
+    step = None
+    if os.path.isdir(path):
+        files = weight_files(path)
+        step = read_config(path)[1].get("step")
+        for file in files:
+            digest.update(os.path.relpath(file, path).encode() + b"\0")
+    else:
+        files = [path]
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 23):
+                digest.update(chunk)
+    return CheckpointIdentity(name or path, digest.hexdigest(), step if isinstance(step, int) else None)
 
 
 CODE_DIRS = ("model", "pipeline", "jobs", "schemas")

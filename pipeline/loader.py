@@ -6,8 +6,8 @@ one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader 
 1. picks a dataset by its mixture weight, then a shard of it uniformly at random
    (resampled, as open_clip's ``--dataset-resampled``: no epoch boundary, every rank and
    worker draws with its own seed);
-2. reads the shard with webdataset's tar reader; a shard that cannot be read is skipped
-   and counted (``bad_shards``), never a crash;
+2. reads the shard's intact samples (``pipeline.shards``' rule); a damaged shard is
+   counted (``bad_shards``) each time it is read, never a crash;
 3. joins each sample's labels by key from that shard's label table (loaded once per
    shard); a sample without labels is counted (``no_labels``) and skipped;
 4. decodes and preprocesses the image (CLIP's transform); a corrupt image is counted
@@ -24,7 +24,6 @@ read, without new workers at every checkpoint.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
@@ -42,25 +41,22 @@ from model.config import CAPTION_PROMPT, PROMPT, PROMPT_TEMPLATES
 from model.prompt import IGNORE, caption_text, label_segments, pad_batch, training_text
 from model.tokenizer import Tokenizer
 from model.vision import preprocess
+from pipeline.shards import Shard, TarReader, find_shards, label_table_path
 
 
 @dataclass
 class DatasetSpec:
     name: str
-    shards: str  # folder of *.tar, or a glob
+    shards: str  # webdataset shards: a folder, a glob or a brace pattern, local or a URL (pipeline.shards)
     labels: str  # jobs.labels output folder (holding labels/<shard>.parquet)
     weight: float = 1.0
 
-    def shard_paths(self) -> list[str]:
-        pattern = os.path.join(self.shards, "*.tar") if os.path.isdir(self.shards) else self.shards
-        paths = sorted(glob.glob(pattern))
-        if not paths:
-            raise FileNotFoundError(f"dataset {self.name}: no shards match {pattern}")
-        return paths
-
-    def label_file(self, shard_path: str) -> str:
-        shard = os.path.basename(shard_path).removesuffix(".tar")
-        return os.path.join(self.labels, "labels", f"{shard}.parquet")
+    def find(self) -> list[Shard]:
+        """The dataset's shards that have a tar (a parquet without its tar is not a shard to train on)."""
+        found = [s for s in find_shards(self.shards) if s.tar]
+        if not found:
+            raise FileNotFoundError(f"dataset {self.name}: no shards at {self.shards}")
+        return found
 
 
 def _seed(*parts) -> int:
@@ -87,7 +83,7 @@ class TrainStream(IterableDataset):
         batches_per_step: int = 1,
     ):
         self.datasets = list(datasets)
-        self.shards = [d.shard_paths() for d in self.datasets]
+        self.shards = [d.find() for d in self.datasets]
         for d in self.datasets:
             if not os.path.isdir(os.path.join(d.labels, "labels")):
                 raise FileNotFoundError(f"dataset {d.name}: no label tables in {d.labels}/labels (run jobs.labels)")
@@ -158,32 +154,29 @@ class TrainStream(IterableDataset):
             yield next(streams[i])
 
     def _dataset_samples(self, i: int, rng: random.Random, stats: Counter, cache: OrderedDict) -> Iterator[dict]:
-        import webdataset as wds
-
         spec, shards = self.datasets[i], self.shards[i]
         failures = 0
         while True:
-            path = rng.choice(shards)
-            labels = _shard_labels(spec, path, stats, cache)
-            errors: list[Exception] = []
+            shard = rng.choice(shards)
+            labels = _shard_labels(spec, shard, stats, cache)
+            reader = TarReader(shard.tar)
             yielded = 0
-            for sample in wds.tarfile_samples([{"url": path}], handler=_collect(errors)):
-                key = sample["__key__"]
-                if "jpg" not in sample:
+            for sample in reader:
+                if "jpg" not in sample.data:
                     stats["missing_image"] += 1
                     continue
-                found = labels.get(key)
+                found = labels.get(sample.key)
                 if not found:
                     stats["no_labels"] += 1
                     continue
                 yielded += 1
-                caption = sample.get("txt", b"").decode("utf-8", "replace")
-                yield {"jpg": sample["jpg"], "labels": found, "caption": caption, "key": key}
-            if errors:
+                caption = sample.data.get("txt", b"").decode("utf-8", "replace")
+                yield {"jpg": sample.data["jpg"], "labels": found, "caption": caption, "key": sample.key}
+            if reader.damage:
                 stats["bad_shards"] += 1
             failures = 0 if yielded else failures + 1
             if failures >= 10 * len(shards):
-                raise RuntimeError(f"dataset {spec.name}: {failures} shards in a row gave no usable sample (last: {path}: {errors[:1]})")
+                raise RuntimeError(f"dataset {spec.name}: {failures} shards in a row gave no usable sample (last: {shard.tar}: {reader.damage or 'no sample with labels'})")
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         buffer = []
@@ -195,28 +188,19 @@ class TrainStream(IterableDataset):
                 yield buffer.pop()
 
 
-def _collect(errors: list) -> callable:
-    """A webdataset error handler that records the error and goes on."""
-
-    def handler(exn: Exception) -> bool:
-        errors.append(exn)
-        return True
-
-    return handler
-
-
-def _shard_labels(spec: DatasetSpec, shard_path: str, stats: Counter, cache: OrderedDict, size: int = 64) -> dict:
+def _shard_labels(spec: DatasetSpec, shard: Shard, stats: Counter, cache: OrderedDict, size: int = 64) -> dict:
     """key -> labels of one shard, from its label table (a small LRU of shards per worker)."""
-    if shard_path not in cache:
+    entry = (spec.name, shard.name)
+    if entry not in cache:
         try:
-            table = pq.read_table(spec.label_file(shard_path), columns=["key", "labels"])
-            cache[shard_path] = dict(zip(table.column("key").to_pylist(), table.column("labels").to_pylist()))
+            table = pq.read_table(label_table_path(spec.labels, shard.name), columns=["key", "labels"])
+            cache[entry] = dict(zip(table.column("key").to_pylist(), table.column("labels").to_pylist()))
         except (OSError, ValueError):
             stats["missing_label_tables"] += 1
-            cache[shard_path] = {}
+            cache[entry] = {}
         if len(cache) > size:
             cache.popitem(last=False)
-    return cache[shard_path]
+    return cache[entry]
 
 
 def collate(examples: list[dict], tok: Tokenizer, stats: dict) -> dict:

@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 
+from pipeline.outputs import staged_output
+
 DEBIAN_WORDNET = "/usr/share/wordnet"
 DEBIAN_LEXNAMES_MAN = "/usr/share/man/man5/lexnames.5WN.gz"
 DEBIAN_PACKAGES = ("wordnet-base", "wordnet-sense-index")
@@ -85,16 +87,12 @@ def assemble_from_debian(nltk_data: str, source: str = DEBIAN_WORDNET, man_page:
         raise WordNetMissing(f"{man_page} is missing: it comes with Debian's wordnet-base (man pages must not be excluded)")
     rows = lexnames_from_man_page(man_page)
     dest = wordnet_dir(nltk_data)
-    tmp = dest + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in sorted(os.listdir(source)):
-        path = os.path.join(source, name)
-        if os.path.isfile(path):  # files only: the folder also holds bin/ and pixmaps/
-            shutil.copyfile(path, os.path.join(tmp, name), follow_symlinks=True)
-    with open(os.path.join(tmp, "lexnames"), "w") as f:
-        for number, name, pos in rows:
-            f.write(f"{number:02d}\t{name}\t{pos}\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with staged_output(dest) as tmp:
+        for name in sorted(os.listdir(source)):
+            path = os.path.join(source, name)
+            if os.path.isfile(path):  # files only: the folder also holds bin/ and pixmaps/
+                shutil.copyfile(path, os.path.join(tmp, name), follow_symlinks=True)
+        with open(os.path.join(tmp, "lexnames"), "w") as f:
+            for number, name, pos in rows:
+                f.write(f"{number:02d}\t{name}\t{pos}\n")
     return dest

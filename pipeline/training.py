@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -14,6 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.nxtp import NxTP
+from model.prompt import IGNORE
+from pipeline.outputs import atomic_file
 
 EMBEDDING_TABLES = ("decoder.embed.base.weight", "decoder.embed.special", "vision.vit.positional_embedding")
 
@@ -211,10 +214,9 @@ def plot_loss(metrics_path: str, out_png: str) -> None:
     fig.legend(loc="upper right")
     ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))) or "training")
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(out_png) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 def state_dict_from_checkpoint(save_dir: str, tag: str) -> dict[str, torch.Tensor]:
@@ -397,14 +399,12 @@ class Trainer:
                 window.paused += time.perf_counter() - t_save
         del data  # ends the loader's workers
         if rank == 0 and cfg.export:
-            self._finish(step)
+            self._finish(step, stats)
         dist.barrier()
 
     def _host_side(self, batch: dict) -> tuple[dict, int]:
         """The model's inputs with the target counts, and the batch's tokens (image + target), all counted
         on the CPU before the batch moves, so that neither the loss nor the metrics read the device."""
-        from model.prompt import IGNORE
-
         inputs = dict(batch, n_targets=int((batch["targets"] != IGNORE).sum()))
         if "caption_targets" in batch:
             inputs["n_caption_targets"] = int((batch["caption_targets"] != IGNORE).sum())
@@ -432,14 +432,15 @@ class Trainer:
             skipped = {k: v for k, v in stats.items() if k != "samples" and v}
             self.on_message(f"step {step}: checkpoint {os.path.join(self.save_dir, f'step{step}')}; data skipped so far: {skipped or 'none'}")
 
-    def _finish(self, step: int) -> None:
+    def _finish(self, step: int, data_stats: dict) -> None:
         from model.checkpoint import save_pretrained
         from model.convert import load_state_strict
 
         tag = latest_tag(self.save_dir)
         model = NxTP(self.model_cfg)
         load_state_strict(model, state_dict_from_checkpoint(self.save_dir, tag), os.path.join(self.save_dir, tag))
-        out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag})
+        card = {"train_config": dataclasses.asdict(self.cfg), "step": step, "data_stats": data_stats}  # for the model card
+        out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag}, card=card)
         plot_loss(os.path.join(self.cfg.run_dir, "metrics.jsonl"), os.path.join(self.cfg.run_dir, "loss.png"))
         self.on_message(f"exported {out} (step {step}); loss curve {os.path.join(self.cfg.run_dir, 'loss.png')}")
 

@@ -67,7 +67,7 @@ def main(config_path: str, ds_path: str, report_path: str) -> int:
     from pipeline.training import Trainer
 
     with open(config_path) as f:
-        cfg = TrainConfig(**yaml.safe_load(f))
+        cfg = TrainConfig(**yaml.safe_load(f), deepspeed=ds_path)
     with open(ds_path) as f:
         ds = json.load(f)
     os.makedirs(cfg.run_dir, exist_ok=True)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from collections import Counter
 
 import pyarrow as pa
@@ -26,7 +27,9 @@ import pytest
 from PIL import Image
 
 from jobs import ingest as ingest_job
+from jobs._cli import SUBMITTED
 from pipeline import ingest, synthetic
+from pipeline.images import ImageResizer
 from schemas import SHARD_MANIFEST, URL_TABLE, read_table
 
 EXPECTED_REASON = {"dead_url": "http_404", "not_image": "not_an_image", "truncated_jpeg": "decode_error"}
@@ -152,7 +155,7 @@ def test_resizer_tells_html_from_a_broken_image():
     jpeg = synthetic.jpeg_bytes(synthetic.render(sample, 0))
     png = io.BytesIO()
     synthetic.render(sample, 0).save(png, "PNG")
-    resizer = ingest.ClassifyingResizer(image_size=64, resize_mode="center_crop", resize_only_if_bigger=False)
+    resizer = ImageResizer(image_size=64, resize_mode="center_crop")
     img, width, height, *_, error = resizer(io.BytesIO(jpeg))
     assert error is None and (width, height) == (64, 64) and img[:3] == b"\xff\xd8\xff"
     assert resizer(io.BytesIO(jpeg[: len(jpeg) * 4 // 10]))[-1] == "decode_error: jpeg"
@@ -176,18 +179,20 @@ def test_last_gate_refuses_non_http_urls(tmp_path):
         ingest.check_urls(table, str(tmp_path))
 
 
-def test_usage_errors_name_the_path(tmp_path, capsys):
+def test_usage_errors_name_the_path(tmp_path, capsys, monkeypatch):
     missing = str(tmp_path / "nope.tsv")
     assert ingest_job.main(["--source", "cc3m", "--input", missing, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"--input {missing}: no such file" in err and "resolved" in err
     cfg = ingest_job.IngestConfig(source="cc3m", input="data/cc3m.tsv", output="/abs/out")
-    with pytest.raises(ValueError, match="--input data/cc3m.tsv: give an absolute path; .*on the cluster"):
-        ingest_job.check_paths(cfg, submitted=True)
+    monkeypatch.setenv(SUBMITTED, "{}")
+    with pytest.raises(ValueError, match="--input data/cc3m.tsv is relative: .*on the cluster"):
+        ingest_job.check_paths(cfg)
+    monkeypatch.delenv(SUBMITTED)
     with pytest.raises(ValueError, match="--url-map"):
         ingest_job.IngestConfig(source="openimages", input="/x", output="/y")
     with pytest.raises(SystemExit):
-        ingest_job.parse_args(["--source", "cc3m", "--input", "/x", "--output", "/y", "--resize-mode", "stretch"])
+        ingest_job.main(["--source", "cc3m", "--input", "/x", "--output", "/y", "--resize-mode", "stretch"])
     url_list = tmp_path / "list.tsv"
     url_list.write_text("a caption\thttp://127.0.0.1:9/a.jpg\n")
     foreign = tmp_path / "foreign"  # shards some other tool wrote
@@ -263,45 +268,67 @@ def test_file_urls_never_land_and_filters_are_counted(served_world, ray_driver, 
     assert not any(u.lower().startswith("file:") or u.startswith("/") for u in urls)
 
 
+def _download_workers() -> list:
+    """Live Ray worker processes running img2dataset's shard task."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("ray_download" in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
 @pytest.mark.cluster
 def test_killed_run_resumes_without_duplicates(served_world, ray_head, repo_root, tmp_path):
-    """SIGKILL while shards are being written, then the same command again: every key once, none missing."""
+    """SIGKILL while shards are being written, then the same command again: every key once, none missing.
+
+    Shard 0's URLs answer at once; every other shard's URLs wait at a gate of the test server,
+    so the kill lands with exactly shard 0 done whatever the machine's speed. The gate opens only
+    after the killed run's download tasks are gone.
+    """
     world, base_url, _ = served_world
     samples = world.samples("val")
-    url_list = tmp_path / "slow.tsv"  # every download waits 400 ms on the server
-    url_list.write_text("".join(f"{s['caption'].split(chr(10))[0]}\t{base_url}/delay/400/{s['file']}\n" for s in samples))
+    gate = f"kill-{os.path.basename(tmp_path)}"
+    kept = 0  # rows that pass the filters (empty captions do not) are sharded in order, 4 per shard
+    with open(tmp_path / "gated.tsv", "w") as url_list:
+        for s in samples:
+            url_list.write(f"{s['caption'].split(chr(10))[0]}\t{base_url}/{'' if kept < 4 else f'gate/{gate}/'}{s['file']}\n")
+            kept += s["kind"] != "empty_caption"
     out = str(tmp_path / "out")
     cmd = [
-        sys.executable, "-m", "jobs.ingest", "--source", "cc3m", "--input", str(url_list), "--output", out,
+        sys.executable, "-m", "jobs.ingest", "--source", "cc3m", "--input", str(tmp_path / "gated.tsv"), "--output", out,
         "--image-size", "64", "--samples-per-shard", "4", "--threads", "2", "--processes", "2",
-        "--ray-address", ray_head.gcs_address,
+        "--timeout", "100",  # held downloads wait at the gate, never time out
+        "--address", ray_head.gcs_address,
     ]  # fmt: skip
-    shards = -(-sum(s["kind"] != "empty_caption" for s in samples) // 4)
+    shards = -(-kept // 4)
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
         first = subprocess.Popen(cmd, cwd=repo_root, env=ray_head.env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + 60
+            deadline = time.time() + 120
             while not ingest.done_shards(out) and first.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
         finally:
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
-    done_at_kill = ingest.done_shards(out)
-    assert 0 < len(done_at_kill) < shards, (done_at_kill, log_path.read_text()[-3000:])
-    time.sleep(1.0)  # the killed driver's tasks die with it: nothing more gets done
-    assert ingest.done_shards(out) == done_at_kill
-    tars = glob.glob(os.path.join(out, "*.tar"))
-    for tar in tars:  # a shard's tar appears whole or not at all
+    deadline = time.time() + 60
+    while _download_workers() and time.time() < deadline:  # Ray ends the tasks of a driver that died
+        time.sleep(0.2)
+    assert not _download_workers(), "the killed run's download tasks are still alive"
+    assert ingest.done_shards(out) == {0}, log_path.read_text()[-3000:]
+    for tar in glob.glob(os.path.join(out, "*.tar")):  # a shard's tar appears whole or not at all
         assert os.path.exists(tar[: -len(".tar")] + ".parquet")
         with tarfile.open(tar) as t:
             t.getmembers()
 
+    urllib.request.urlopen(f"{base_url}/open/{gate}", timeout=10).read()
     second = subprocess.run(cmd, cwd=repo_root, env=ray_head.env, capture_output=True, text=True, timeout=TEST_LIMIT_S - 60)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary = summary_of(out)
-    assert summary["shards"]["done_before"] == len(done_at_kill)
-    assert summary["shards"]["done_this_run"] == shards - len(done_at_kill)
+    assert summary["shards"]["done_before"] == 1
+    assert summary["shards"]["done_this_run"] == shards - 1
     check_against_world(out, samples, lambda s: f"cc3m-{s['index']:09d}", lambda s: s["caption"].split("\n")[0])
 
 

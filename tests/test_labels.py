@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from jobs._cli import SUBMITTED
 from pipeline import labels
-from pipeline.labels import Shard, ShardReadError
+from pipeline.shards import Shard, ShardReadError, find_shards
 from schemas import LABEL_TABLE, VOCAB
 from schemas.validate import read_table, validate
 
@@ -76,19 +77,19 @@ def job_shards(shards, tmp_path_factory) -> str:
 
 
 def test_find_shards(job_shards, tmp_path):
-    found = labels.find_shards(job_shards)
+    found = find_shards(job_shards)
     assert [s.name for s in found] == ["00000", "00001", "00002", "00003", "00004", "00005"]
     assert found[3].parquet is None and found[0].parquet.endswith("00000.parquet")
     shutil.copyfile(os.path.join(job_shards, "00000.parquet"), tmp_path / "00007.parquet")
-    assert labels.find_shards(str(tmp_path)) == [Shard("00007", None, str(tmp_path / "00007.parquet"))]
+    assert find_shards(str(tmp_path)) == [Shard("00007", None, str(tmp_path / "00007.parquet"))]
     with pytest.raises(ShardReadError, match="00007.tar is missing"):
-        labels.read_shard(labels.find_shards(str(tmp_path))[0])
+        labels.read_shard(find_shards(str(tmp_path))[0])
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        labels.find_shards(str(tmp_path / "absent"))
+        find_shards(str(tmp_path / "absent"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no webdataset shard"):
-        labels.find_shards(str(empty))
+        find_shards(str(empty))
 
 
 def test_parquet_and_tar_give_the_same_captions(shards):
@@ -100,13 +101,6 @@ def test_parquet_and_tar_give_the_same_captions(shards):
     status = pq.read_table(os.path.join(folder, name + ".parquet")).to_pylist()
     assert keys == sorted(r["key"] for r in status if r["status"] == "success")
     assert len(keys) < len(status)  # the world's bad rows were not downloaded: not in the tar, not labelled
-
-
-def test_sample_key_follows_webdataset():
-    from webdataset.tariterators import base_plus_ext
-
-    for member in ("0000001.jpg", "0000001.txt", "a/b/000.seg.txt", "dir.v2/abc.json", "noext", "x/.hidden", "k.tar.gz"):
-        assert labels.sample_key(member) == base_plus_ext(member), member
 
 
 def test_bad_caption_tar_is_read(job_shards):
@@ -137,7 +131,7 @@ def test_unreadable_shards_are_reported(job_shards, tmp_path):
 
 def test_check_stage_reports_errors_as_rows(job_shards):
     specs = pa.Table.from_pylist(
-        [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in labels.find_shards(job_shards)]
+        [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in find_shards(job_shards)]
     )
     checked = labels.check_shards_batch(specs)
     assert checked["shard"].to_pylist() == specs["shard"].to_pylist()
@@ -159,8 +153,8 @@ def test_label_stage_reads_tags_and_writes_each_shard(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     # batch_size 2: the first shard's three captions go through the extractor in two calls, in key order
-    stage = labels.LabelShards(str(out), "spacy", batch_size=2)
-    specs = pa.Table.from_pylist([{"shard": s.name, "tar": s.tar, "parquet": ""} for s in labels.find_shards(str(src))])
+    stage = labels.LabelShards(str(out), labels.LabelSettings("spacy", batch_size=2))
+    specs = pa.Table.from_pylist([{"shard": s.name, "tar": s.tar, "parquet": ""} for s in find_shards(str(src))])
     result = stage(specs)
     assert result["shard"].to_pylist() == ["00001", "00002", "00003", "00004"]
     errors = result["error"].to_pylist()
@@ -242,12 +236,12 @@ def test_job_rejects_missing_and_relative_paths(tmp_path, monkeypatch, capsys):
     assert job.main(["--shards", str(tmp_path / "absent"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "absent: no such folder" in err and "resolved where the job runs" in err
-    monkeypatch.setenv(job._JOB_SUBMISSION_ENV, "{}")
-    with pytest.raises(SystemExit):
-        job.parse_args(["--shards", "data/cc3m", "--output", str(tmp_path / "out")])
+    monkeypatch.setenv(SUBMITTED, "{}")
+    assert job.main(["--shards", "data/cc3m", "--output", str(tmp_path / "out")]) == 2
     assert "absolute path" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        job.parse_args(["--shards", str(tmp_path), "--output", str(tmp_path / "o"), "--batch-size", "0"])
+        job.main(["--shards", str(tmp_path), "--output", str(tmp_path / "o"), "--batch-size", "0"])
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 def test_job_names_the_missing_nltk_tagger_before_starting_ray(job_shards, tmp_path, monkeypatch, capsys):

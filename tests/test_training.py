@@ -72,7 +72,7 @@ def _g3m_config(tmp_path, **changes) -> TrainConfig:
         values = yaml.safe_load(f)
     for d in values["data"]:  # the preset's paths are examples; any existing folders do
         d["shards"] = d["labels"] = str(tmp_path)
-    return TrainConfig(**(values | changes))
+    return TrainConfig(**({"deepspeed": "jobs/configs/zero2.json"} | values | changes))
 
 
 def test_g3m_preset_is_the_papers_512_x_21360_steps_on_any_number_of_gpus(tmp_path):

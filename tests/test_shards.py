@@ -1,0 +1,171 @@
+"""pipeline.shards: finding shards, member names, and the one rule for damaged tars."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import fsspec
+import pytest
+
+from pipeline.shards import Shard, TarReader, find_shards, index_tar, label_table_path, split_member
+
+
+def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """A tar holding ``samples`` (key, {extension: data}), members in the order given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    with open(path, "wb") as f:
+        f.write(tar_bytes(samples))
+    return str(path)
+
+
+SAMPLES = [(f"{i:03d}", {"jpg": bytes([i]) * 700, "txt": f"caption {i}".encode()}) for i in range(6)]
+
+
+@pytest.fixture
+def folder(tmp_path) -> str:
+    for i in range(4):
+        write_tar(tmp_path / f"{i:05d}.tar", SAMPLES)
+    (tmp_path / "00000.parquet").write_bytes(b"per-shard table")
+    (tmp_path / "00007.parquet").write_bytes(b"a table whose tar is missing")
+    (tmp_path / "manifest.parquet").write_bytes(b"not a shard")
+    (tmp_path / "notes.txt").write_text("not a shard")
+    return str(tmp_path)
+
+
+def test_a_folder_glob_and_brace_pattern_find_the_same_shards(folder):
+    found = find_shards(folder)
+    assert [s.name for s in found] == ["00000", "00001", "00002", "00003", "00007"]
+    assert found[0] == Shard("00000", os.path.join(folder, "00000.tar"), os.path.join(folder, "00000.parquet"))
+    assert found[1].parquet is None and found[4] == Shard("00007", None, os.path.join(folder, "00007.parquet"))
+    tars = found[:4]
+    assert find_shards(os.path.join(folder, "*.tar")) == tars
+    assert find_shards(os.path.join(folder, "{00000..00003}.tar")) == tars
+    assert find_shards(f"file://{folder}/0000[0-3].tar") == tars
+    assert find_shards([os.path.join(folder, "00002.tar"), os.path.join(folder, "00000.tar")]) == [tars[0], tars[2]]
+
+
+def test_missing_shards_are_named(folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"6 shard\(s\) named by .* do not exist: .*00004.tar, .*00005.tar, .*00006.tar and 3 more"):
+        find_shards(os.path.join(folder, "{00000..00009}.tar"))
+    with pytest.raises(FileNotFoundError, match="no such folder or shard"):
+        find_shards(str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="matches no webdataset shard"):
+        find_shards(os.path.join(folder, "*.tgz"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no webdataset shard"):
+        find_shards(str(empty))
+
+
+def test_label_tables_are_required_when_asked(folder, tmp_path):
+    labels = tmp_path / "labels_out"
+    os.makedirs(labels / "labels")
+    for name in ("00000", "00001", "00002"):
+        (labels / "labels" / f"{name}.parquet").write_bytes(b"x")
+    assert label_table_path(str(labels), "00001") == str(labels / "labels" / "00001.parquet")
+    pattern = os.path.join(folder, "{00000..00002}.tar")
+    assert len(find_shards(pattern, labels=str(labels))) == 3
+    with pytest.raises(FileNotFoundError, match="1 shard\\(s\\) have no label table, e.g. .*00003.parquet"):
+        find_shards(os.path.join(folder, "*.tar"), labels=str(labels))
+    with pytest.raises(FileNotFoundError, match="no such labels folder"):
+        find_shards(pattern, labels=str(tmp_path / "nowhere"))
+
+
+def test_two_shards_with_one_name_are_refused(folder, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    write_tar(other / "00001.tar", SAMPLES)
+    with pytest.raises(ValueError, match="two shards are named 00001"):
+        find_shards([folder, str(other)])
+
+
+def test_shards_on_object_storage():
+    """Any fsspec URL: the in-memory file system stands for s3:// or gs:// here."""
+    fs = fsspec.filesystem("memory")
+    for i in range(3):
+        with fs.open(f"/bucket/shards/{i:05d}.tar", "wb") as f:
+            f.write(tar_bytes(SAMPLES[:2]))
+    found = find_shards("memory://bucket/shards")
+    assert [s.tar for s in found] == [f"memory:///bucket/shards/{i:05d}.tar" for i in range(3)]
+    assert find_shards("memory://bucket/shards/{00001..00002}.tar") == found[1:]
+    index = index_tar(found[0].tar)
+    assert index.damage is None and index.keys == ["000", "001"]
+    assert [s.data["txt"] for s in TarReader(found[2].tar)] == [b"caption 0", b"caption 1"]
+
+
+def test_split_member_follows_webdataset():
+    from webdataset.tariterators import base_plus_ext
+
+    for member in ("0000001.jpg", "0000001.txt", "a/b/000.seg.txt", "dir.v2/abc.json", "noext", "x/.hidden", "k.tar.gz"):
+        assert split_member(member) == base_plus_ext(member), member
+
+
+# ----------------------------------------------------------------------------- the rule for damaged tars
+
+
+def test_a_whole_tar_is_read_completely(tmp_path):
+    tar = write_tar(tmp_path / "a.tar", SAMPLES)
+    index = index_tar(tar)
+    assert index.damage is None and index.keys == [k for k, _ in SAMPLES]
+    assert set(index.samples[0].members) == {"jpg", "txt"} and index.samples[0].data == {}
+    read = list(TarReader(tar, read=lambda ext: ext == "txt"))
+    assert [s.data for s in read] == [{"txt": m["txt"]} for _, m in SAMPLES]
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.4, 0.55, 0.8, 0.97])
+def test_a_truncated_tar_gives_its_intact_samples_and_the_defect(tmp_path, fraction):
+    tar = write_tar(tmp_path / "whole.tar", SAMPLES)
+    with tarfile.open(tar) as t:
+        last = t.getmembers()[-1]
+    cut = tmp_path / "cut.tar"  # cut at a fraction of the members' bytes (a tar is padded with zeros after them)
+    cut.write_bytes(open(tar, "rb").read()[: int((last.offset_data + last.size) * fraction)])
+    reader = TarReader(str(cut))
+    samples = list(reader)
+    assert reader.damage and "truncated" in reader.damage
+    assert len(samples) < len(SAMPLES)
+    for sample, (key, members) in zip(samples, SAMPLES):  # every sample given is whole and in order
+        assert sample.key == key and sample.data == members
+    assert index_tar(str(cut)).keys == [s.key for s in samples]
+
+
+def test_a_tar_without_its_end_marker_loses_its_last_sample(tmp_path):
+    tar = write_tar(tmp_path / "whole.tar", SAMPLES)
+    with tarfile.open(tar) as t:
+        last = t.getmembers()[-1]
+    end = -(-(last.offset_data + last.size) // 512) * 512  # the last member whole, no end-of-archive blocks
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(tar, "rb").read()[:end])
+    index = index_tar(str(cut))
+    assert "end-of-archive" in index.damage and index.keys == [k for k, _ in SAMPLES[:-1]]
+
+
+def test_members_of_one_key_that_are_not_adjacent_stop_the_reading(tmp_path):
+    tar = write_tar(tmp_path / "split.tar", [SAMPLES[0], SAMPLES[1], ("000", {"json": b"{}"}), SAMPLES[2]])
+    index = index_tar(tar)
+    assert "'000' are not adjacent" in index.damage and index.keys == ["000", "001"]
+
+
+def test_garbage_and_missing_files_are_defects_with_no_sample(tmp_path):
+    garbage = tmp_path / "g.tar"
+    garbage.write_bytes(b"this is not a tar archive" * 50)
+    assert index_tar(str(garbage)).damage.startswith("not a readable tar") and index_tar(str(garbage)).keys == []
+    assert index_tar(str(tmp_path / "absent.tar")).damage == "no such file"
+    whole = bytearray(open(write_tar(tmp_path / "whole.tar", SAMPLES), "rb").read())
+    header = whole.index(b"002.jpg")  # corrupt the header of sample 002: a bad checksum
+    whole[header + 148 : header + 156] = b"9999999\0"
+    corrupt = tmp_path / "corrupt.tar"
+    corrupt.write_bytes(bytes(whole))
+    index = index_tar(str(corrupt))
+    assert index.damage and index.keys == ["000"]  # 001 may continue past the bad header: not intact
