@@ -70,7 +70,9 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) 
     return global_batch // per_step
 
 
-def resolve_precision(requested: str, ds: dict, *, cuda: bool, bf16_supported: bool, fp16_supported: bool) -> str:
+def resolve_precision(
+    requested: str, ds: dict, *, cuda: bool, bf16_supported: bool, fp16_supported: bool
+) -> str:
     """bf16, fp16 or fp32 for this run.
 
     auto: an fp16 or bf16 section of the JSON that says ``"enabled": true`` (exactly one);
@@ -94,7 +96,9 @@ def resolve_precision(requested: str, ds: dict, *, cuda: bool, bf16_supported: b
             "(CPUs with AVX512-FP16 or AMX-FP16), and this one has none; use bf16 or fp32 here, fp16 on a GPU"
         )
     if requested == "bf16" and cuda and not bf16_supported:
-        raise DeepSpeedConfigError("precision bf16: this GPU has no bf16 support (it predates Ampere); use fp16 or fp32")
+        raise DeepSpeedConfigError(
+            "precision bf16: this GPU has no bf16 support (it predates Ampere); use fp16 or fp32"
+        )
     return requested
 
 
@@ -106,7 +110,7 @@ class _Filler:
         self.mismatches: list[str] = []
 
     def fill(self, key: str, value, config_field: str | None = None, if_absent: bool = False) -> None:
-        """"auto" becomes ``value``, and so does an absent key of an existing section when ``config_field``
+        """An "auto" becomes ``value``, and so does an absent key of an existing section when ``config_field``
         or ``if_absent`` is given; with ``config_field``, an explicit different value is a disagreement."""
         parent, leaf = self._parent(key)
         if parent is None:
@@ -115,7 +119,9 @@ class _Filler:
         if current == "auto" or (current is None and (config_field is not None or if_absent)):
             parent[leaf] = value
         elif config_field is not None and not _same(current, value):
-            self.mismatches.append(f"- {key} = {current!r} in the DeepSpeed JSON, but {config_field} = {value!r} in the training config")
+            self.mismatches.append(
+                f"- {key} = {current!r} in the DeepSpeed JSON, but {config_field} = {value!r} in the training config"
+            )
 
     def _parent(self, key: str) -> tuple[dict | None, str]:
         *path, leaf = key.split(".")
@@ -142,7 +148,11 @@ def fill_deepspeed_config(ds: dict, recipe: Recipe) -> dict:
     f = _Filler(ds)
     _check_batch(f.ds, recipe)
     f.fill("train_micro_batch_size_per_gpu", recipe.micro_batch, "batch_size")
-    f.fill("gradient_accumulation_steps", recipe.grad_accum, "gradient accumulation (global_batch / (batch_size x world size), or grad_accum)")
+    f.fill(
+        "gradient_accumulation_steps",
+        recipe.grad_accum,
+        "gradient accumulation (global_batch / (batch_size x world size), or grad_accum)",
+    )
     f.ds["train_batch_size"] = recipe.global_batch  # checked above when explicit
     f.fill("gradient_clipping", recipe.grad_clip, "grad_clip")
 
@@ -163,7 +173,9 @@ def fill_deepspeed_config(ds: dict, recipe: Recipe) -> dict:
         f.ds["optimizer"].setdefault("params", {})
         f.fill("optimizer.params.lr", recipe.lr, "lr")
         f.fill("optimizer.params.weight_decay", recipe.weight_decay, "weight_decay")
-        f.fill("optimizer.params.betas", list(ADAM_BETAS), if_absent=True)  # the recipe's, not DeepSpeed's defaults
+        f.fill(
+            "optimizer.params.betas", list(ADAM_BETAS), if_absent=True
+        )  # the recipe's, not DeepSpeed's defaults
         f.fill("optimizer.params.eps", ADAM_EPS, if_absent=True)
 
     if "scheduler" in f.ds:

@@ -25,7 +25,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-ALWAYS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "is_nonzero", "equal"}
+ALWAYS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "is_nonzero",
+    "equal",
+}
 BOOL_INDEXED = {"index", "index_put", "index_put_"}
 TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -43,7 +52,11 @@ class SyncAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         # repeat_interleave waits only when the repeats are a tensor and no output_size is given
-        repeats = name == "repeat_interleave" and func._overloadname != "self_int" and not (kwargs or {}).get("output_size")
+        repeats = (
+            name == "repeat_interleave"
+            and func._overloadname != "self_int"
+            and not (kwargs or {}).get("output_size")
+        )
         if name in ALWAYS or repeats or (name in BOOL_INDEXED and _bool_index(args)):
             stack = traceback.extract_stack()[:-1]
             outside = [f for f in stack if not f.filename.startswith(TORCH_DIR)]

@@ -28,7 +28,18 @@ from pipeline.training import MetricsLog, lr_schedule, zero_memory_estimate
 from tests.test_train import _launch
 from tests.user_ds_configs import LLAVA_ZERO2, USER_CONFIGS
 
-RECIPE = Recipe(micro_batch=4, grad_accum=2, world_size=2, lr=2e-3, min_lr=1e-4, weight_decay=0.05, warmup_steps=3, total_steps=10, grad_clip=1.0, precision="fp32")
+RECIPE = Recipe(
+    micro_batch=4,
+    grad_accum=2,
+    world_size=2,
+    lr=2e-3,
+    min_lr=1e-4,
+    weight_decay=0.05,
+    warmup_steps=3,
+    total_steps=10,
+    grad_clip=1.0,
+    precision="fp32",
+)
 
 
 def _filled(text: str, recipe: Recipe = RECIPE, hidden: int = 128, **changes) -> dict:
@@ -47,7 +58,9 @@ def _hugging_face(text: str, recipe: Recipe, hidden: int) -> dict:
         fp16_full_eval=False, bf16=recipe.precision == "bf16", bf16_full_eval=False, get_warmup_steps=lambda total: recipe.warmup_steps,
     )  # fmt: skip
     hf.trainer_config_process(args)
-    hf.trainer_config_finalize(args, types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=hidden)), recipe.total_steps)
+    hf.trainer_config_finalize(
+        args, types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=hidden)), recipe.total_steps
+    )
     return hf.config
 
 
@@ -62,7 +75,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 @pytest.mark.parametrize("name", sorted(USER_CONFIGS))
 def test_user_configs_are_filled_as_hugging_face_fills_them(name, precision):
     recipe = dataclasses.replace(RECIPE, precision=precision)
-    ours, theirs = _flat(_filled(USER_CONFIGS[name], recipe)), _flat(_hugging_face(USER_CONFIGS[name], recipe, 128))
+    ours, theirs = (
+        _flat(_filled(USER_CONFIGS[name], recipe)),
+        _flat(_hugging_face(USER_CONFIGS[name], recipe, 128)),
+    )
     assert [k for k in ours if ours[k] == "auto"] == []
     assert {k: ours.get(k) for k in theirs} == theirs
     # beyond Hugging Face: keys the JSON lacks are set from the config too (DeepSpeed's own defaults
@@ -84,7 +100,14 @@ def test_contradictory_train_batch_size_names_micro_batch_accumulation_and_world
     with pytest.raises(DeepSpeedConfigError) as err:
         _filled(LLAVA_ZERO2, train_batch_size=64)
     message = str(err.value)
-    for part in ("train_batch_size 64", "micro batch 4", "gradient accumulation 2", "world size 2", "= 16", "global_batch: 64"):
+    for part in (
+        "train_batch_size 64",
+        "micro batch 4",
+        "gradient accumulation 2",
+        "world size 2",
+        "= 16",
+        "global_batch: 64",
+    ):
         assert part in message, message
 
 
@@ -97,7 +120,12 @@ def test_explicit_values_that_contradict_the_config_are_listed_together():
     with pytest.raises(DeepSpeedConfigError) as err:
         fill_deepspeed_config(ds, RECIPE)
     message = str(err.value)
-    for key in ("train_micro_batch_size_per_gpu = 8", "gradient_clipping = 0.5", "optimizer.params.lr = 3e-05", "scheduler.params.warmup_num_steps = 500"):
+    for key in (
+        "train_micro_batch_size_per_gpu = 8",
+        "gradient_clipping = 0.5",
+        "optimizer.params.lr = 3e-05",
+        "scheduler.params.warmup_num_steps = 500",
+    ):
         assert key in message, message
     # values with no config field are the user's to set: kept as written
     ds = json.loads(USER_CONFIGS["hf_zero2"])
@@ -110,7 +138,9 @@ def test_optimizer_and_scheduler_types_outside_the_recipe_are_refused():
     ds = json.loads(USER_CONFIGS["hf_zero2"])
     with pytest.raises(DeepSpeedConfigError, match="optimizer type 'Lamb'.*AdamW"):
         fill_deepspeed_config(ds | {"optimizer": {"type": "Lamb", "params": {}}}, RECIPE)
-    with pytest.raises(DeepSpeedConfigError, match="scheduler type 'OneCycle'.*WarmupLR, WarmupDecayLR, WarmupCosineLR"):
+    with pytest.raises(
+        DeepSpeedConfigError, match="scheduler type 'OneCycle'.*WarmupLR, WarmupDecayLR, WarmupCosineLR"
+    ):
         fill_deepspeed_config(ds | {"scheduler": {"type": "OneCycle", "params": {}}}, RECIPE)
 
 
@@ -118,7 +148,10 @@ def test_an_auto_nothing_fills_is_refused_by_name():
     ds = json.loads(LLAVA_ZERO2)
     ds["zero_optimization"]["offload_optimizer"] = {"device": "auto"}
     ds["fp16"]["loss_scale_window"] = "auto"
-    with pytest.raises(DeepSpeedConfigError, match="fp16.loss_scale_window, zero_optimization.offload_optimizer.device; put a value there"):
+    with pytest.raises(
+        DeepSpeedConfigError,
+        match="fp16.loss_scale_window, zero_optimization.offload_optimizer.device; put a value there",
+    ):
         fill_model_sizes(fill_deepspeed_config(ds, RECIPE), 128)
 
 
@@ -127,7 +160,11 @@ def test_scheduler_blocks_are_filled_and_used_as_deepspeed_defines_them(kind):
     from deepspeed.runtime import lr_schedules
 
     auto = {"warmup_num_steps": "auto", "warmup_type": "linear"}
-    auto |= {"warmup_min_lr": "auto", "warmup_max_lr": "auto"} if kind != "WarmupCosineLR" else {"cos_min_ratio": "auto"}
+    auto |= (
+        {"warmup_min_lr": "auto", "warmup_max_lr": "auto"}
+        if kind != "WarmupCosineLR"
+        else {"cos_min_ratio": "auto"}
+    )
     if kind != "WarmupLR":
         auto["total_num_steps"] = "auto"
     ds = _filled(LLAVA_ZERO2, scheduler={"type": kind, "params": auto})
@@ -140,7 +177,10 @@ def test_scheduler_blocks_are_filled_and_used_as_deepspeed_defines_them(kind):
         lrs.append(optimizer.param_groups[0]["lr"])
         schedule.step()
     # DeepSpeed's curves: WarmupCosineLR starts its cosine a step early, so it peaks just below lr
-    assert max(lrs) == pytest.approx(RECIPE.lr, rel=0.1 if kind == "WarmupCosineLR" else 1e-12) and max(lrs) <= RECIPE.lr
+    assert (
+        max(lrs) == pytest.approx(RECIPE.lr, rel=0.1 if kind == "WarmupCosineLR" else 1e-12)
+        and max(lrs) <= RECIPE.lr
+    )
     end = {"WarmupLR": RECIPE.lr, "WarmupDecayLR": 0.0, "WarmupCosineLR": RECIPE.min_lr}[kind]
     assert lrs[-1] == pytest.approx(end)
     assert "replaces the config's schedule" in describe(ds, RECIPE, cuda=False)["lr_schedule"]
@@ -192,14 +232,27 @@ def test_memory_estimate_is_deepspeeds_own(capsys, stage):
     from model.nxtp import NxTP
 
     model = NxTP(tiny_config(32000, image_size=64))
-    zero = {"stage": stage, "offload_optimizer": {"device": "cpu"}} | ({"offload_param": {"device": "cpu"}} if stage == 3 else {})
+    zero = {"stage": stage, "offload_optimizer": {"device": "cpu"}} | (
+        {"offload_param": {"device": "cpu"}} if stage == 3 else {}
+    )
     ours = zero_memory_estimate(model, {"zero_optimization": zero}, world_size=4, ranks_per_node=4)
     if stage == 2:
-        printed = _printed_estimate(capsys, estimate_zero2_model_states_mem_needs_all_live, model, 4, {"offload_optimizer": "cpu"})
+        printed = _printed_estimate(
+            capsys, estimate_zero2_model_states_mem_needs_all_live, model, 4, {"offload_optimizer": "cpu"}
+        )
     else:
-        printed = _printed_estimate(capsys, estimate_zero3_model_states_mem_needs_all_live, model, 4, {"offload_param": "cpu", "offload_optimizer": "cpu", "zero_init": "0"})
+        printed = _printed_estimate(
+            capsys,
+            estimate_zero3_model_states_mem_needs_all_live,
+            model,
+            4,
+            {"offload_param": "cpu", "offload_optimizer": "cpu", "zero_init": "0"},
+        )
     # the printer writes 2 decimals, the estimate keeps 3
-    assert (ours["all_parameters"]["per_device_GiB"], ours["all_parameters"]["cpu_per_node_GiB"]) == pytest.approx(printed, abs=0.0056)
+    assert (
+        ours["all_parameters"]["per_device_GiB"],
+        ours["all_parameters"]["cpu_per_node_GiB"],
+    ) == pytest.approx(printed, abs=0.0056)
     for p in model.vision.parameters():
         p.requires_grad = False
     frozen = zero_memory_estimate(model, {"zero_optimization": zero}, world_size=4, ranks_per_node=4)
@@ -228,7 +281,9 @@ def _expected_lrs(saved: dict, lr: float, warmup: int, total: int, min_lr: float
     if "scheduler" in saved:
         from deepspeed.runtime import lr_schedules
 
-        schedule = getattr(lr_schedules, saved["scheduler"]["type"])(optimizer, **saved["scheduler"]["params"])
+        schedule = getattr(lr_schedules, saved["scheduler"]["type"])(
+            optimizer, **saved["scheduler"]["params"]
+        )
     else:
         schedule = lr_schedule(optimizer, warmup, total, min_lr)
     lrs = []
@@ -251,18 +306,35 @@ def test_user_config_trains_under_the_launcher(name, launch_config, repo_root, t
     assert f'"activation_checkpointing": {str(checkpointing).lower()}' in output
     saved = json.load(open(os.path.join(run, "ds_config.json")))
     assert list(auto_keys(saved)) == [] and '"auto"' not in open(os.path.join(run, "ds_config.json")).read()
-    assert (saved["train_micro_batch_size_per_gpu"], saved["gradient_accumulation_steps"], saved["train_batch_size"]) == (4, 1, 8)
+    assert (
+        saved["train_micro_batch_size_per_gpu"],
+        saved["gradient_accumulation_steps"],
+        saved["train_batch_size"],
+    ) == (4, 1, 8)
     assert saved["gradient_clipping"] == 1.0 and saved["fp16"]["enabled"] is False
     assert "deepspeed config (filled)" in output
     rows = MetricsLog.read(os.path.join(run, "metrics.jsonl"))
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and all(
+        math.isfinite(r["loss"]) for r in rows
+    )
     expected = _expected_lrs(saved, 2e-3, 4, STEPS, 1e-4)
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-9, abs=1e-15)
-    if "scheduler" in saved:  # the JSON's WarmupLR, with lr and warmup filled in, replaces the config's cosine
-        assert saved["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-3, "warmup_num_steps": 4}
+    if (
+        "scheduler" in saved
+    ):  # the JSON's WarmupLR, with lr and warmup filled in, replaces the config's cosine
+        assert saved["scheduler"]["params"] == {
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": 2e-3,
+            "warmup_num_steps": 4,
+        }
         assert expected != _expected_lrs({}, 2e-3, 4, STEPS, 1e-4)
         assert "WarmupLR from the DeepSpeed JSON" in output and "replaces the config's schedule" in output
-        assert saved["optimizer"]["params"] == {"lr": 2e-3, "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "weight_decay": 0.1}
+        assert saved["optimizer"]["params"] == {
+            "lr": 2e-3,
+            "betas": list(ADAM_BETAS),
+            "eps": ADAM_EPS,
+            "weight_decay": 0.1,
+        }
 
 
 @pytest.mark.launcher
@@ -272,7 +344,10 @@ def test_contradictory_train_batch_size_stops_the_job_before_training(launch_con
     path.write_text(json.dumps(ds))
     run = str(tmp_path / "run")
     output = _launch(repo_root, launch_config, str(path), run, expect_code=2)
-    assert "error: train_batch_size 32 in the DeepSpeed JSON disagrees with micro batch 4 (batch_size) x gradient accumulation 1 x world size 2 = 8" in output
+    assert (
+        "error: train_batch_size 32 in the DeepSpeed JSON disagrees with micro batch 4 (batch_size) x gradient accumulation 1 x world size 2 = 8"
+        in output
+    )
     assert output.count("error: train_batch_size 32") == 1, "said once, not once per rank"
     assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
 
@@ -292,7 +367,9 @@ def test_fp16_with_dynamic_loss_scaling_or_a_clear_refusal(launch_config, repo_r
     saved = json.load(open(os.path.join(run, "ds_config.json")))
     assert saved["fp16"] == {"enabled": True, "loss_scale": 0} and saved["bf16"]["enabled"] is False
     rows = MetricsLog.read(os.path.join(run, "metrics.jsonl"))
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and all(
+        math.isfinite(r["loss"]) for r in rows
+    )
     for r in rows:  # DeepSpeed's dynamic scale: 2^16 to start (initial_scale_power), halved after overflows
         assert r["loss_scale"] in [2.0**p for p in range(17)] and 0 <= r["skipped_steps"] <= r["step"], rows
     assert rows[-1]["skipped_steps"] < STEPS or rows[-1]["loss_scale"] < 2.0**16

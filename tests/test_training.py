@@ -32,7 +32,9 @@ def _hand_written_lr_multiplier(step: int, warmup_steps: int, total_steps: int, 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@pytest.mark.parametrize("warmup, total, lr, min_lr", [(5, 40, 2e-3, 1e-4), (2000, 21360, 1e-5, 0.0), (50, 1000, 2e-3, 1e-4)])
+@pytest.mark.parametrize(
+    "warmup, total, lr, min_lr", [(5, 40, 2e-3, 1e-4), (2000, 21360, 1e-5, 0.0), (50, 1000, 2e-3, 1e-4)]
+)
 def test_lr_schedule_is_the_hand_written_curve_with_the_warmup_one_step_later(warmup, total, lr, min_lr):
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     schedule = lr_schedule(optimizer, warmup, total, min_lr)
@@ -61,9 +63,14 @@ def test_gradient_accumulation_from_the_global_batch(world, accum):
     assert gradient_accumulation(512, 16, world) == accum
 
 
-@pytest.mark.parametrize("global_batch, micro, world", [(512, 16, 3), (512, 16, 64), (500, 16, 1), (512, 24, 2)])
+@pytest.mark.parametrize(
+    "global_batch, micro, world", [(512, 16, 3), (512, 16, 64), (500, 16, 1), (512, 24, 2)]
+)
 def test_global_batch_that_does_not_divide_is_an_error(global_batch, micro, world):
-    with pytest.raises(DeepSpeedConfigError, match=f"global_batch {global_batch} is not a multiple of batch_size {micro} x world size {world}"):
+    with pytest.raises(
+        DeepSpeedConfigError,
+        match=f"global_batch {global_batch} is not a multiple of batch_size {micro} x world size {world}",
+    ):
         gradient_accumulation(global_batch, micro, world)
 
 
@@ -107,7 +114,9 @@ def _batches(stream_args: dict, start_step: int, n: int, workers: int) -> list[t
 
 
 @pytest.mark.parametrize("segment_steps, accum", [(3, 1), (2, 2)])
-def test_one_loader_reads_what_a_run_resumed_at_each_checkpoint_reads(labelled_shards, world, segment_steps, accum):
+def test_one_loader_reads_what_a_run_resumed_at_each_checkpoint_reads(
+    labelled_shards, world, segment_steps, accum
+):
     shards, labels = labelled_shards["train"]
     args = dict(
         datasets=[DatasetSpec("world", shards, labels)], tokenizer_path=world.tokenizer, image_size=64, batch_size=2, seed=5,
@@ -123,7 +132,9 @@ def test_one_loader_reads_what_a_run_resumed_at_each_checkpoint_reads(labelled_s
             assert torch.equal(a, b), f"resumed at step {start}: batch {i} differs"
     # each segment is a fresh stream seeded with its first step, not a continuation
     fresh = _batches(dict(args, segment_steps=0), segment_steps, segment_steps * accum, workers)
-    assert all(torch.equal(a, b) for a, b in zip(fresh, whole[segment_steps * accum : 2 * segment_steps * accum]))
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh, whole[segment_steps * accum : 2 * segment_steps * accum])
+    )
     assert not torch.equal(whole[0], whole[segment_steps * accum])
 
 
@@ -148,7 +159,9 @@ def test_target_count_from_the_cpu_gives_the_same_loss_and_gradients():
     model.init_weights()
     batch = _tiny_batch()
     loss, grads = _loss_and_grads(copy.deepcopy(model), batch)
-    counted_loss, counted_grads = _loss_and_grads(copy.deepcopy(model), batch, n_targets=int((batch["targets"] != IGNORE).sum()))
+    counted_loss, counted_grads = _loss_and_grads(
+        copy.deepcopy(model), batch, n_targets=int((batch["targets"] != IGNORE).sum())
+    )
     torch.testing.assert_close(counted_loss, loss, rtol=0, atol=0)
     for key in grads:
         torch.testing.assert_close(counted_grads[key], grads[key], rtol=0, atol=0)
@@ -167,7 +180,9 @@ def test_activation_checkpointing_and_compile_keep_names_loss_and_gradients(chec
     if checkpointing:
         enable_activation_checkpointing(model)
     if compiled:
-        assert compile_blocks(model, backend="aot_eager") == len(model.vision.vit.transformer.resblocks) + len(model.decoder.layers)
+        assert compile_blocks(model, backend="aot_eager") == len(
+            model.vision.vit.transformer.resblocks
+        ) + len(model.decoder.layers)
     got_loss, got_grads = _loss_and_grads(model, batch)
     assert list(model.state_dict()) == list(base.state_dict())
     torch.testing.assert_close(got_loss, loss)
@@ -191,9 +206,23 @@ def sync_report(labelled_shards, world, tmp_path_factory, repo_root):
         ds = json.load(f)
     with open(root / "ds.json", "w") as f:
         json.dump(ds, f)
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ray_local.free_port()))
+    env = dict(
+        os.environ,
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(ray_local.free_port()),
+    )
     report = root / "report.json"
-    cmd = [sys.executable, "tests/sync_audit.py", str(root / "config.yaml"), str(root / "ds.json"), str(report)]
+    cmd = [
+        sys.executable,
+        "tests/sync_audit.py",
+        str(root / "config.yaml"),
+        str(root / "ds.json"),
+        str(report),
+    ]
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(report.read_text())
@@ -206,7 +235,11 @@ def test_the_training_step_never_waits_for_the_device(sync_report):
     ours = [r for r in in_step if r["in_repo"] or "open_clip" in r["origin"]]
     assert not ours, json.dumps(ours, indent=1)
     # the audit does see waits: the logged loss (once per logged step) and the CPU-side target counts
-    reads = [r for r in sync_report if "read" in r["functions"] and r["op"] == "_local_scalar_dense" and r["in_repo"]]
+    reads = [
+        r
+        for r in sync_report
+        if "read" in r["functions"] and r["op"] == "_local_scalar_dense" and r["in_repo"]
+    ]
     assert len(reads) == 1, json.dumps(sync_report, indent=1)
     counts = [r for r in sync_report if "_host_side" in r["functions"]]
     assert len(counts) == 3 * 2, "one CPU-side count per micro-batch"

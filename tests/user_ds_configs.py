@@ -166,4 +166,9 @@ HF_ZERO3 = """{
     "wall_clock_breakdown": false
 }"""
 
-USER_CONFIGS = {"llava_zero2": LLAVA_ZERO2, "llava_zero3": LLAVA_ZERO3, "hf_zero2": HF_ZERO2, "hf_zero3": HF_ZERO3}
+USER_CONFIGS = {
+    "llava_zero2": LLAVA_ZERO2,
+    "llava_zero3": LLAVA_ZERO3,
+    "hf_zero2": HF_ZERO2,
+    "hf_zero3": HF_ZERO3,
+}
