@@ -4,13 +4,17 @@
     python -m benchmarks.train_bench --ranks 1 --steps 80
     python -m benchmarks.train_bench --shapes g3m --ranks 1 --batch 16 --steps 60   # one H100 / H200, bf16
 
-What runs: the real ``deepspeed`` launcher on ``jobs/train.py`` with ``jobs/configs/demo.yaml``
-and ZeRO-2, on shards of the synthetic world written at the preset's image size (what
-``jobs.ingest`` would write) with their ground-truth label tables. The figures come from
-the run's own ``metrics.jsonl`` (every step logged), past the first ``--skip`` steps
-(start-up, the workers' first batches): median step time, samples/s = global batch /
-step time, tokens/s (image tokens + target tokens, the run's own count), and the data
-wait's share of step time.
+What runs: the real ``deepspeed`` launcher on ``jobs/train.py`` with ZeRO-2, on shards of the
+synthetic world written at the model's image size (what ``jobs.ingest`` would write) with
+their ground-truth label tables. ``--shapes preset`` trains the preset's tiny model with its
+recipe (``jobs/configs/demo.yaml``); ``small`` / ``g3m`` train random weights of those shapes
+with the G3M preset's recipe (``jobs/configs/g3m.yaml``: freezing, lr, clipping, precision),
+at ``--batch`` per rank without accumulation. No checkpoint is written and nothing is
+exported unless ``--export`` (at 1.78B they cost tens of GB and minutes). The figures come
+from the run's own ``metrics.jsonl`` (one line per ``--log-every`` steps: means over those
+steps, read from the device once per line), past the first ``--skip`` steps (start-up, the
+workers' first batches): median step time, samples/s = global batch / step time, tokens/s
+(image tokens + target tokens, the run's own count), and the data wait's share of step time.
 
 MFU = train FLOPs per sample (``benchmarks.flops``, the formula stated there) x samples/s
 / peak. On a CPU the peak is measured here: the best fp32 matmul rate of
@@ -72,8 +76,8 @@ def text_lengths(preset: dict, shards: str, labels: str, tokenizer: str, batches
     return statistics.mean(text), statistics.mean(target)
 
 
-def random_model(folder: str, shapes: str, tokenizer: str) -> tuple[str, int]:
-    """An exported model with random weights (``small`` or ``g3m`` shapes): (folder, image size)."""
+def random_model(folder: str, shapes: str, tokenizer: str):
+    """An exported model with random weights (``small`` or ``g3m`` shapes): (folder, its model config)."""
     from model.checkpoint import save_pretrained
     from model.config import g3m_config
     from model.nxtp import NxTP
@@ -85,7 +89,7 @@ def random_model(folder: str, shapes: str, tokenizer: str) -> tuple[str, int]:
     model = NxTP(cfg)
     model.init_weights()
     save_pretrained(model, tok, folder)
-    return folder, cfg.vision.image_size
+    return folder, cfg
 
 
 def parameter_count(cfg) -> int:
@@ -115,8 +119,7 @@ def run_training(work: str, preset_path: str, ranks: int, steps: int, shards: st
     cmd = [
         deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "jobs/train.py",
         "--config", preset_path, "--deepspeed", "jobs/configs/zero2.json", "--run-dir", run, "--tokenizer", tokenizer,
-        "--data", f"bench={shards},{labels}", "--steps", str(steps), "--save-every", str(steps), "--log-every", "1",
-        "--warmup-steps", str(min(10, steps // 4)), *extra,
+        "--data", f"bench={shards},{labels}", "--steps", str(steps), "--warmup-steps", str(min(10, steps // 4)), *extra,
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
@@ -127,53 +130,60 @@ def run_training(work: str, preset_path: str, ranks: int, steps: int, shards: st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=os.path.join("jobs", "configs", "demo.yaml"), help="training preset (default: the demo's)")
+    p.add_argument("--preset", default=None, help="training preset (default: demo.yaml for --shapes preset, g3m.yaml for small / g3m)")
     p.add_argument(
         "--shapes", choices=["preset", "small", "g3m"], default="preset",
         help="preset: the preset's tiny model; small / g3m: that architecture with random weights (sampling_bench's "
-             "small config, or the published 1.78B shapes), trained with the paper's freezing policy",
+             "small config, or the published 1.78B shapes), trained with the G3M preset's recipe",
     )  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help="micro-batch per rank (default: the preset's; 16 for small / g3m)")
     p.add_argument("--tokenizer", help="small / g3m: LLaMA-2's tokenizer.model (default: $NXTP_TOKENIZER)")
     p.add_argument("--ranks", type=int, default=2, help="deepspeed ranks (processes; GPUs when there are GPUs)")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--skip", type=int, default=20, help="first steps left out of the figures")
+    p.add_argument("--log-every", type=int, default=None, help="steps per metrics line (default: 1 for the preset, 10 for small / g3m)")
     p.add_argument("--images", type=int, default=2000, help="synthetic training images")
+    p.add_argument("--export", action="store_true", help="also write the final checkpoint and export/ (off: they are not what is measured)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
-    if args.steps <= args.skip + 5:
-        p.error("--steps must exceed --skip by more than 5")
+    shaped = args.shapes != "preset"
+    args.preset = args.preset or os.path.join("jobs", "configs", "g3m.yaml" if shaped else "demo.yaml")
+    args.log_every = args.log_every or (10 if shaped else 1)
+    if args.steps <= args.skip + 5 * args.log_every:
+        p.error("--steps must exceed --skip by more than 5 metric lines (5 x --log-every)")
     with open(os.path.join(REPO, args.preset)) as f:
         preset = yaml.safe_load(f)
-    if preset.get("model") != "tiny":
-        p.error(f"{args.preset}: the base preset must be a tiny-model one (the benchmark makes its own data)")
+    if not shaped and preset.get("model") != "tiny":
+        p.error(f"{args.preset}: with --shapes preset the preset must be a tiny-model one (the benchmark makes its own data)")
     work = args.work or tempfile.mkdtemp(prefix="train_bench_")
     try:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
-        extra: list[str] = []
-        if args.shapes == "preset":
+        extra = ["--save-every", str(args.steps + 1), "--log-every", str(args.log_every), "--export" if args.export else "--no-export"]
+        if not shaped:
+            from model.config import tiny_config
+            from model.tokenizer import Tokenizer
+
             shards, labels, tokenizer = write_inputs(work, args.images, preset["image_size"])
+            model_cfg = tiny_config(Tokenizer(tokenizer).n_base, image_size=preset["image_size"], patch_size=preset.get("patch_size", 16))
         else:
-            init, image_size = random_model(os.path.join(work, "init"), args.shapes, find_tokenizer(args.tokenizer))
-            shards, labels, _ = write_inputs(work, args.images, image_size)
+            init, model_cfg = random_model(os.path.join(work, "init"), args.shapes, find_tokenizer(args.tokenizer))
+            shards, labels, _ = write_inputs(work, args.images, model_cfg.vision.image_size)
             tokenizer = os.path.join(init, "tokenizer.model")
-            # the paper's recipe: last 6 ViT blocks (and ln_post, projection), decoder, special embedding rows
-            preset.update(image_size=image_size, batch_size=16, max_text_len=64, train_vision_blocks=6, train_embeddings="special", lr=1e-5)
-            extra = ["--model", init, "--image-size", str(image_size), "--max-text-len", "64", "--train-vision-blocks", "6", "--num-workers", "4",
-                     "--train-embeddings", "special", "--lr", "1e-5", "--min-lr", "0"]  # fmt: skip
-        if args.batch or args.shapes != "preset":
+            # the G3M recipe (freezing, lr, clipping, precision, text length) on these weights, one micro-batch per step
+            preset.update(image_size=model_cfg.vision.image_size, batch_size=16)
+            extra += ["--model", init, "--image-size", str(model_cfg.vision.image_size), "--global-batch", "0", "--grad-accum", "1"]
+        if args.batch or shaped:
             preset["batch_size"] = args.batch or preset["batch_size"]
             extra += ["--batch-size", str(preset["batch_size"])]
         text_len, target_len = text_lengths(preset, shards, labels, tokenizer)
         run = run_training(work, args.preset, args.ranks, args.steps, shards, labels, tokenizer, extra)
         with open(os.path.join(run, "train_config.json")) as f:
             train_cfg = json.load(f)
-        from model.checkpoint import read_config
-
-        model_cfg, _ = read_config(os.path.join(run, "export"))
-        rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))][args.skip :]
+        with open(os.path.join(run, "ds_config.json")) as f:
+            ds_cfg = json.load(f)
+        rows = [r for r in (json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))) if r["step"] > args.skip]
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -187,23 +197,27 @@ def main(argv: list[str] | None = None) -> int:
         peak = cpu_matmul_peak()
         peak_note = "measured: best fp32 torch.matmul 2048x2048 on all cores"
     step_s = statistics.median(r["step_seconds"] for r in rows)
-    global_batch = train_cfg["batch_size"] * train_cfg["grad_accum"] * args.ranks
+    global_batch = ds_cfg["train_batch_size"]
     samples_per_s = global_batch / step_s
+    precision = "bf16" if ds_cfg.get("bf16", {}).get("enabled") else "fp16" if ds_cfg.get("fp16", {}).get("enabled") else "fp32"
     flops = sample_flops(model_cfg, text_len, target_len, train_cfg["train_vision_blocks"])
     result = {
-        "benchmark": "training throughput: deepspeed launcher, ZeRO-2, the preset's model and recipe",
+        "benchmark": "training throughput: deepspeed launcher, ZeRO-2, the preset's recipe",
         "command": "python -m benchmarks.train_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "device": device,
         "ranks": args.ranks,
         "preset": args.preset,
         "shapes": args.shapes,
+        "precision": precision,
+        "grad_clip": train_cfg["grad_clip"],
         "parameters": parameter_count(model_cfg),
         "image_tokens": model_cfg.vision.n_tokens,
         "text_positions_per_sample": round(text_len, 2),
         "target_positions_per_sample": round(target_len, 2),
         "global_batch": global_batch,
-        "steps_measured": len(rows),
+        "steps_measured": rows[-1]["step"] - args.skip if rows else 0,
+        "log_every": args.log_every,
         "median_step_s": round(step_s, 4),
         "samples_per_s": round(samples_per_s, 2),
         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows), 1),
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal": "GPU: >= 40% MFU on an H100 with the paper's freezing policy; data wait < 5% of step time",
     }
     tag = "cuda" if cuda else "cpu"
-    name = os.path.splitext(os.path.basename(args.preset))[0] if args.shapes == "preset" else args.shapes
+    name = os.path.splitext(os.path.basename(args.preset))[0] if not shaped else args.shapes
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"train_{tag}_{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -225,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, f"train_{tag}_{name}.md"), "w") as f:
         f.write(f"# Training throughput ({name})\n\n")
         f.write(f"- date: {result['date']}\n- device: {device}, {args.ranks} rank(s)\n- command: `{result['command']}`\n")
+        f.write(f"- recipe: {args.preset}, {precision}, gradient clipping {train_cfg['grad_clip']}; metrics every {args.log_every} step(s)\n")
         f.write(f"- model: {result['parameters'] / 1e6:.2f}M parameters, {result['image_tokens']} image tokens, "
                 f"{text_len:.1f} text positions ({target_len:.1f} with a target) per sample\n")  # fmt: skip
         f.write(f"- FLOP formula: {result['flop_formula']}; peak: {peak_note}\n\n")

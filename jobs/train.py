@@ -5,10 +5,12 @@
     deepspeed --num_gpus 2 jobs/train.py --config jobs/configs/demo.yaml --deepspeed jobs/configs/zero2.json  # CPU works too
 
 Every field of ``TrainConfig`` is a flag (``--lr 3e-5``); flags override the YAML preset.
-The run folder gets ``train_config.json``, DeepSpeed checkpoints (``checkpoints/step<N>``;
-a re-run of the same command resumes from the latest), ``metrics.jsonl``, TensorBoard
-events, ``loss.png`` and, at the end, the exported model (``export/``) that ``jobs.infer``
-and ``jobs.evaluate`` load. DeepSpeed JSON values of "auto" are filled from this config.
+The run folder gets ``train_config.json``, ``ds_config.json`` (the DeepSpeed JSON as filled),
+DeepSpeed checkpoints (``checkpoints/step<N>``; a re-run of the same command resumes from
+the latest), ``metrics.jsonl``, TensorBoard events, ``loss.png`` and, at the end, the
+exported model (``export/``) that ``jobs.infer`` and ``jobs.evaluate`` load. The DeepSpeed
+JSON's "auto" values are filled from this config as the Hugging Face Trainer fills them
+(pipeline/ds_config.py); explicit values that contradict the config are errors.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Annotated, Literal
 import tyro
 
 from jobs._cli import parse
+from pipeline.ds_config import PRECISIONS, DeepSpeedConfigError, gradient_accumulation
 from pipeline.loader import DatasetSpec
+from pipeline.outputs import write_json
 
 
 def _dataset(args: list[str]) -> DatasetSpec:
@@ -80,7 +84,7 @@ class TrainConfig:
     train_embeddings: Literal["special", "all", "none"] = "special"
     """token embeddings that train: special (the <|image|> and pad rows), all, none"""
     lr: float = 1e-5
-    """peak learning rate (AdamW, betas 0.9/0.98, eps 1e-6)"""
+    """peak learning rate (AdamW, betas 0.9/0.98, eps 1e-6; fused on CUDA)"""
     min_lr: float = 0.0
     """learning rate at the end of the cosine decay"""
     weight_decay: float = 0.1
@@ -91,16 +95,18 @@ class TrainConfig:
     """gradient norm clipping (0: off)"""
     batch_size: int = 16
     """micro-batch per GPU (per rank on CPU)"""
+    global_batch: int = 0
+    """samples per optimizer step over all ranks (the paper: 512); gradient accumulation = global_batch / (batch_size x world size), which must divide; 0: batch_size x grad_accum x world size"""
     grad_accum: int = 1
-    """gradient accumulation steps"""
+    """gradient accumulation steps, when global_batch is 0"""
     epochs: float = 3.0
     """passes over samples_per_epoch samples (ignored when steps > 0)"""
     samples_per_epoch: int = 0
     """samples in one epoch of the mixture (the data is resampled, so this sets the length)"""
     steps: int = 0
-    """optimizer steps in all; 0: derived from epochs and samples_per_epoch"""
+    """optimizer steps in all; 0: epochs x ceil(samples_per_epoch / global batch)"""
     save_every: int = 1000
-    """DeepSpeed checkpoint every N steps (and at the end)"""
+    """DeepSpeed checkpoint every N steps (and at the end, with export)"""
     keep_checkpoints: int = 2
     """newest checkpoints kept on disk"""
     log_every: int = 10
@@ -121,8 +127,14 @@ class TrainConfig:
     """nxtp: this project's training mask; reference: the released code's (the last label sees only the prefix; see the README)"""
     seed: int = 42
     """seed of weights and data order"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto (bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU), bf16, fp16 (DeepSpeed's dynamic loss scaling) or fp32"""
+    export: bool = True
+    """at the end, save the last checkpoint and write export/ (false: neither, e.g. for benchmarks)"""
+    activation_checkpointing: bool = False
+    """recompute the ViT's and decoder's block activations in the backward (less memory, about a third more compute)"""
+    compile: bool = False
+    """torch.compile each ViT and decoder block (compiles at the first steps)"""
 
     def __post_init__(self):
         self.data = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.data]
@@ -140,44 +152,37 @@ class TrainConfig:
             raise ValueError(f"model: {self.model!r} is neither tiny, pretrained nor an exported model folder")
         if self.train_embeddings not in ("special", "all", "none"):
             raise ValueError("train_embeddings must be special, all or none")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError("precision must be auto, bf16 or fp32")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         if self.steps <= 0 and (self.samples_per_epoch <= 0 or self.epochs <= 0):
             raise ValueError("set steps, or epochs and samples_per_epoch")
         for name in ("batch_size", "grad_accum", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.global_batch < 0:
+            raise ValueError("global_batch must be >= 0 (0: batch_size x grad_accum x world size)")
+        if self.global_batch and self.grad_accum != 1:
+            raise ValueError(f"set global_batch ({self.global_batch}) or grad_accum ({self.grad_accum}), not both: accumulation follows from global_batch")
+        if self.global_batch % self.batch_size:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of batch_size {self.batch_size}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError("need 0 <= min_lr <= lr and lr > 0")
         if not 0 < self.caption_fraction <= 1:
             raise ValueError(f"caption_fraction must be in (0, 1], not {self.caption_fraction}")
 
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on ``world_size`` ranks."""
+        if not self.global_batch:
+            return self.grad_accum
+        return gradient_accumulation(self.global_batch, self.batch_size, world_size)
+
     def total_steps(self, world_size: int) -> int:
+        """steps, or epochs x steps per epoch, an epoch ending with its partial last batch (as the
+        reference's loader: 3 x ceil(3,645,221 / 512) = 21,360 steps for G3M)."""
         if self.steps > 0:
             return self.steps
-        return math.ceil(self.epochs * self.samples_per_epoch / (self.batch_size * self.grad_accum * world_size))
-
-
-def fill_deepspeed_config(ds: dict, cfg: TrainConfig, bf16: bool) -> dict:
-    """Resolve the "auto" values of a DeepSpeed JSON from the training config."""
-    ds = json.loads(json.dumps(ds))
-    auto = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
-    }
-    for key, value in auto.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    ds.pop("train_batch_size", None)
-    ds.setdefault("bf16", {})["enabled"] = bf16 if ds["bf16"].get("enabled", "auto") == "auto" else ds["bf16"]["enabled"]
-    if "optimizer" in ds:  # e.g. ZeRO-Offload: DeepSpeed builds its CPU Adam from these
-        params = ds["optimizer"].setdefault("params", {})
-        for key, value in {"lr": cfg.lr, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": cfg.weight_decay}.items():
-            if params.get(key, "auto") == "auto":
-                params[key] = value
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
+        global_batch = self.batch_size * self.gradient_accumulation(world_size) * world_size
+        return math.ceil(self.epochs * math.ceil(self.samples_per_epoch / global_batch))
 
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
@@ -208,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         print(f"train config: {json.dumps(dataclasses.asdict(cfg), indent=2)}", flush=True)
-        with open(os.path.join(cfg.run_dir, "train_config.json"), "w") as fh:
-            json.dump(dataclasses.asdict(cfg), fh, indent=2)
+        write_json(os.path.join(cfg.run_dir, "train_config.json"), dataclasses.asdict(cfg))
 
     def on_start(info: dict) -> None:
         nonlocal bar, board
         if rank == 0:
+            ds = info.pop("deepspeed_config")
+            print(f"deepspeed config (filled): {json.dumps(ds, indent=2)}", flush=True)
+            write_json(os.path.join(cfg.run_dir, "ds_config.json"), ds)
             print(json.dumps(info, indent=2), flush=True)
             bar = tqdm(total=info["total_steps"], initial=info["start_step"], desc="train", unit="step", dynamic_ncols=True)
             board = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"), purge_step=info["start_step"] + 1)
@@ -221,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_step(m: dict) -> None:
         if bar is not None:
             bar.update(m["step"] - bar.n)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", samples_s=f"{m['samples_per_s']:.1f}", wait=f"{m['data_wait']:.0%}", refresh=False)
-        if board is not None and m.get("logged"):
+            if m["logged"]:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", samples_s=f"{m['samples_per_s']:.1f}", wait=f"{m['data_wait']:.0%}", refresh=False)
+        if board is not None and m["logged"]:
             for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "data_wait"):
                 board.add_scalar(f"train/{key}", m[key], m["step"])
 
@@ -230,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             (bar.write if bar is not None else print)(text)
 
-    trainer = Trainer(cfg, fill_deepspeed_config(ds_raw, cfg, bf16=_use_bf16(cfg, torch)), on_start, on_step, on_message)
+    trainer = Trainer(cfg, ds_raw, on_start, on_step, on_message, ranks_per_node=local_world)
     try:
         trainer.run()
+    except DeepSpeedConfigError as err:  # the same on every rank: said once
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if bar is not None:
             bar.close()
@@ -241,14 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
-
-
-def _use_bf16(cfg: TrainConfig, torch) -> bool:
-    if cfg.precision == "fp32":
-        return False
-    if cfg.precision == "bf16":
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 if __name__ == "__main__":

@@ -60,32 +60,40 @@ class NxTP(
         caption_ids: torch.Tensor | None = None,
         caption_targets: torch.Tensor | None = None,
         caption_weight: float = 0.0,
+        n_targets: int | None = None,
+        n_caption_targets: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training loss.
 
         images [B, 3, S, S]; ids, targets, segments [B, T] from model.prompt (label
         sequence); optional caption branch ids/targets [C, T'] of the batch's first C <= B
         images, weighted by ``caption_weight``.
+        n_targets / n_caption_targets: the number of positions with a target, when the caller
+        knows it (counted on the CPU): the loss then never waits for the device.
         """
         image_tokens = self.vision(images)  # [B, N, D]
         n = image_tokens.shape[1]
         h = torch.cat([image_tokens, self.decoder.embed(ids)], dim=1)  # [B, N + T, D]
         hidden, _ = self.decoder(h, decoupled_label_mask(segments, n))
-        label_loss, n_tokens = self._text_loss(hidden[:, n:], targets)
+        label_loss, n_tokens = self._text_loss(hidden[:, n:], targets, n_targets)
         out = {"label_loss": label_loss, "loss": label_loss, "tokens": n_tokens}
         if caption_weight > 0 and caption_ids is not None:
             h = torch.cat([image_tokens[: caption_ids.shape[0]], self.decoder.embed(caption_ids)], dim=1)
             hidden, _ = self.decoder(h, prefix_mask(n, caption_ids.shape[1], h.device))
-            caption_loss, _ = self._text_loss(hidden[:, n:], caption_targets)
+            caption_loss, _ = self._text_loss(hidden[:, n:], caption_targets, n_caption_targets)
             out["caption_loss"] = caption_loss
             out["loss"] = label_loss + caption_weight * caption_loss
         return out
 
-    def _text_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # only positions with a target go through the (vocabulary-wide) output layer; float32 logits and loss
-        keep = targets != IGNORE
-        logits = self.decoder.lm_head(hidden[keep])  # [M, V]
-        return F.cross_entropy(logits, targets[keep]), keep.sum()
+    def _text_loss(self, hidden: torch.Tensor, targets: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # only positions with a target go through the (vocabulary-wide) output layer
+        keep = targets != IGNORE  # [B, T]
+        if n is None:
+            rows = keep.flatten().nonzero().squeeze(1)  # data-dependent size: a GPU waits here
+        else:
+            rows = torch.nonzero_static(keep.flatten(), size=n).squeeze(1)  # [M]: no wait
+        logits = self.decoder.lm_head(hidden.flatten(0, 1)[rows])  # [M, V]
+        return F.cross_entropy(logits.float(), targets.flatten()[rows]), keep.sum()
 
     def prefill(self, images: torch.Tensor, prompt_ids: torch.Tensor):
         """Encode images and the prompt: (float32 logits at the last prompt position [B, V], per-layer (k, v), prefix embeddings [B, P, D]).

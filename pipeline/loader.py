@@ -15,9 +15,11 @@ one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader 
 5. builds the token ids, targets and label segments (labels shuffled, a prompt template
    drawn) and collates batches, all in the worker.
 
-Determinism: the stream is a pure function of (seed, rank, worker, start step). The
-trainer starts a new stream at every checkpoint with the checkpoint's step, so that a
-run resumed from a checkpoint reads exactly the batches the uninterrupted run read.
+Determinism: the batches are a pure function of (seed, rank, number of workers, start
+step, checkpoint interval). The stream restarts itself at every checkpoint step (the
+segment's worker streams are seeded with that step), inside the same worker processes,
+so that a run resumed from a checkpoint reads exactly the batches the uninterrupted run
+read, without new workers at every checkpoint.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 256,
         caption_fraction: float = 1.0,
         protocol: str = "nxtp",
+        segment_steps: int = 0,
+        batches_per_step: int = 1,
     ):
         self.datasets = list(datasets)
         self.shards = [d.find() for d in self.datasets]
@@ -102,11 +106,32 @@ class TrainStream(IterableDataset):
         self.caption_samples = max(1, math.ceil(caption_fraction * batch_size))
         self.shuffle_buffer = shuffle_buffer
         self.protocol = check_protocol(protocol)  # the label mask's (model.prompt.label_segments)
+        self.segment_steps = segment_steps  # the checkpoint interval (0: one segment from start_step on)
+        self.batches_per_step = batches_per_step  # gradient accumulation
 
     def __iter__(self) -> Iterator[dict]:
+        """Worker w of W yields batches w, w+W, ... (the DataLoader's order), counted from step 0.
+
+        Batches are grouped in segments that start at ``start_step`` and at every multiple of
+        ``segment_steps`` after it. Within a segment, batch j is the (j // W)-th batch of the
+        segment's stream number j % W, seeded with the segment's first step: what a loader
+        started at that step yields, whichever worker produces it.
+        """
         info = get_worker_info()
-        worker = info.id if info else 0
-        rng = random.Random(_seed(self.seed, self.rank, worker, self.start_step))
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        first = self.start_step * self.batches_per_step
+        per_segment = self.segment_steps * self.batches_per_step
+        b, current, batches = first + worker, None, None
+        while True:
+            start = max(first, b - b % per_segment) if per_segment > 0 else first
+            if start != current:
+                current, batches = start, self._batches(worker, (b - start) % workers, start // self.batches_per_step)
+            yield next(batches)
+            b += workers
+
+    def _batches(self, worker: int, stream: int, start_step: int) -> Iterator[dict]:
+        """Collated batches of one segment's stream ``stream``, produced by ``worker``."""
+        rng = random.Random(_seed(self.seed, self.rank, stream, start_step))
         tok = Tokenizer(self.tokenizer_path)
         transform = preprocess(self.image_size)
         stats: Counter = Counter()
@@ -204,6 +229,11 @@ def collate(examples: list[dict], tok: Tokenizer, stats: dict, protocol: str = "
     return batch
 
 
-def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
-    """Batches are made in the workers (batch_size=None); worker w serves batches w, w+W, ..."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, prefetch_factor=4 if num_workers else None)
+def train_loader(stream: TrainStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches are made in the workers (batch_size=None); worker w serves batches w, w+W, ...
+
+    pin_memory: page-locked batches, for non-blocking copies to a GPU.
+    """
+    return DataLoader(
+        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None
+    )

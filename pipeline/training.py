@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 import os
 import re
 import shutil
@@ -12,6 +12,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.nxtp import NxTP
 from model.prompt import IGNORE
@@ -59,12 +60,84 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup from 0, then cosine decay to ``min_ratio`` of the peak at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int, min_lr: float):
+    """Linear warmup from 0 to the optimizer's lr over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``.
+
+    transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` (a ``LambdaLR``): the update of
+    step s (0-based) uses lr x s / warmup during the warmup, so the first update has lr 0 and
+    the peak comes exactly once, at step ``warmup_steps``, where the cosine starts.
+    """
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr=min_lr)
+
+
+def adamw(params, lr: float, cuda: bool, offload: bool):
+    """The recipe's AdamW (betas 0.9/0.98, eps 1e-6): fused on CUDA, DeepSpeed's CPU Adam when ZeRO offloads
+    the optimizer states (DeepSpeed refuses a torch optimizer there), torch's otherwise."""
+    from pipeline.ds_config import ADAM_BETAS, ADAM_EPS
+
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=cuda or None)
+
+
+def enable_activation_checkpointing(model: NxTP) -> None:
+    """Recompute every transformer block's activations in the backward instead of keeping them
+    (``torch.utils.checkpoint``, non-reentrant): the ViT's blocks through open_clip's own switch,
+    the decoder's by wrapping each block's forward. Parameter names do not change."""
+    model.vision.vit.set_grad_checkpointing(True)
+    for block in model.decoder.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def compile_blocks(model: NxTP, backend: str = "inductor") -> int:
+    """``torch.compile`` each ViT and decoder block in place (``nn.Module.compile``: names and state
+    dict unchanged, the rest of the model stays eager); returns the number of blocks."""
+    blocks = [*model.vision.vit.transformer.resblocks, *model.decoder.layers]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+def zero_memory_estimate(model: nn.Module, ds: dict, world_size: int, ranks_per_node: int) -> dict:
+    """DeepSpeed's own estimate of the memory for parameters, gradients and optimizer states.
+
+    ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs`` (what
+    their ``*_all_live`` printers compute) for this run's stage, offload settings and ranks:
+    once for all parameters (DeepSpeed's convention, as if all trained) and once for the
+    trainable ones (frozen parameters keep no gradients or optimizer states).
+    """
+    from pipeline.ds_config import optimizer_offloaded
+
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (2, 3):
+        return {"zero_stage": stage, "note": f"DeepSpeed has memory estimates for ZeRO stages 2 and 3, not {stage}"}
+    per_node = max(1, min(ranks_per_node, world_size))
+    nodes = max(1, world_size // per_node)
+    offload_opt = optimizer_offloaded(ds)
+    offload_param = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    counts = {
+        "all_parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    out = {"zero_stage": stage, "ranks_per_node": per_node, "nodes": nodes, "offload_optimizer": offload_opt}
+    for name, n in counts.items():
+        if stage == 2:
+            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+            cpu, dev = estimate_zero2_model_states_mem_needs(n, per_node, nodes, cpu_offload=offload_opt)
+        else:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+            out["offload_param"] = offload_param
+            cpu, dev, _ = estimate_zero3_model_states_mem_needs(n, largest, per_node, nodes, offload_opt, offload_param, zero_init=False)
+        out[name] = {"parameters": n, "per_device_GiB": round(dev / 2**30, 3), "cpu_per_node_GiB": round(cpu / 2**30, 3)}
+    return out
 
 
 def checkpoint_tags(save_dir: str) -> list[tuple[int, str]]:
@@ -156,16 +229,21 @@ def state_dict_from_checkpoint(save_dir: str, tag: str) -> dict[str, torch.Tenso
 class Trainer:
     """The DeepSpeed training loop of ``jobs/train.py``; reports through callbacks.
 
-    ``on_start(info)`` once (run facts), ``on_step(metrics)`` after every optimizer step
-    (``metrics['logged']`` on the steps written to metrics.jsonl), ``on_message(text)``
-    for notes. Call it on every rank after ``deepspeed.init_distributed()``.
+    ``ds_config`` is the DeepSpeed JSON as the user wrote it; ``run`` fills and checks it
+    (``pipeline.ds_config``) before the model is built. ``on_start(info)`` once (run facts,
+    the filled DeepSpeed config, DeepSpeed's memory estimate), ``on_step(metrics)`` after every
+    optimizer step: ``metrics['logged']`` on the steps written to metrics.jsonl, and only
+    those carry the loss and throughput (means since the previous logged step, read from
+    the device once per logged step: the step itself never waits for the device).
+    ``on_message(text)`` for notes. Call it on every rank after ``deepspeed.init_distributed()``.
     """
 
-    def __init__(self, cfg, ds_config: dict, on_start=None, on_step=None, on_message=None):
-        self.cfg, self.ds_config = cfg, ds_config
+    def __init__(self, cfg, ds_config: dict, on_start=None, on_step=None, on_message=None, ranks_per_node: int = 1):
+        self.cfg, self.ds_raw = cfg, ds_config
         self.on_start = on_start or (lambda info: None)
         self.on_step = on_step or (lambda m: None)
         self.on_message = on_message or (lambda text: None)
+        self.ranks_per_node = ranks_per_node
         self.save_dir = os.path.join(cfg.run_dir, "checkpoints")
 
     # -- building
@@ -189,7 +267,9 @@ class Trainer:
             raise ValueError(f"the model reads {model.cfg.vision.image_size}px images, the config says image_size {cfg.image_size}")
         return model.train(), tok
 
-    def _data(self, start_step: int, rank: int):
+    def _data(self, start_step: int, rank: int, grad_accum: int, pin_memory: bool):
+        """One loader for the whole run: its workers live until the end, and the stream reseeds itself
+        at every checkpoint step, so that a run resumed there reads what this one reads."""
         from pipeline.loader import TrainStream, train_loader
 
         cfg = self.cfg
@@ -207,34 +287,59 @@ class Trainer:
             caption_fraction=cfg.caption_fraction,
             shuffle_buffer=cfg.shuffle_buffer,
             protocol=cfg.protocol,
+            segment_steps=cfg.save_every,
+            batches_per_step=grad_accum,
         )
-        return iter(train_loader(stream, cfg.num_workers))
+        return iter(train_loader(stream, cfg.num_workers, pin_memory=pin_memory))
+
+    def _configure(self, world: int, cuda: bool, accelerator):
+        """(Recipe, DeepSpeed JSON filled but for the model sizes); raises on a JSON that cannot be used."""
+        from pipeline.ds_config import Recipe, fill_deepspeed_config, resolve_precision
+
+        cfg = self.cfg
+        precision = resolve_precision(
+            cfg.precision, self.ds_raw, cuda=cuda, bf16_supported=accelerator.is_bf16_supported(), fp16_supported=bool(accelerator.is_fp16_supported())
+        )
+        accum = cfg.gradient_accumulation(world)
+        recipe = Recipe(cfg.batch_size, accum, world, cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.warmup_steps, cfg.total_steps(world), cfg.grad_clip, precision)
+        return recipe, fill_deepspeed_config(self.ds_raw, recipe)
 
     # -- running
 
     def run(self) -> None:
         import deepspeed
         import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        from pipeline.ds_config import describe, fill_model_sizes, optimizer_offloaded
 
         cfg = self.cfg
         rank, world = dist.get_rank(), dist.get_world_size()
+        accelerator = get_accelerator()
+        cuda = accelerator.device_name() == "cuda"
+        recipe, ds = self._configure(world, cuda, accelerator)  # a bad JSON fails before the model is built
+        total, accum = recipe.total_steps, recipe.grad_accum
         model, self.tokenizer = self._build_model()
         self.model_cfg = model.cfg
+        ds = fill_model_sizes(ds, max(model.cfg.decoder.dim, model.cfg.vision.width))
         counts = apply_freezing(model, cfg.train_vision_blocks, cfg.train_embeddings)
-        if self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if cfg.compile:
+            compile_blocks(model)
+        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
             from deepspeed.utils import set_z3_leaf_modules
 
             # nn.MultiheadAttention reads out_proj's weight without calling out_proj
             set_z3_leaf_modules(model, [nn.MultiheadAttention])
-        total = cfg.total_steps(world)
-        optimizer = None
-        if "optimizer" not in self.ds_config:
-            optimizer = lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)  # noqa: E731
-        schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-            opt, lambda s: lr_multiplier(s, cfg.warmup_steps, total, cfg.min_lr / cfg.lr)
-        )
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.weight_decay), optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
+        memory = zero_memory_estimate(model, ds, world, self.ranks_per_node)
+        optimizer = schedule = None
+        if "optimizer" not in ds:
+            optimizer = functools.partial(adamw, lr=cfg.lr, cuda=cuda, offload=optimizer_offloaded(ds))
+        if "scheduler" not in ds:
+            schedule = functools.partial(lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=total, min_lr=cfg.min_lr)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.weight_decay), optimizer=optimizer, lr_scheduler=schedule, config=ds
         )
         step, stats = 0, {}
         tag = latest_tag(self.save_dir)
@@ -248,58 +353,75 @@ class Trainer:
             {
                 "world_size": world,
                 "device": str(engine.device),
-                "bf16": engine.bfloat16_enabled(),
                 "zero_stage": engine.zero_optimization_stage(),
                 "parameters": counts,
-                "global_batch": cfg.batch_size * cfg.grad_accum * world,
+                "global_batch": recipe.global_batch,
+                "grad_accum": accum,
                 "total_steps": total,
                 "start_step": step,
+                **describe(ds, recipe, cuda),
+                "activation_checkpointing": cfg.activation_checkpointing,
+                "compile": cfg.compile,
+                "zero_memory_estimate": memory,
+                "deepspeed_config": ds,
             }
         )
-        data = self._data(step, rank) if step < total else None
-        dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        data = self._data(step, rank, accum, pin_memory=cuda) if step < total else None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision, torch.float32)
+        window = _Window(engine.device)
         worker_stats: dict[int, dict] = {}
         while step < total:
-            t0, wait, losses, tokens = time.perf_counter(), 0.0, [], 0
-            for _ in range(cfg.grad_accum):
+            lr = engine.get_lr()[0]  # what this step's update uses
+            for _ in range(accum):
                 tw = time.perf_counter()
                 batch = next(data)
-                wait += time.perf_counter() - tw
+                window.wait += time.perf_counter() - tw
                 ws = batch.pop("stats")
                 worker_stats[ws.pop("worker")] = ws
-                batch = {k: v.to(engine.device, dtype=dtype if k == "images" else None) for k, v in batch.items()}
-                tokens += batch["images"].shape[0] * self.model_cfg.vision.n_tokens + int((batch["targets"] != IGNORE).sum())
-                out = engine(**batch, caption_weight=cfg.caption_weight)
-                engine.backward(out["loss"])
-                engine.step()
-                losses.append(out["loss"].detach().float())
+                inputs, tokens = self._host_side(batch)
+                window.add(self._device_step(engine, inputs, dtype), tokens)
             step += 1
-            loss = torch.stack(losses).mean()
-            dist.all_reduce(loss)
-            elapsed = time.perf_counter() - t0
-            metrics = {
-                "step": step,
-                "loss": loss.item() / world,
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": cfg.batch_size * cfg.grad_accum * world / elapsed,
-                "tokens_per_s": tokens * world / elapsed,
-                "data_wait": wait / elapsed,
-                "step_seconds": elapsed,
-                "logged": step % cfg.log_every == 0 or step == total,
-            }
-            if log is not None and metrics["logged"]:
-                log.write({k: v for k, v in metrics.items() if k != "logged"} | {"data": _sum_stats(stats, worker_stats)})
+            window.steps += 1
+            metrics = {"step": step, "lr": lr, "logged": step % cfg.log_every == 0 or step == total}
+            if metrics["logged"]:
+                metrics |= window.read(world, recipe.global_batch)
+                if recipe.precision == "fp16":  # dynamic loss scaling: the scale now, and the updates it skipped
+                    metrics |= {"loss_scale": float(engine.optimizer.loss_scale), "skipped_steps": engine.skipped_steps}
+                if log is not None:
+                    log.write({k: v for k, v in metrics.items() if k != "logged"} | {"data": _sum_stats(stats, worker_stats)})
             self.on_step(metrics)
-            if step % cfg.save_every == 0 or step == total:
+            final = step == total
+            if (step % cfg.save_every == 0 and not final) or (final and cfg.export):
+                t_save = time.perf_counter()
                 everyone = [None] * world
                 dist.all_gather_object(everyone, _sum_stats(stats, worker_stats))
                 run_stats = _sum_stats({}, dict(enumerate(everyone)))
                 stats, worker_stats = (run_stats if rank == 0 else {}), {}
                 self._save(engine, step, run_stats, rank)
-                data = self._data(step, rank) if step < total else None
-        if rank == 0:
+                window.paused += time.perf_counter() - t_save
+        del data  # ends the loader's workers
+        if rank == 0 and cfg.export:
             self._finish(step, stats)
         dist.barrier()
+
+    def _host_side(self, batch: dict) -> tuple[dict, int]:
+        """The model's inputs with the target counts, and the batch's tokens (image + target), all counted
+        on the CPU before the batch moves, so that neither the loss nor the metrics read the device."""
+        inputs = dict(batch, n_targets=int((batch["targets"] != IGNORE).sum()))
+        if "caption_targets" in batch:
+            inputs["n_caption_targets"] = int((batch["caption_targets"] != IGNORE).sum())
+        return inputs, batch["images"].shape[0] * self.model_cfg.vision.n_tokens + inputs["n_targets"]
+
+    def _device_step(self, engine, inputs: dict, dtype: torch.dtype) -> torch.Tensor:
+        """One micro-batch: copy in (non-blocking, from pinned memory on GPUs), forward, backward, and
+        DeepSpeed's step (an optimizer update at the accumulation boundary). Returns the loss, on the device."""
+        device = engine.device
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        moved["images"] = moved["images"].to(dtype)
+        out = engine(**moved, caption_weight=self.cfg.caption_weight)
+        engine.backward(out["loss"])
+        engine.step()
+        return out["loss"].detach()
 
     def _save(self, engine, step: int, stats: dict, rank: int) -> None:
         import torch.distributed as dist
@@ -323,6 +445,43 @@ class Trainer:
         out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag}, card=card)
         plot_loss(os.path.join(self.cfg.run_dir, "metrics.jsonl"), os.path.join(self.cfg.run_dir, "loss.png"))
         self.on_message(f"exported {out} (step {step}); loss curve {os.path.join(self.cfg.run_dir, 'loss.png')}")
+
+
+class _Window:
+    """What happened since the last logged step: the loss stays on the device until ``read``."""
+
+    def __init__(self, device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.micro = self.steps = self.tokens = 0
+        self.wait = self.paused = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss += loss.float()
+        self.micro += 1
+        self.tokens += tokens
+
+    def read(self, world: int, global_batch: int) -> dict:
+        """Loss (mean over ranks and micro-batches) and throughput; the one wait for the device."""
+        import torch.distributed as dist
+
+        loss = self.loss.clone()
+        dist.all_reduce(loss)
+        mean = loss.item() / (world * self.micro)
+        elapsed = max(1e-9, time.perf_counter() - self.t0 - self.paused)  # after .item(): the window's work is done
+        out = {
+            "loss": mean,
+            "samples_per_s": global_batch * self.steps / elapsed,
+            "tokens_per_s": self.tokens * world / elapsed,
+            "data_wait": self.wait / elapsed,
+            "step_seconds": elapsed / self.steps,
+        }
+        self._reset()
+        return out
 
 
 def _sum_stats(base: dict, per_worker: dict[int, dict]) -> dict:
