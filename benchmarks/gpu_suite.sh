@@ -112,14 +112,17 @@ if [ "$MODE" = cuda ]; then
             --model-only-images 1280 --workdir .cache/evaluate_bench_g3m --out "$RES/evaluate_cuda_g3m" || FAILED=1
     fi
     if wants train; then
-        step train_b16 360 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch 16 --steps 60 --skip 20 \
-            --out "$RES/train_b16" || FAILED=1
+        step train_b16 360 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch 16 --steps 60 --skip 20 --log-every 5 \
+            --out "$RES/train_b16"
+        B16=$?
+        [ "$B16" = 0 ] || FAILED=1
         for batch in 32 64 128; do
+            [ "$B16" = 0 ] || break  # no sweep after a failed batch 16
             if [ "$DRY" = 0 ] && [ $((BUDGET - ($(date +%s) - STARTED))) -lt 360 ]; then
                 say "train_b$batch: skipped (less than 6 minutes of the --budget left)"
                 break
             fi
-            if ! step "train_b$batch" 300 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$batch" --steps 40 --skip 15 \
+            if ! step "train_b$batch" 300 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$batch" --steps 40 --skip 15 --log-every 4 \
                 --out "$RES/train_b$batch"; then
                 grep -qiE "out of memory|OutOfMemoryError" "$RES/train_b$batch.log" 2>/dev/null && say "batch $batch does not fit" || FAILED=1
                 break

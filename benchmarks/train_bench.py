@@ -114,7 +114,9 @@ def cpu_matmul_peak(size: int = 2048, repeats: int = 8) -> float:
 
 
 def run_training(work: str, preset_path: str, ranks: int, steps: int, shards: str, labels: str, tokenizer: str, extra: list[str]) -> str:
-    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    from jobs.launch_train import launcher
+
+    deepspeed = launcher()
     run = os.path.join(work, "run")
     cmd = [
         deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "jobs/train.py",

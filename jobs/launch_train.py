@@ -15,13 +15,18 @@ import shutil
 import sys
 
 
+def launcher() -> str:
+    """The ``deepspeed`` launcher: this environment's first, else the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return beside if os.path.exists(beside) else shutil.which("deepspeed") or beside
+
+
 def command(argv: list[str]) -> list[str]:
     """The deepspeed launcher's command line for ``argv``."""
-    launcher, train = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else ([], argv)
-    beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")  # this environment's launcher first
-    deepspeed = beside if os.path.exists(beside) else shutil.which("deepspeed") or beside
+    launcher_args, train = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else ([], argv)
+    deepspeed = launcher()
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    return [deepspeed, *launcher, script, *train]
+    return [deepspeed, *launcher_args, script, *train]
 
 
 def main(argv: list[str] | None = None) -> int:
