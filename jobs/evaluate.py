@@ -36,8 +36,8 @@ from typing import Annotated, Literal
 import tyro
 
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
-from pipeline import evaluation, shards
-from pipeline.outputs import write_json
+from pipeline import evaluation, shards, storage
+from pipeline.outputs import require_published, write_json
 from schemas import PREDICTIONS, REPORT, write_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,13 +49,13 @@ PATHS = ("checkpoint", "shards", "labels", "output", "tokenizer", "clip_weights"
 @dataclass
 class EvaluateConfig:
     checkpoint: str
-    """Exported model folder (config.json + model.safetensors), or a released NxTP .pth."""
+    """Exported model folder (config.json + model.safetensors; local, or a URL jobs.train --export-to wrote), or a released NxTP .pth."""
     shards: str
-    """Validation webdataset shards (<name>.tar), as jobs.ingest writes them: a folder, a glob or a brace pattern."""
+    """Validation webdataset shards (<name>.tar), as jobs.ingest writes them: a folder, a glob or a brace pattern, local or a URL."""
     labels: str
-    """jobs.labels output for those shards (holding labels/<name>.parquet)."""
+    """jobs.labels output for those shards (holding labels/<name>.parquet), local or a URL."""
     output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
-    """Output folder; replaced when it holds a previous evaluation output, refused when it holds anything else."""
+    """Output folder or URL prefix; replaced when it holds a previous evaluation output, refused when it holds anything else."""
     dataset: str = ""
     """Dataset name in the report; default: the shards folder's name."""
     k: Annotated[list[int], tyro.conf.arg(aliases=("--num-labels",))] = field(default_factory=lambda: [10])
@@ -115,18 +115,24 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     from model.checkpoint import check_pretrained, load_clip_visual, load_tensors
     from model.convert import vision_config_from_openai
 
-    found = shards.find_shards(cfg.shards, labels=cfg.labels)
-    evaluation.check_replaceable(cfg.output)
+    for path in (cfg.shards, cfg.labels, cfg.output, cfg.checkpoint):
+        storage.check_reachable(path)
+    with storage.reported(cfg.labels):
+        require_published(cfg.labels, "labels output")
+        found = shards.find_shards(cfg.shards, labels=cfg.labels)
+    with storage.reported(cfg.output):
+        evaluation.check_replaceable(cfg.output)
+    checkpoint = evaluation.model_copy(cfg.checkpoint)
     for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
-    if os.path.isdir(cfg.checkpoint):
-        image_size = check_pretrained(cfg.checkpoint).vision.image_size
-    elif os.path.isfile(cfg.checkpoint):
+    if os.path.isdir(checkpoint):
+        image_size = check_pretrained(checkpoint).vision.image_size
+    elif os.path.isfile(checkpoint):
         if not cfg.tokenizer:
             raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
-        sd = load_tensors(cfg.checkpoint)
+        sd = load_tensors(checkpoint)
         if "vision_encoder.conv1.weight" in sd:
             image_size = vision_config_from_openai(sd, "vision_encoder.").image_size
         elif cfg.clip_weights:
@@ -203,9 +209,9 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
         wall_time_s=wall,
         images_per_s=images_per_s,
     )
-    write_table(evaluation.predictions_table(run.table), os.path.join(staging, "predictions.parquet"), PREDICTIONS)
-    write_table(report, os.path.join(staging, "report.parquet"), REPORT)
-    evaluation.plot_report(report, os.path.join(staging, "report.png"))
+    write_table(evaluation.predictions_table(run.table), storage.join(staging, "predictions.parquet"), PREDICTIONS)
+    write_table(report, storage.join(staging, "report.parquet"), REPORT)
+    evaluation.plot_report(report, storage.join(staging, "report.png"))
     codes = Counter(evaluation.error_code(e) for e in run.table.column("error").to_pylist())
     scored = codes.pop(None, 0)
     first = report.slice(0, 1).to_pylist()[0]
@@ -228,7 +234,7 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
             "arrivals": [[round(t, 3), rows] for t, rows in run.arrivals],  # scored samples at the driver over time
         },
     }
-    write_json(os.path.join(staging, "summary.json"), summary)
+    write_json(storage.join(staging, "summary.json"), summary)
     return summary, evaluation.format_report(report)
 
 
@@ -245,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
     try:
         found, reads, image_size = check_inputs(cfg)
-    except (FileNotFoundError, FileExistsError) as err:
+    except (FileNotFoundError, FileExistsError, storage.StorageError) as err:
         print_path_error(err)
         return 2
     except ValueError as err:  # WeightError included (a checkpoint that does not match its config)
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checkpoint = evaluation.checkpoint_id(cfg.checkpoint)
+    local = evaluation.model_copy(cfg.checkpoint)
+    checkpoint = evaluation.checkpoint_id(local).replace(local, cfg.checkpoint, 1)
     version = evaluation.code_version(REPO)
     import ray
     import ray.data
@@ -279,12 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             scorer = {"ks": cfg.k, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
             with evaluation.staged_output(cfg.output) as staging:
-                write_json(os.path.join(staging, "config.json"), dataclasses.asdict(cfg))
+                write_json(storage.join(staging, "config.json"), dataclasses.asdict(cfg))
                 run = evaluation.run_evaluation(
                     reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True)
                 )
                 summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(found))
-    except FileExistsError as err:
+    except (FileExistsError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_summary(summary, report_text, cfg.output)

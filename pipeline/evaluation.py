@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import outputs
+from pipeline import outputs, storage
 from pipeline.shards import Shard, index_tar, label_table_path
 from schemas import PREDICTIONS, REPORT
 
@@ -97,9 +97,14 @@ SCORED = pa.schema(list(PREDICTIONS) + [pa.field(name, pa.list_(pa.float64())) f
 # ----------------------------------------------------------------------------- inputs
 
 
+def _read_parquet(path: str, columns: list[str]) -> pa.Table:
+    fs, fs_path = storage.filesystem(path)
+    return pq.read_table(fs_path, columns=columns, filesystem=fs)
+
+
 def read_label_table(path: str) -> dict[str, list[str]]:
     """key -> target labels of one shard's label table."""
-    table = pq.read_table(path, columns=["key", "labels"])
+    table = _read_parquet(path, ["key", "labels"])
     return dict(zip(table.column("key").to_pylist(), table.column("labels").to_pylist()))
 
 
@@ -119,10 +124,10 @@ def plan_reads(found: Sequence[Shard], labels: str, samples_per_task: int) -> li
     for shard in found:
         index = index_tar(shard.tar)
         label_file = label_table_path(labels, shard.name)
-        name = os.path.basename(shard.tar)
+        name = storage.basename(shard.tar)
         missing = f"not among the intact samples of {name}, which is damaged: {index.damage}" if index.damage else f"not in {name}"
         intact = set(index.keys)
-        label_keys = pq.read_table(label_file, columns=["key"]).column("key").to_pylist()
+        label_keys = _read_parquet(label_file, ["key"]).column("key").to_pylist()
         unread = [key for key in label_keys if key not in intact]
         base = {"shard": shard.name, "tar": shard.tar, "labels": label_file}
         images = [(s.key, *(s.members[ext] if (ext := s.first(IMAGE_EXTENSIONS)) else (-1, 0))) for s in index.samples]
@@ -136,8 +141,15 @@ def plan_reads(found: Sequence[Shard], labels: str, samples_per_task: int) -> li
 
 
 @functools.lru_cache(maxsize=16)
-def _label_table(path: str, mtime_ns: int) -> dict[str, list[str]]:
+def _label_table(path: str, version: str) -> dict[str, list[str]]:
     return read_label_table(path)
+
+
+def _version(path: str) -> str:
+    """What changes when the file at ``path`` is rewritten: its modification time (and ETag on object storage)."""
+    fs, p = storage.filesystem(path)
+    info = fs.info(p)
+    return f"{info.get('mtime') or info.get('LastModified')}:{info.get('ETag') or info.get('size')}"
 
 
 def _sample_row(key: str, shard: str, image: bytes | None, labels: list[str] | None, label_file: str) -> dict:
@@ -159,7 +171,7 @@ def read_samples_batch(batch: pa.Table) -> pa.Table:
     """
     rows = []
     for spec in batch.to_pylist():
-        targets = _label_table(spec["labels"], os.stat(spec["labels"]).st_mtime_ns)
+        targets = _label_table(spec["labels"], _version(spec["labels"]))
         with fsspec.open(spec["tar"], "rb") as f:
             for key, offset, size in zip(spec["keys"], spec["offsets"], spec["sizes"]):
                 image = None
@@ -252,6 +264,7 @@ class Predict:
 
         from model.checkpoint import load_model
 
+        checkpoint = model_copy(checkpoint)
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -641,7 +654,15 @@ OUTPUT_FILES = ("predictions.parquet", "report.parquet")
 
 
 def is_evaluation_output(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, name)) for name in OUTPUT_FILES)
+    return all(storage.isfile(storage.join(path, name)) for name in OUTPUT_FILES)
+
+
+def model_copy(checkpoint: str) -> str:
+    """``checkpoint`` itself when local; for an exported model at a URL (``jobs.train --export-to``) a local
+    copy, fetched once per node into the temporary folder."""
+    import tempfile
+
+    return outputs.local_copy(checkpoint, os.path.join(tempfile.gettempdir(), "nxtp-models"), "exported model")
 
 
 def check_replaceable(output: str) -> None:

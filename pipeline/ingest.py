@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import hashlib
 import io
 import json
 import logging
 import math
 import os
+import posixpath
 import re
-import shutil
+import secrets
+import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -50,6 +52,7 @@ from img2dataset.reader import Reader
 from img2dataset.resizer import Resizer
 from img2dataset.writer import WebDatasetSampleWriter
 
+from pipeline import storage
 from pipeline.outputs import write_json
 from schemas import SHARD_MANIFEST, URL_TABLE, validate, write_table
 
@@ -183,22 +186,29 @@ class AtomicWebDatasetWriter(WebDatasetSampleWriter):
     """img2dataset's webdataset writer, writing under ``<output>/_tmp`` and renaming on close.
 
     A crash leaves no half-written ``<id>.tar`` that looks whole; the stats file that
-    marks a shard done is written by the Downloader after ``close``.
+    marks a shard done is written by the Downloader after ``close``. On object storage
+    the files are moved into place by server-side copies (each object appears whole),
+    the parquet before the tar.
     """
 
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
         self.final_folder = output_folder
         self.shard_name = f"{shard_id:0{oom_shard_count}d}"
-        self.work_folder = os.path.join(output_folder, TMP, f"writing-{self.shard_name}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(self.work_folder, exist_ok=True)
+        self.work_folder = storage.join(output_folder, TMP, f"writing-{self.shard_name}-{uuid.uuid4().hex[:8]}")
+        storage.makedirs(self.work_folder)
         super().__init__(shard_id, self.work_folder, save_caption, oom_shard_count, schema, encode_format)
 
     def close(self):
         super().close()
+        fs, work = storage.filesystem(self.work_folder)
+        _, final = storage.filesystem(self.final_folder)
         for ext in ("parquet", "tar"):  # the tar last: it never appears without its parquet
             name = f"{self.shard_name}.{ext}"
-            os.replace(os.path.join(self.work_folder, name), os.path.join(self.final_folder, name))
-        shutil.rmtree(self.work_folder, ignore_errors=True)
+            if storage.is_url(self.final_folder):
+                fs.mv(posixpath.join(work, name), posixpath.join(final, name))
+            else:
+                os.replace(os.path.join(work, name), os.path.join(final, name))
+        storage.remove(self.work_folder, recursive=True)
 
 
 class LocalImagePacker:
@@ -216,7 +226,7 @@ class LocalImagePacker:
         self.column_list = column_list
         self.number_sample_per_shard = number_sample_per_shard
         self.oom_shard_count = oom_shard_count
-        self.root = os.path.abspath(root) + os.sep
+        self.root = os.path.abspath(root) + os.sep  # the images are local files; the output may be a URL
         self.compute_hash = compute_hash
         self.encode_format = encode_format
 
@@ -242,7 +252,7 @@ class LocalImagePacker:
     def pack_shard(self, row) -> None:
         shard_id, shard_file = row
         start = time.time()
-        with open(shard_file, "rb") as f:
+        with storage.open_file(shard_file, "rb") as f:
             df = pa.ipc.open_file(f).read_all()
         schema = df.schema
         for name, typ in (("key", pa.string()), ("status", pa.string()), ("error_message", pa.string())):
@@ -285,7 +295,7 @@ class LocalImagePacker:
             writer.write(img, key, meta.get("caption"), meta)
         writer.close()
         write_stats(self.output_folder, shard_id, len(rows), successes, failed_download, failed_resize, start, time.time(), status, self.oom_shard_count)
-        os.remove(shard_file)
+        storage.remove(shard_file)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -319,22 +329,24 @@ def shard_digits(shards: int) -> int:
     return max(5, len(str(max(shards - 1, 0))))
 
 
+def _stats_files(output: str) -> list[str]:
+    """The ``<id>_stats.json`` files in ``output`` (a folder or URL prefix), as paths or URLs, sorted."""
+    fs, root = storage.fresh(output)
+    if not fs.isdir(root):
+        return []
+    names = [posixpath.basename(p) for p in fs.ls(root, detail=False)]
+    return sorted(storage.join(output, n) for n in names if n.endswith(STATS_SUFFIX) and n[: -len(STATS_SUFFIX)].isdigit())
+
+
 def done_shards(output: str) -> set[int]:
     """Shard ids whose ``<id>_stats.json`` exists: img2dataset's rule for a finished shard."""
-    ids = set()
-    for path in glob.glob(os.path.join(glob.escape(output), f"*{STATS_SUFFIX}")):
-        name = os.path.basename(path)[: -len(STATS_SUFFIX)]
-        if name.isdigit():
-            ids.add(int(name))
-    return ids
+    return {int(storage.basename(path)[: -len(STATS_SUFFIX)]) for path in _stats_files(output)}
 
 
 def read_stats(output: str, shard_id: int, digits: int) -> dict | None:
     """A done shard's stats, or None when it is not done."""
-    path = os.path.join(output, f"{shard_id:0{digits}d}{STATS_SUFFIX}")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return storage.read_json(storage.join(output, f"{shard_id:0{digits}d}{STATS_SUFFIX}"))
     except FileNotFoundError:
         return None
 
@@ -342,15 +354,14 @@ def read_stats(output: str, shard_id: int, digits: int) -> dict | None:
 def drop_unreadable_stats(output: str) -> list[str]:
     """Remove stats files cut short by a crash (img2dataset writes them in place): their shards are redone."""
     dropped = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(output), f"*{STATS_SUFFIX}"))):
+    for path in _stats_files(output):
         try:
-            with open(path) as f:
-                stats = json.load(f)
+            stats = storage.read_json(path)
             if not {"count", "successes", "duration", "status_dict"} <= set(stats):
                 raise ValueError("fields missing")
         except (ValueError, OSError) as e:
             log.warning("%s: unreadable shard stats (%s): the shard will be redone", path, e)
-            os.remove(path)
+            storage.remove(path)
             dropped.append(path)
     return dropped
 
@@ -410,28 +421,94 @@ class OutputBusyError(RuntimeError):
     """Another run holds the output's lock."""
 
 
+LOCK_FILE = ".ingest.lock"
+LEASE_S = 120.0  # a bucket lock not renewed for this long was left by a killed run
+RENEW_S = 20.0
+
+
 @contextlib.contextmanager
-def output_lock(output: str) -> Iterator[None]:
+def output_lock(output: str, lease_s: float = LEASE_S, renew_s: float = RENEW_S) -> Iterator[None]:
     """Hold ``<output>/.ingest.lock``: two runs never write one output at once.
 
-    An flock, so a killed run releases it with its process.
+    On a local or shared file system an flock, so a killed run releases it with its
+    process. On object storage, which has no locks, a lease object: created with a
+    conditional write (S3's ``If-None-Match: *``, which fails when the object exists),
+    renewed every ``renew_s`` seconds by a thread of the holder (which checks that the
+    object is still its own), removed at the end. A lease not renewed for ``lease_s``
+    seconds (by the object's modification time) was left by a killed run and is taken over.
     """
+    if storage.is_url(output):
+        with _lease(storage.join(output, LOCK_FILE), output, lease_s, renew_s):
+            yield
+        return
     os.makedirs(output, exist_ok=True)
-    fd = os.open(os.path.join(output, ".ingest.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(os.path.join(output, LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputBusyError(f"{output}: another ingestion is writing to this output (lock {output}/.ingest.lock)") from None
+            raise OutputBusyError(f"{output}: another ingestion is writing to this output (lock {output}/{LOCK_FILE})") from None
         yield
     finally:
         os.close(fd)
 
 
+def _lease_age(fs, path: str) -> float:
+    modified = fs.modified(path)
+    return time.time() - modified.timestamp()
+
+
+@contextlib.contextmanager
+def _lease(url: str, output: str, lease_s: float, renew_s: float) -> Iterator[None]:
+    fs, path = storage.filesystem(url)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "run": secrets.token_hex(8)}
+    body = json.dumps(owner).encode()
+    with storage.reported(output):
+        try:
+            fs.pipe_file(path, body, mode="create")
+        except FileExistsError:
+            fs.invalidate_cache(path)
+            age = _lease_age(fs, path)
+            if age < lease_s:
+                held = fs.cat_file(path).decode(errors="replace")
+                raise OutputBusyError(
+                    f"{output}: another ingestion is writing to this output (lease {url}, renewed {age:.0f} s ago by "
+                    f"{held}); a lease not renewed for {lease_s:.0f} s is taken over"
+                ) from None
+            log.warning("%s: taking over a lease not renewed for %.0f s (a killed run's)", url, age)
+            fs.rm_file(path)
+            fs.pipe_file(path, body, mode="create")  # a second run taking it over at the same moment fails here
+    stop = threading.Event()
+    lost: list[str] = []
+
+    def renew() -> None:
+        while not stop.wait(renew_s):
+            try:
+                fs.invalidate_cache(path)
+                if fs.cat_file(path) != body:
+                    lost.append(fs.cat_file(path).decode(errors="replace"))
+                    return
+                fs.pipe_file(path, body)
+            except Exception as err:  # noqa: BLE001 - a renewal that fails is retried at the next period
+                log.warning("%s: could not renew the lease: %s", url, err)
+
+    thread = threading.Thread(target=renew, name="ingest-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+        if lost:
+            raise OutputBusyError(f"{output}: the lease {url} was taken over by {lost[0]} while this run held it")
+    finally:
+        stop.set()
+        thread.join()
+        if not lost:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+
+
 def _load_attempts(path: str) -> dict[int, int]:
     try:
-        with open(path) as f:
-            return {int(k): int(v) for k, v in json.load(f).items()}
+        return {int(k): int(v) for k, v in storage.read_json(path).items()}
     except FileNotFoundError:
         return {}
 
@@ -447,7 +524,7 @@ def build_manifest(output: str, shards: int, attempts: dict[int, int]) -> pa.Tab
         reasons = failures_by_reason(stats.get("status_dict", {}))
         rows.append(
             {
-                "shard": os.path.join(output, f"{shard_id:0{digits}d}.tar"),
+                "shard": storage.join(output, f"{shard_id:0{digits}d}.tar"),
                 "samples": int(stats["count"]),
                 "successes": int(stats["successes"]),
                 "failures": int(stats["count"]) - int(stats["successes"]),
@@ -500,7 +577,7 @@ def _reader(urls_path: str, output: str, settings: ShardSettings, skip: set[int]
         list(ADDITIONAL_COLUMNS),
         settings.samples_per_shard,
         skip,
-        os.path.join(output, TMP),
+        storage.join(output, TMP),
     )
 
 
@@ -540,21 +617,22 @@ def run_ingest(
     from img2dataset.distributor import ray_download
 
     check_urls(urls, local_root)
-    output = os.path.abspath(output)
-    tmp = os.path.join(output, TMP)
-    os.makedirs(tmp, exist_ok=True)
-    urls_path = os.path.join(tmp, "download_list.parquet")
+    output = output if storage.is_url(output) else os.path.abspath(output)
+    tmp = storage.join(output, TMP)
+    storage.makedirs(tmp)
+    urls_path = storage.join(tmp, "download_list.parquet")
     download = urls.rename_columns(["uid" if n == "key" else n for n in urls.column_names])
-    pq.write_table(download, urls_path)
+    with storage.open_file(urls_path, "wb") as f:
+        pq.write_table(download, f)
 
     shards = shard_count(urls.num_rows, settings.samples_per_shard)
     digits = shard_digits(shards)
     drop_unreadable_stats(output)
     done = {s for s in done_shards(output) if s < shards}
-    attempts_path = os.path.join(output, "ingest_attempts.json")
+    attempts_path = storage.join(output, "ingest_attempts.json")
     attempts = _load_attempts(attempts_path)
     result = IngestResult(output, build_manifest(output, shards, attempts), shards, len(done))
-    manifest_path = os.path.join(output, "manifest.parquet")
+    manifest_path = storage.join(output, "manifest.parquet")
     todo = sorted(set(range(shards)) - done)
     samples_done = sum(result.manifest.column("samples").to_pylist())
     successes = sum(result.manifest.column("successes").to_pylist())
@@ -566,7 +644,7 @@ def run_ingest(
     report()
     if not todo:
         write_table(result.manifest, manifest_path, SHARD_MANIFEST)
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.remove(tmp, recursive=True)
         return result
 
     files = _shard_files(urls_path, output, settings, shards, set(todo))
@@ -587,7 +665,7 @@ def run_ingest(
         while queue or in_flight:
             while queue and len(in_flight) < processes:
                 shard_id = queue.pop(0)
-                if not os.path.exists(files.get(shard_id, "")):
+                if shard_id not in files or not storage.exists(files[shard_id]):
                     files.update(_shard_files(urls_path, output, settings, shards, {shard_id}))
                 attempts[shard_id] = attempts.get(shard_id, 0) + 1
                 tries_now[shard_id] += 1
@@ -630,7 +708,7 @@ def run_ingest(
         result.manifest = build_manifest(output, shards, attempts)
         write_table(result.manifest, manifest_path, SHARD_MANIFEST)
         if not in_flight:
-            shutil.rmtree(tmp, ignore_errors=True)
+            storage.remove(tmp, recursive=True)
     return result
 
 
