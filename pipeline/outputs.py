@@ -20,8 +20,7 @@ Folders (:func:`staged_output`): a job writes into a hidden temporary sibling
   while publishing leaves a prefix without ``_SUCCESS``, which readers refuse and no job
   replaces (:func:`check_replaceable`), naming the URL.
 
-The marker is written on a local disk too (the rename is the guarantee there, so readers
-of local outputs do not require it).
+On a local disk the rename is the guarantee: no marker is written, none is required.
 """
 
 from __future__ import annotations
@@ -172,7 +171,6 @@ def staged_output(output: str, check: Callable[[str], None] | None = None) -> It
     os.mkdir(tmp)
     try:
         yield tmp
-        _write_marker(tmp)
         check(output)
         if os.path.isdir(output) and not os.listdir(output):
             os.rmdir(output)
@@ -189,12 +187,6 @@ def staged_output(output: str, check: Callable[[str], None] | None = None) -> It
             os.rename(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_marker(folder: str) -> None:
-    fs, root = storage.filesystem(folder)
-    files = {k: v for k, v in _files(fs, root).items() if k != MARKER}
-    write_json(storage.join(folder, MARKER), {"files": dict(sorted(files.items())), "published": time.time()})
 
 
 @contextlib.contextmanager

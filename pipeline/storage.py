@@ -194,8 +194,6 @@ def check_reachable(url: str) -> None:
     bucket = p.split("/")[0]
     with reported(url):
         try:
-            if not fs.exists(bucket):
-                raise StorageError(f"{url}: the bucket {_bucket(url)} does not exist (create it, or check the name and AWS_ENDPOINT_URL)")
-            fs.ls(bucket, detail=False)  # exists() may answer False for what it may not see; listing says why
+            fs.ls(bucket, detail=False, refresh=True)  # exists() answers False for what it may not see; listing says why
         except FileNotFoundError as err:
             raise explain(url, err) or StorageError(f"{url}: the bucket {_bucket(url)} does not exist") from err
