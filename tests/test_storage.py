@@ -124,3 +124,19 @@ def test_copy_folder_and_local_copy_of_a_published_model(prefix, tmp_path):
     assert outputs.local_copy(url, str(tmp_path / "cache")) == local and os.listdir(tmp_path / "cache") == [os.path.basename(local)]
     with pytest.raises(outputs.UnpublishedOutputError, match=f"{prefix}/models/none: not a published"):
         outputs.local_copy(f"{prefix}/models/none", str(tmp_path / "cache"))
+
+
+def test_training_config_takes_urls_but_keeps_checkpoints_on_a_file_system(prefix, tmp_path):
+    from jobs.train import TrainConfig
+    from pipeline.loader import DatasetSpec
+
+    _fs().pipe(f"{prefix}/shards/00000.tar".removeprefix("s3://"), tar_bytes(SAMPLES))
+    _fs().pipe(f"{prefix}/labels/summary.json".removeprefix("s3://"), b"{}")
+    data = [DatasetSpec("a", f"{prefix}/shards/{{00000..00000}}.tar", f"{prefix}/labels")]
+    common = {"deepspeed": "jobs/configs/zero2.json", "tokenizer": "t.model", "steps": 1}
+    cfg = TrainConfig(**common, data=data, run_dir=str(tmp_path / "run"), export_to=f"{prefix}/models/m")
+    assert cfg.export_to == f"{prefix}/models/m"
+    with pytest.raises(ValueError, match=f"dataset a: {prefix}/nope does not exist"):
+        TrainConfig(**common, data=[DatasetSpec("a", f"{prefix}/shards", f"{prefix}/nope")])
+    with pytest.raises(ValueError, match="DeepSpeed checkpoints need a POSIX path"):
+        TrainConfig(**common, data=data, run_dir=f"{prefix}/run")
