@@ -16,6 +16,13 @@ sample keys come from (shard id, row in shard) and the rows of a shard are fixed
 URL table, a key never appears twice. Folder mode (``local_root``) packs image files that
 are already on disk with the same writer, resizer and stats instead of downloading.
 
+The output may be a folder or a URL prefix (``s3://bucket/shards/laion``): every file goes
+through fsspec (``pipeline.storage``), img2dataset's own parts included; the per-shard arrow
+files of ``_tmp/`` then live in the bucket too, so that workers on any node read them. On
+object storage each object appears whole when its upload completes; a shard's parquet is
+moved into place before its tar, its stats file after both. The output is guarded by
+:func:`output_lock` (an flock, or a lease object on a bucket).
+
 Failure reasons (manifest ``failures_by_reason``, summary): ``http_<code>``,
 ``not_an_image``, ``decode_error``, ``timeout``, ``connection_error``, ``ssl_error``,
 ``disallowed_by_robots``, ``image_too_small``, ``image_area_too_large``,
