@@ -132,7 +132,7 @@ class TrainConfig:
             for path in (d.shards, d.labels):
                 if not storage.exists(re.split(r"[*?\[{]", path)[0].rstrip("/") or "/"):
                     raise ValueError(f"dataset {d.name}: {path} does not exist")
-        if "://" in self.run_dir and not self.run_dir.startswith("file://"):
+        if storage.is_url(self.run_dir):
             raise ValueError(f"run_dir {self.run_dir}: DeepSpeed checkpoints need a POSIX path (local or a shared file system); use --export-to for a URL")
         if self.model == "pretrained" and not self.llama:
             raise ValueError("model: pretrained needs llama: a Hugging Face folder or Meta params.json")
