@@ -98,11 +98,14 @@ def one_side(side: str, root: str, lst: str, head, env: dict, args, tag: str) ->
     ingest = [py, "-m", "jobs.ingest", "--source", "laion", "--input", lst, "--output", shards, "--address", head.gcs_address,
               "--processes", str(args.processes), "--threads", str(args.threads), "--samples-per-shard", str(args.samples_per_shard),
               "--image-size", str(args.image_size)]  # fmt: skip
-    wall_ingest, _ = run(ingest, env)
+    wall_ingest, ingest_log = run(ingest, env)
     summary = storage.read_json(storage.join(shards, "ingest_summary.json"))
     wall_labels, log = run([py, "-m", "jobs.labels", "--shards", shards, "--output", labels, "--address", head.gcs_address], env)
     captions = storage.read_json(storage.join(labels, "summary.json"))["captions"]
     job_s = float(re.search(r"^\s+([\d.]+) s, \d+ captions/s$", log, re.M).group(1))
+    if side == "s3":  # the jobs' own words, for the README
+        print("\n".join(line for line in ingest_log.splitlines() if line.startswith(("ingestion summary", "  "))), flush=True)
+        print("\n".join(line for line in log.splitlines() if line.startswith(("labels:", "  "))), flush=True)
     return {
         "side": side,
         "images": summary["downloaded"],
