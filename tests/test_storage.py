@@ -140,3 +140,24 @@ def test_training_config_takes_urls_but_keeps_checkpoints_on_a_file_system(prefi
         TrainConfig(**common, data=[DatasetSpec("a", f"{prefix}/shards", f"{prefix}/nope")])
     with pytest.raises(ValueError, match="DeepSpeed checkpoints need a POSIX path"):
         TrainConfig(**common, data=data, run_dir=f"{prefix}/run")
+
+
+def test_export_to_refuses_what_is_not_a_model_and_copies_to_a_folder_too(prefix, tmp_path):
+    from pipeline.training import check_export_to, export_copy
+
+    src = tmp_path / "export"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"w")
+    local = export_copy(str(src), str(tmp_path / "copy"))
+    assert sorted(os.listdir(local)) == ["config.json", "model.safetensors"]
+    export_copy(str(src), local)  # a previous model is replaced
+    _fs().pipe(f"{prefix}/precious/data.txt".removeprefix("s3://"), b"keep")
+    with pytest.raises(FileExistsError, match=f"{prefix}/precious: holds 1 object"):
+        check_export_to(f"{prefix}/precious")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="is not an exported model"):
+        check_export_to(str(tmp_path / "other"))
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        check_export_to("s3://no-such-bucket/m")
