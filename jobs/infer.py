@@ -1,7 +1,8 @@
 """Labels for images: ``python -m jobs.infer --checkpoint CKPT --image a.jpg [b.jpg ...]``.
 
-``--checkpoint`` is an exported model folder (``jobs.train`` writes one) or a released
-NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
+``--checkpoint`` is an exported model folder (``jobs.train`` writes one), its hub id
+(``owner/name``: from the local Hugging Face cache when ``HF_HUB_OFFLINE=1``, else
+downloaded by huggingface_hub), or a released NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
 base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless the file
 holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
 "| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA (bf16) when
@@ -26,7 +27,7 @@ from jobs._cli import parse
 @dataclass
 class InferConfig:
     checkpoint: str
-    """exported model folder, or a released NxTP .pth"""
+    """exported model folder, its hub id (owner/name) in the local Hugging Face cache, or a released NxTP .pth"""
     images: Annotated[list[str], tyro.conf.arg(name="image", aliases=("--images",))]
     """image file(s) to label"""
     num_labels: Annotated[int, tyro.conf.arg(aliases=("--k",))] = 10
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     from model.vision import preprocess
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
-    model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
+    try:
+        model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
+    except (FileNotFoundError, ValueError) as err:  # WeightError included: a damaged export names its file and key
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for note in notes:
         print(f"note: {note}", file=log)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

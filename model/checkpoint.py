@@ -1,13 +1,13 @@
-"""Reading and writing weights: this project's format, local CLIP and LLaMA weights, released NxTP files.
+"""Reading and writing weights: this project's exports, local CLIP and LLaMA weights, released NxTP files.
 
-This project's format (``save_pretrained`` / ``load_pretrained``) is a folder:
+This project's format (``save_pretrained`` / ``load_pretrained``) is a Hugging Face model
+folder whose decoder loads in transformers and whose ViT loads in open_clip; its layout
+is described in model/export.py. Folders of the earlier format (config.json +
+model.safetensors + tokenizer.model) still load.
 
-    config.json         {"format": "nxtp", "format_version": 1, "model": NxTPConfig, ...}
-    model.safetensors   the state dict
-    tokenizer.model     the SentencePiece model the vocabulary was built from
-
-Nothing is fetched from a network: every path is a local file the user already has.
-Pickled files are read with ``weights_only=True`` (no arbitrary code).
+Nothing is fetched from a network here: every path is a local file the user already
+has, except a hub id given to ``load_model``, which huggingface_hub resolves (from its
+cache when offline). Pickled files are read with ``weights_only=True`` (no arbitrary code).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import zipfile
 
 import torch
 
+from model import export, hub
 from model.config import DecoderConfig, NxTPConfig
 from model.convert import (
     KeyMapper,
@@ -35,26 +36,28 @@ from model.nxtp import NxTP, init_special_rows
 from model.tokenizer import Tokenizer
 from model.vision import vision_config_from_open_clip
 
-FORMAT, FORMAT_VERSION = "nxtp", 1
-
-
 # ----------------------------------------------------------------------------- this project's format
 
 
-def save_pretrained(model: NxTP, tokenizer: Tokenizer, out_dir: str, extra: dict | None = None) -> str:
-    """Write ``out_dir`` atomically (a temporary sibling folder renamed when complete)."""
-    from safetensors.torch import save_file
+def save_pretrained(model: NxTP, tokenizer: Tokenizer, out_dir: str, extra: dict | None = None, card: dict | None = None) -> str:
+    """Write the export folder ``out_dir`` atomically (a temporary sibling folder renamed when complete).
 
+    ``extra`` goes into config.json (e.g. the step); ``card`` is what the model card
+    README.md says beyond the model itself (``model.card.model_card``'s keyword arguments).
+    """
     out_dir = os.path.abspath(out_dir)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
-    shutil.copyfile(tokenizer.path, os.path.join(tmp, "tokenizer.model"))
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), "tokenizer": "tokenizer.model", **(extra or {})}
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    previous, model.tokenizer = model.tokenizer, tokenizer
+    try:
+        export.write_folder(model, tokenizer, tmp, extra)
+        model.generate_model_card(**(card or {})).save(os.path.join(tmp, "README.md"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.tokenizer = previous
     if os.path.exists(out_dir):
         old = f"{out_dir}.old-{os.getpid()}"
         os.replace(out_dir, old)
@@ -67,51 +70,17 @@ def save_pretrained(model: NxTP, tokenizer: Tokenizer, out_dir: str, extra: dict
 
 def read_config(path: str) -> tuple[NxTPConfig, dict]:
     """(model config, the whole config.json) of an exported model folder."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: not an exported NxTP model (no config.json)")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise WeightError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise WeightError(f"{cfg_path}: format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
-    return NxTPConfig.from_dict(meta["model"]), meta
+    return export.read_config(path)
 
 
 def check_pretrained(path: str) -> NxTPConfig:
-    """Check an exported model against its config without loading tensors (every key and shape)."""
-    from safetensors import safe_open
-
-    cfg, _ = read_config(path)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in NxTP(cfg).state_dict().items()}
-    weights = os.path.join(path, "model.safetensors")
-    with safe_open(weights, framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    for key, shape in expected.items():
-        if key not in found:
-            raise WeightError(f"{weights}: missing key '{key}' (config.json expects shape {shape})")
-        if found[key] != shape:
-            raise WeightError(f"{weights}: key '{key}' has shape {found[key]}, config.json expects {shape}")
-    extra = sorted(set(found) - set(expected))
-    if extra:
-        raise WeightError(f"{weights}: unexpected key '{extra[0]}'")
-    tok = Tokenizer(os.path.join(path, "tokenizer.model"))
-    if tok.n_base != cfg.decoder.vocab_size:
-        raise WeightError(f"{path}: tokenizer has {tok.n_base} pieces, the model {cfg.decoder.vocab_size}")
-    return cfg
+    """Check an exported model against its config without loading tensors (every file, key and shape)."""
+    return export.check_folder(path)
 
 
 def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[NxTP, Tokenizer]:
-    """An exported model, in eval mode, and its tokenizer."""
-    from safetensors.torch import load_file
-
-    cfg = check_pretrained(path)
-    model = NxTP(cfg)
-    load_state_strict(model, load_file(os.path.join(path, "model.safetensors")), os.path.join(path, "model.safetensors"))
-    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
-    return model.eval(), Tokenizer(os.path.join(path, "tokenizer.model"))
+    """An exported model folder, in eval mode, and its tokenizer."""
+    return export.load_folder(path, device, dtype)
 
 
 # ----------------------------------------------------------------------------- files of other projects
@@ -296,6 +265,7 @@ def build_from_pretrained(
     lm_head[: dcfg.vocab_size] = decoder_sd.pop("decoder.lm_head.weight")
     merged = {**state, **vision_sd, **decoder_sd, "decoder.lm_head.weight": lm_head}
     load_state_strict(model, merged, f"{llama} + {clip_weights or 'random ViT'}")
+    model.tokenizer = tok
     return model, tok
 
 
@@ -351,6 +321,7 @@ def import_nxtp(
     notes += [f"{k}: not used for recognition, ignored" for k in ignored]
     model = NxTP(NxTPConfig(vision=vcfg, decoder=dcfg))
     load_state_strict(model, mapped, checkpoint)
+    model.tokenizer = tok
     return model.eval(), tok, notes
 
 
@@ -359,13 +330,14 @@ def load_model(
     tokenizer_path: str | None = None,
     clip_weights: str | None = None,
     llama_params: str | None = None,
+    local_files_only: bool = False,
 ) -> tuple[NxTP, Tokenizer, list[str]]:
-    """An exported model folder, or a released NxTP ``.pth`` (which needs ``tokenizer_path``)."""
-    if os.path.isdir(checkpoint):
-        model, tok = load_pretrained(checkpoint)
-        return model, tok, []
-    if not os.path.isfile(checkpoint):
+    """An exported model (a folder, or a hub id: see ``model.hub.resolve``), or a released NxTP ``.pth`` (which needs ``tokenizer_path``)."""
+    if os.path.isfile(checkpoint):
+        if not tokenizer_path:
+            raise ValueError(f"{checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
+        return import_nxtp(checkpoint, tokenizer_path, clip_weights, llama_params)
+    if not os.path.isdir(checkpoint) and not hub.is_hub_id(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    if not tokenizer_path:
-        raise ValueError(f"{checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
-    return import_nxtp(checkpoint, tokenizer_path, clip_weights, llama_params)
+    model, tok = load_pretrained(hub.resolve(checkpoint, local_files_only=local_files_only))
+    return model, tok, []

@@ -106,12 +106,14 @@ def vision_from_openai(m: KeyMapper, prefix: str, cfg: VisionConfig, with_projec
         m.take(prefix + "proj.weight", "vision.proj.weight")
 
 
-def vision_to_openai(sd: dict[str, torch.Tensor], prefix: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
+def vision_to_openai(sd: dict[str, torch.Tensor], prefix: str, cfg: VisionConfig, with_projection: bool = True) -> dict[str, torch.Tensor]:
+    """``vision.vit.*`` (and ``vision.proj``) in OpenAI / open_clip names under ``prefix``: the inverse of :func:`vision_from_openai`."""
     out = {prefix + name: sd["vision.vit." + name] for name in _VIT_STEM}
     for i in range(cfg.layers):
         for name in _VIT_BLOCK:
             out[f"{prefix}transformer.resblocks.{i}.{name}"] = sd[f"vision.vit.transformer.resblocks.{i}.{name}"]
-    out[prefix + "proj.weight"] = sd["vision.proj.weight"]
+    if with_projection:
+        out[prefix + "proj.weight"] = sd["vision.proj.weight"]
     return out
 
 
@@ -174,17 +176,45 @@ def decoder_to_meta(sd: dict[str, torch.Tensor], prefix: str, cfg: DecoderConfig
     return out
 
 
-def decoder_from_hf(m: KeyMapper, cfg: DecoderConfig) -> None:
-    """Map a Hugging Face ``LlamaForCausalLM`` state dict to ``decoder.*`` (base vocabulary rows)."""
-    m.take("model.embed_tokens.weight", "decoder.embed.base.weight")
-    if "lm_head.weight" in m.source:
+def decoder_from_hf(m: KeyMapper, cfg: DecoderConfig, extended: bool = False) -> None:
+    """Map a Hugging Face ``LlamaForCausalLM`` state dict to ``decoder.*``.
+
+    ``extended``: the vocabulary holds the 2 special rows after the base ones (this
+    project's export, :func:`decoder_to_hf`); otherwise the base rows only (LLaMA itself).
+    """
+    if extended:
+        emb = m.get("model.embed_tokens.weight")
+        m.out["decoder.embed.base.weight"] = emb[: cfg.vocab_size]
+        m.out["decoder.embed.special"] = emb[cfg.vocab_size :]
         m.take("lm_head.weight", "decoder.lm_head.weight")
-    else:  # tied embeddings
-        m.out["decoder.lm_head.weight"] = m.get("model.embed_tokens.weight")
+    else:
+        m.take("model.embed_tokens.weight", "decoder.embed.base.weight")
+        if "lm_head.weight" in m.source:
+            m.take("lm_head.weight", "decoder.lm_head.weight")
+        else:  # tied embeddings
+            m.out["decoder.lm_head.weight"] = m.get("model.embed_tokens.weight")
     m.take("model.norm.weight", "decoder.norm.weight")
     for i in range(cfg.n_layers):
         for name in _HF_LAYER:
             m.take(f"model.layers.{i}.{name}", f"decoder.layers.{i}.{name}")
+
+
+def decoder_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """``decoder.*`` as a ``LlamaForCausalLM`` state dict whose vocabulary is the base one plus the special rows.
+
+    ``<|image|>`` and the pad token keep their ids (``vocab_size``, ``vocab_size + 1``) as
+    rows of ``embed_tokens`` and ``lm_head``, so transformers' model embeds and scores them
+    as NxTP does. The inverse is :func:`decoder_from_hf` with ``extended=True``.
+    """
+    out = {
+        "model.embed_tokens.weight": torch.cat([sd["decoder.embed.base.weight"], sd["decoder.embed.special"]]),
+        "model.norm.weight": sd["decoder.norm.weight"],
+        "lm_head.weight": sd["decoder.lm_head.weight"],
+    }
+    for i in range(cfg.n_layers):
+        for name in _HF_LAYER:
+            out[f"model.layers.{i}.{name}"] = sd[f"decoder.layers.{i}.{name}"]
+    return out
 
 
 # ----------------------------------------------------------------------------- the whole model

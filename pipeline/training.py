@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -295,7 +296,7 @@ class Trainer:
                 self._save(engine, step, run_stats, rank)
                 data = self._data(step, rank) if step < total else None
         if rank == 0:
-            self._finish(step)
+            self._finish(step, stats)
         dist.barrier()
 
     def _save(self, engine, step: int, stats: dict, rank: int) -> None:
@@ -309,14 +310,15 @@ class Trainer:
             skipped = {k: v for k, v in stats.items() if k != "samples" and v}
             self.on_message(f"step {step}: checkpoint {os.path.join(self.save_dir, f'step{step}')}; data skipped so far: {skipped or 'none'}")
 
-    def _finish(self, step: int) -> None:
+    def _finish(self, step: int, data_stats: dict) -> None:
         from model.checkpoint import save_pretrained
         from model.convert import load_state_strict
 
         tag = latest_tag(self.save_dir)
         model = NxTP(self.model_cfg)
         load_state_strict(model, state_dict_from_checkpoint(self.save_dir, tag), os.path.join(self.save_dir, tag))
-        out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag})
+        card = {"train_config": dataclasses.asdict(self.cfg), "step": step, "data_stats": data_stats}  # for the model card
+        out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag}, card=card)
         if getattr(self.cfg, "export_to", None):
             self.on_message(f"copied the exported model to {export_copy(out, self.cfg.export_to)}")
         plot_loss(os.path.join(self.cfg.run_dir, "metrics.jsonl"), os.path.join(self.cfg.run_dir, "loss.png"))

@@ -6,8 +6,12 @@ Each stage reads only what the stage before it wrote, through these schemas:
     SHARD_MANIFEST   jobs.ingest    manifest.parquet, one row per webdataset shard
     LABEL_TABLE      jobs.labels    <labels>/labels/<shard>.parquet, one row per downloaded sample
     VOCAB            jobs.labels    <labels>/vocab.parquet, one row per label
-    PREDICTIONS      jobs.evaluate  predictions.parquet, one row per validation sample
+    PREDICTIONS      jobs.evaluate  predictions.parquet, one row per validation sample, plus a
+                                    column per (metric, k) asked (predictions_schema(ks))
     REPORT           jobs.evaluate  report.parquet, one row per (dataset, k, embedding model)
+
+A schema may allow columns beyond the declared ones: its metadata's ``extra_columns`` is a
+regular expression their names match (they are float64).
 
 The version lives in each schema's metadata (``schema_name``, ``schema_version``); bump
 it whenever a field changes so that a reader meets a clear error instead of a silent
@@ -20,12 +24,15 @@ import pyarrow as pa
 
 __all__ = [
     "LABEL_TABLE",
+    "PER_K_METRICS",
     "PREDICTIONS",
     "REPORT",
     "SCHEMAS",
     "SHARD_MANIFEST",
     "URL_TABLE",
     "VOCAB",
+    "per_k_columns",
+    "predictions_schema",
 ]
 
 
@@ -85,40 +92,55 @@ VOCAB = _schema(
     ],
 )
 
-PREDICTIONS = _schema(
-    "predictions",
-    1,
+# per-sample figures at each k asked, one float64 column each (null on rows that are not scored):
+# recall_at_<k>, precision_at_<k>, f1_at_<k> (semantic, the run's sentence model) and
+# exact_recall_at_<k>, exact_precision_at_<k>; see predictions_schema()
+PER_K_METRICS = ("recall", "precision", "f1", "exact_recall", "exact_precision")
+PER_K_COLUMN = r"^(exact_recall|exact_precision|recall|precision|f1)_at_[0-9]+$"
+
+PREDICTIONS = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
         pa.field("targets", pa.list_(pa.string()), nullable=False),
         pa.field("predictions", pa.list_(pa.string()), nullable=False),  # sorted, most likely first
         pa.field("probabilities", pa.list_(pa.float64()), nullable=False),
-        # semantic recall / precision / F1 of the top-k (largest k of the run); null on error
-        pa.field("recall", pa.float64()),
-        pa.field("precision", pa.float64()),
-        pa.field("f1", pa.float64()),
         pa.field("error", pa.string()),  # why the sample could not be scored, e.g. a decode error
     ],
+    metadata={"schema_name": "predictions", "schema_version": "2", "extra_columns": PER_K_COLUMN},
 )
+
+
+def per_k_columns(ks) -> list[str]:
+    """The per-sample metric columns of a predictions table for ``ks``, in order (k-major)."""
+    return [f"{metric}_at_{k}" for k in sorted(set(ks)) for metric in PER_K_METRICS]
+
+
+def predictions_schema(ks) -> pa.Schema:
+    """PREDICTIONS with the per-k metric columns of ``ks``: the exact schema a run writes."""
+    fields = list(PREDICTIONS) + [pa.field(name, pa.float64()) for name in per_k_columns(ks)]
+    return pa.schema(fields, metadata=PREDICTIONS.metadata)
+
 
 REPORT = _schema(
     "report",
-    2,
+    3,
     [
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("k", pa.int64(), nullable=False),
-        # the model that embeds labels for R / P / F1: all-MiniLM-L6-v2 (the paper's), or clip-text:<file>
+        # the model that embeds labels for R / P / F1: all-MiniLM-L6-v2 (the paper's), another sentence model, or clip-text:<file>
         pa.field("embedding", pa.string(), nullable=False),
         pa.field("samples", pa.int64(), nullable=False),  # scored samples
         pa.field("failed", pa.int64(), nullable=False),  # samples without a usable image (unreadable, undecodable)
         pa.field("no_targets", pa.int64(), nullable=False),  # samples with no target label: predicted, not scored
-        pa.field("recall", pa.float64(), nullable=False),  # semantic R, the paper's headline; NaN when nothing was scored
-        pa.field("precision", pa.float64(), nullable=False),
-        pa.field("f1", pa.float64(), nullable=False),
-        pa.field("exact_recall", pa.float64(), nullable=False),  # exact-match recall@k
-        pa.field("exact_precision", pa.float64(), nullable=False),  # exact-match precision@k
-        pa.field("checkpoint", pa.string(), nullable=False),  # path and md5 prefix of the weights file
+        pa.field("recall", pa.float64()),  # semantic R, the paper's headline; null when nothing was scored
+        pa.field("precision", pa.float64()),
+        pa.field("f1", pa.float64()),
+        pa.field("exact_recall", pa.float64()),  # exact-match recall@k; null when nothing was scored
+        pa.field("exact_precision", pa.float64()),  # exact-match precision@k
+        pa.field("checkpoint", pa.string(), nullable=False),  # the model's path or hub id, as given
+        pa.field("checkpoint_sha256", pa.string(), nullable=False),  # of its weight file(s)
+        pa.field("step", pa.int64()),  # training step of an exported model; null when unknown
         pa.field("code_version", pa.string(), nullable=False),  # git:<commit>[+dirty] or source:<sha256 of the code>
         pa.field("wall_time_s", pa.float64(), nullable=False),  # the whole job
         pa.field("images_per_s", pa.float64(), nullable=False),  # samples / seconds of the Ray pipeline

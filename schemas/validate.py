@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,7 +38,12 @@ def validate(table: pa.Table | pa.Schema, schema: pa.Schema, where: str = "", st
         if not field.nullable and isinstance(table, pa.Table) and table.column(field.name).null_count:
             nulls = table.column(field.name).null_count
             raise SchemaError(f"{prefix}{name}: column '{field.name}' holds {nulls} null value(s), none allowed")
-    extra = [n for n in actual.names if n not in schema.names]
+    allowed = (schema.metadata or {}).get(b"extra_columns")
+    extra = [n for n in actual.names if n not in schema.names and not (allowed and re.match(allowed.decode(), n))]
+    if allowed:
+        for n in actual.names:
+            if n not in schema.names and not actual.field(n).type.equals(pa.float64()):
+                raise SchemaError(f"{prefix}{name}: column '{n}' has type {actual.field(n).type}, expected double")
     if extra:
         raise SchemaError(f"{prefix}{name}: unexpected column '{extra[0]}' (declared: {', '.join(schema.names)})")
     meta = actual.metadata or {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -25,7 +26,7 @@ from model.vision import preprocess
 from pipeline import evaluation
 from pipeline.evaluation import PREDICTED, SAMPLES, SCORED, error_code
 from pipeline.shards import Shard, find_shards, index_tar
-from schemas import LABEL_TABLE, PREDICTIONS, REPORT, read_table, write_table
+from schemas import LABEL_TABLE, PREDICTIONS, REPORT, per_k_columns, read_table, write_table
 from tests.test_model import _tiny_model
 from tests.test_shards import write_tar
 
@@ -218,35 +219,41 @@ def test_score_stage_scores_only_usable_rows():
     a, b, c, d = rows
     assert len(a["recall_at"]) == 2 and len(a["exact_recall_at"]) == 2
     assert a["exact_recall_at"] == [0.5, 0.5] and a["exact_precision_at"] == [1.0, 0.5]
-    assert a["recall"] == a["recall_at"][1] and a["f1"] == a["f1_at"][1]  # the per-sample figures: the largest k
     assert a["recall_at"][0] < 1.0 and a["precision_at"][0] == pytest.approx(1.0, abs=1e-5)  # top-1 "circle" is a target
-    assert b["recall"] == pytest.approx(1.0, abs=1e-5) and b["precision"] == pytest.approx(1.0, abs=1e-5)
+    assert b["recall_at"][1] == pytest.approx(1.0, abs=1e-5) and b["precision_at"][1] == pytest.approx(1.0, abs=1e-5)
     for row in (c, d):
-        assert row["recall"] is None and row["recall_at"] is None and row["exact_recall_at"] is None
+        assert row["recall_at"] is None and row["exact_recall_at"] is None
+    predictions = evaluation.predictions_table(out, [2, 1])
+    assert predictions.column_names[6:] == per_k_columns([1, 2]) == [
+        "recall_at_1", "precision_at_1", "f1_at_1", "exact_recall_at_1", "exact_precision_at_1",
+        "recall_at_2", "precision_at_2", "f1_at_2", "exact_recall_at_2", "exact_precision_at_2",
+    ]  # fmt: skip
+    first = predictions.to_pylist()[0]
+    assert (first["recall_at_2"], first["exact_precision_at_1"], first["f1_at_1"]) == (a["recall_at"][1], a["exact_precision_at"][0], a["f1_at"][0])
+    assert predictions.to_pylist()[3]["recall_at_1"] is None
     assert c["predictions"] == ["star"] and d["error"] == "decode_error: OSError"
 
 
 def test_score_stage_adds_clip_text_figures(tmp_path):
     """With --clip-text-weights each row holds every k for MiniLM, then every k for CLIP's text tower."""
-    from pipeline.scoring import ClipTextEmbedder, LabelScorer, MiniLMEmbedder, embedding_names
+    from pipeline.scoring import ClipTextEmbedder, LabelScorer, SentenceEmbedder, embedding_names
     from tests.test_scoring import _tiny_clip
 
     path = str(tmp_path / "clip.pt")
     torch.save(_tiny_clip().state_dict(), path)
     row = {"key": "a", "shard": "0", "targets": ["circle", "table"], "error": None, "predictions": ["circle", "desk", "tree"], "probabilities": [0.5, 0.3, 0.1]}
     out = evaluation.Score(ks=[1, 3], clip_text_weights=path)(_predicted([row])).to_pylist()[0]
-    expected = LabelScorer([MiniLMEmbedder(), ClipTextEmbedder(path)], ks=[1, 3])([row["targets"]], [row["predictions"]])
-    names = embedding_names(path)
+    expected = LabelScorer([SentenceEmbedder(), ClipTextEmbedder(path)], ks=[1, 3])([row["targets"]], [row["predictions"]])
+    names = embedding_names(None, path)
     assert names == ["all-MiniLM-L6-v2", "clip-text:clip.pt"]
     want = [expected.recall[n][0, j] for n in names for j in range(2)]
     np.testing.assert_allclose(out["recall_at"], want, atol=1e-6)
-    assert out["recall"] == pytest.approx(want[1], abs=1e-6)  # the per-sample figure: MiniLM at the largest k
 
 
 def _scored_row(key, error=None, recall_at=None, exact=None):
     return {
         "key": key, "shard": "00000", "targets": ["x"], "predictions": ["x"], "probabilities": [1.0],
-        "recall": None, "precision": None, "f1": None, "error": error,
+        "error": error,
         "recall_at": recall_at, "precision_at": recall_at, "f1_at": recall_at,
         "exact_recall_at": exact, "exact_precision_at": exact,
     }  # fmt: skip
@@ -265,16 +272,22 @@ def test_report_means_and_counts(tmp_path):
     )
     report = evaluation.build_report(
         scored, dataset="coco", ks=[10, 5], embedders=["all-MiniLM-L6-v2", "clip-text:ViT-L-14.pt"],
-        checkpoint="ckpt md5:0", code_version="git:abc", wall_time_s=12.0, images_per_s=3.5,
+        checkpoint=evaluation.CheckpointIdentity("/runs/x/export", "ab" * 32, 1000), code_version="git:abc", wall_time_s=12.0, images_per_s=3.5,
     )  # fmt: skip
     rows = report.to_pylist()
     assert [(r["embedding"], r["k"]) for r in rows] == [("all-MiniLM-L6-v2", 5), ("all-MiniLM-L6-v2", 10), ("clip-text:ViT-L-14.pt", 5), ("clip-text:ViT-L-14.pt", 10)]
     assert {(r["samples"], r["failed"], r["no_targets"]) for r in rows} == {(2, 2, 1)}
     assert [r["recall"] for r in rows] == pytest.approx([0.7, 0.85, 0.4, 0.6])
     assert [r["exact_recall"] for r in rows] == pytest.approx([0.5, 1.0, 0.5, 1.0])
+    assert {(r["checkpoint"], r["checkpoint_sha256"], r["step"]) for r in rows} == {("/runs/x/export", "ab" * 32, 1000)}
     assert "0.7000" in evaluation.format_report(report)
     write_table(report, tmp_path / "report.parquet", REPORT)
     assert read_table(tmp_path / "report.parquet", REPORT).num_rows == 4
+    nothing = evaluation.build_report(
+        scored.slice(2), dataset="coco", ks=[5], embedders=["all-MiniLM-L6-v2"],
+        checkpoint=evaluation.CheckpointIdentity("m.pth", "0" * 64, None), code_version="git:abc", wall_time_s=1.0, images_per_s=0.0,
+    ).to_pylist()[0]  # fmt: skip
+    assert (nothing["samples"], nothing["recall"], nothing["exact_recall"], nothing["step"]) == (0, None, None, None)
     evaluation.plot_report(report, str(tmp_path / "report.png"))
     assert open(tmp_path / "report.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -398,12 +411,32 @@ def test_job_writes_every_sample_once_with_valid_schemas(job_run, job_inputs):
 
 
 @pytest.mark.cluster
+def test_reports_open_cleanly_in_duckdb_pandas_and_polars(job_run):
+    """The README's one-liners on the job's real tables: separate columns, nulls for what was not scored."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    out, _ = job_run
+    report, predictions = os.path.join(out, "report.parquet"), os.path.join(out, "predictions.parquet")
+    rows = duckdb.sql(f"SELECT k, recall, checkpoint, checkpoint_sha256, step FROM '{report}' ORDER BY k").fetchall()
+    assert [r[0] for r in rows] == [5, 10] and all(0 <= r[1] <= 1 for r in rows)
+    assert {(r[2], len(r[3]), r[4]) for r in rows} == {(rows[0][2], 64, None)}  # a folder saved without a step
+    per_k = duckdb.sql(f"SELECT avg(recall_at_5), avg(recall_at_10), count(*) - count(recall_at_10) FROM '{predictions}'").fetchall()[0]
+    assert per_k[0] == pytest.approx(rows[0][1], abs=1e-9) and per_k[1] == pytest.approx(rows[1][1], abs=1e-9)
+    unscored = pd.read_parquet(predictions).query("error.notna()")
+    assert per_k[2] == len(unscored) > 0 and unscored["recall_at_10"].isna().all()  # null, not NaN or a sentinel
+    frame = pl.read_parquet(predictions)
+    assert frame.schema["exact_precision_at_5"] == pl.Float64 and frame["recall_at_5"].null_count() == len(unscored)
+
+
+@pytest.mark.cluster
 def test_job_reports_decode_errors_and_samples_without_targets(job_run, job_inputs):
     out, _ = job_run
     shards, labels, _ = job_inputs
     rows = {(r["shard"], r["key"]): r for r in pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()}
     bad = rows[("00090", "090000001")]
-    assert error_code(bad["error"]) == "decode_error" and bad["predictions"] == [] and bad["recall"] is None
+    assert error_code(bad["error"]) == "decode_error" and bad["predictions"] == [] and bad["recall_at_10"] is None
     lost = rows[("00090", "090000009")]
     assert error_code(lost["error"]) == "unread" and lost["targets"] == ["cup"] and lost["predictions"] == []
     label_rows = {(r["shard"], r["key"]): r["labels"] for name in os.listdir(os.path.join(labels, "labels"))
@@ -411,7 +444,7 @@ def test_job_reports_decode_errors_and_samples_without_targets(job_run, job_inpu
     empty = sorted({k for k, v in label_rows.items() if not v} | (set(_tar_keys(shards)) - set(label_rows)))
     assert ("00090", "090000002") in empty and ("00090", "090000003") in empty
     for key in empty:
-        assert error_code(rows[key]["error"]) in ("no_targets", "no_label_row") and rows[key]["recall"] is None
+        assert error_code(rows[key]["error"]) in ("no_targets", "no_label_row") and rows[key]["recall_at_10"] is None
         assert rows[key]["predictions"], "a sample without targets is still predicted"
     report = pq.read_table(os.path.join(out, "report.parquet")).to_pylist()
     for r in report:
@@ -423,7 +456,7 @@ def test_job_reports_decode_errors_and_samples_without_targets(job_run, job_inpu
 @pytest.mark.cluster
 def test_job_figures_match_the_model_and_the_scorer(job_run, job_inputs):
     """Predictions equal one-shot sampling of the exported model; R and exact recall agree with a local scorer."""
-    from pipeline.scoring import LabelScorer, MiniLMEmbedder
+    from pipeline.scoring import LabelScorer, SentenceEmbedder
 
     out, _ = job_run
     shards, _, export = job_inputs
@@ -439,15 +472,16 @@ def test_job_figures_match_the_model_and_the_scorer(job_run, job_inputs):
         np.testing.assert_allclose(row["probabilities"], want.probs, rtol=1e-4)
 
     scored = [r for r in predictions if r["error"] is None]
-    minilm = MiniLMEmbedder()
+    minilm = SentenceEmbedder()
     s = LabelScorer([minilm], ks=[5, 10])([r["targets"] for r in scored], [r["predictions"] for r in scored])
-    np.testing.assert_allclose([r["recall"] for r in scored], s.recall[minilm.name][:, 1], atol=1e-5)
+    np.testing.assert_allclose([r["recall_at_10"] for r in scored], s.recall[minilm.name][:, 1], atol=1e-5)
+    np.testing.assert_allclose([r["exact_precision_at_5"] for r in scored], s.exact_precision[:, 0], atol=1e-9)
     report = {r["k"]: r for r in pq.read_table(os.path.join(out, "report.parquet")).to_pylist()}
     assert report[10]["recall"] == pytest.approx(float(np.mean(s.recall[minilm.name][:, 1])), abs=1e-6)
     assert report[5]["recall"] == pytest.approx(float(np.mean(s.recall[minilm.name][:, 0])), abs=1e-6)
     assert report[5]["exact_recall"] == pytest.approx(float(np.mean(s.exact_recall[:, 0])), abs=1e-9)
     assert report[10]["f1"] == pytest.approx(float(np.mean(s.f1[minilm.name][:, 1])), abs=1e-6)
-    assert report[10]["checkpoint"].startswith(export + " md5:")
+    assert report[10]["checkpoint"] == export and report[10]["checkpoint_sha256"] == hashlib.sha256(open(os.path.join(export, "model.safetensors"), "rb").read()).hexdigest()
     assert report[10]["code_version"].startswith(("git:", "source:")) and report[10]["images_per_s"] > 0
 
 

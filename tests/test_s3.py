@@ -163,7 +163,8 @@ def test_training_reads_the_bucket_and_exports_to_it(chain):
     assert metrics[-1]["data"].get("missing_label_tables", 0) == 0
     marker = storage.read_json(f"{ROOT}/models/tiny/{MARKER}")
     local = os.path.join(tmp, "run", "export")
-    assert marker["files"] == {name: os.path.getsize(os.path.join(local, name)) for name in os.listdir(local)}
+    files = {os.path.relpath(os.path.join(d, n), local): os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(local) for n in names}
+    assert marker["files"] == files and "config.json" in files
 
 
 def test_evaluation_of_the_exported_model_writes_its_report_to_the_bucket(chain):
@@ -175,7 +176,8 @@ def test_evaluation_of_the_exported_model_writes_its_report_to_the_bucket(chain)
     expected = sorted((os.path.basename(s).removesuffix(".tar"), k) for s in manifest.column("shard").to_pylist() for k in _tar_keys(s))
     assert list(zip(predictions.column("shard").to_pylist(), predictions.column("key").to_pylist())) == expected  # every sample once
     summary = storage.read_json(f"{out}/summary.json")
-    assert summary["checkpoint"].startswith(f"{ROOT}/models/tiny md5:") and "wrote " + out in logs["evaluate"]
+    assert summary["checkpoint"]["checkpoint"] == f"{ROOT}/models/tiny" and summary["checkpoint"]["step"] == STEPS
+    assert "wrote " + out in logs["evaluate"]
 
 
 # ----------------------------------------------------------------------------- faults

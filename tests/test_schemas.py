@@ -12,6 +12,8 @@ from schemas import (
     VOCAB,
     SchemaError,
     conform,
+    per_k_columns,
+    predictions_schema,
     read_table,
     validate,
     write_table,
@@ -42,8 +44,23 @@ def test_declared_columns():
     assert LABEL_TABLE.field("labels").type == pa.list_(pa.string())
     assert {"shard", "samples", "successes", "failures_by_reason"} <= set(SHARD_MANIFEST.names)
     assert {"label", "count", "document_frequency"} <= set(VOCAB.names)
-    assert {"key", "targets", "predictions", "probabilities", "recall", "precision", "f1"} <= set(PREDICTIONS.names)
-    assert {"dataset", "k", "samples", "recall", "precision", "f1", "exact_recall", "checkpoint", "code_version", "wall_time_s", "images_per_s"} <= set(REPORT.names)
+    assert {"key", "targets", "predictions", "probabilities", "error"} <= set(PREDICTIONS.names)
+    assert {"dataset", "k", "samples", "recall", "precision", "f1", "exact_recall", "checkpoint", "checkpoint_sha256", "step", "code_version", "wall_time_s", "images_per_s"} <= set(REPORT.names)
+    assert REPORT.field("recall").nullable and REPORT.field("step").type == pa.int64()
+
+
+def test_per_k_columns_are_declared_by_pattern(tmp_path):
+    """A predictions table holds a float column per (metric, k) asked; other extra columns are refused."""
+    schema = predictions_schema([10, 5])
+    assert schema.names[len(PREDICTIONS.names) :] == per_k_columns([5, 10]) and per_k_columns([5])[0] == "recall_at_5"
+    row = {"key": "a", "shard": "0", "targets": ["x"], "predictions": ["x"], "probabilities": [1.0], "error": None}
+    table = pa.Table.from_pylist([{**row, **dict.fromkeys(per_k_columns([5, 10]), 0.5)}], schema=schema)
+    write_table(table, tmp_path / "p.parquet", schema)
+    assert read_table(tmp_path / "p.parquet", PREDICTIONS).column("f1_at_10").to_pylist() == [0.5]  # read without knowing ks
+    with pytest.raises(SchemaError, match="unexpected column 'rogue'"):
+        validate(table.append_column("rogue", pa.array([1.0])), PREDICTIONS)
+    with pytest.raises(SchemaError, match="column 'recall_at_7' has type string"):
+        validate(table.append_column("recall_at_7", pa.array(["high"])), PREDICTIONS)
 
 
 def test_conform_round_trip(tmp_path):

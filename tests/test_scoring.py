@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ import torch
 from pipeline.scoring import (
     ClipTextEmbedder,
     LabelScorer,
-    MiniLMEmbedder,
+    SentenceEmbedder,
     clean_labels,
     default_minilm_path,
     exact_scores,
@@ -19,10 +23,12 @@ from pipeline.scoring import (
     semantic_scores,
 )
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="module")
-def minilm() -> MiniLMEmbedder:
-    return MiniLMEmbedder()
+def minilm() -> SentenceEmbedder:
+    return SentenceEmbedder()
 
 
 def _unit(*rows) -> torch.Tensor:
@@ -82,16 +88,48 @@ def test_unrelated_lists_score_low(minilm):
     assert unrelated.exact_recall[0, 0] == 0.0
 
 
-def test_minilm_matches_sentence_transformers():
-    """The embedder equals sentence-transformers' own pipeline on the same files (pooling, normalization)."""
+ODD_TEXTS = [
+    "cup", "a red circle", "hot air balloon", "",
+    "tab\there", "line\nbreak", "nul\x00byte", "bell\x07", "\u200bzero width", "emoji 🎈🐶", "🎈", "ÇA VA, crème brûlée",
+    "l" * 200, "word " * 60, "   padded   ", "日本語のラベル", "<|image|>", "[CLS] [SEP] [MASK]",
+]  # fmt: skip
+
+
+def test_embeddings_are_the_librarys_on_odd_strings(minilm):
+    """R / P / F1 are the paper's metric only if the embeddings are sentence-transformers' own, on any text."""
     from sentence_transformers import SentenceTransformer
 
-    texts = ["cup", "a red circle", "hot air balloon", "tree"]
     reference = SentenceTransformer(default_minilm_path(), device="cpu", local_files_only=True)
-    expected = reference.encode(texts, convert_to_tensor=True, normalize_embeddings=True).cpu()
-    got = MiniLMEmbedder()(texts)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(got.norm(dim=1), torch.ones(len(texts)), atol=1e-5, rtol=0)
+    expected = reference.encode(ODD_TEXTS, convert_to_tensor=True, normalize_embeddings=True).cpu()
+    got = minilm(ODD_TEXTS)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    one_at_a_time = torch.stack([minilm([t])[0] for t in ODD_TEXTS])  # batching changes nothing that matters
+    torch.testing.assert_close(one_at_a_time, expected, atol=1e-6, rtol=0)
+    assert minilm.name == "all-MiniLM-L6-v2" and minilm([]).shape == (0, expected.shape[1])
+
+
+def test_a_model_from_a_local_folder_or_the_hf_cache(tmp_path):
+    """--embedding-model: a folder (named by its folder) or a hub id found in the local cache, offline."""
+    import shutil
+
+    from huggingface_hub import snapshot_download
+
+    folder = shutil.copytree(default_minilm_path(), tmp_path / "my-minilm")
+    assert SentenceEmbedder(str(folder)).name == "my-minilm"
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--label-embedder" / "snapshots" / ("0" * 40)
+    shutil.copytree(default_minilm_path(), snapshot)
+    (cache / "models--acme--label-embedder" / "refs").mkdir()
+    (cache / "models--acme--label-embedder" / "refs" / "main").write_text("0" * 40)
+    assert snapshot_download("acme/label-embedder", cache_dir=str(cache), local_files_only=True) == str(snapshot)
+    # the cache location is read when huggingface_hub is imported: a fresh process, as a job would be
+    code = "from pipeline.scoring import SentenceEmbedder as E; e = E('acme/label-embedder'); print(e.name, e(['cup'])[0, :4].tolist())"
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, values = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert name == "acme/label-embedder"
+    torch.testing.assert_close(torch.tensor(json.loads(values)), SentenceEmbedder()(["cup"])[0, :4], atol=1e-6, rtol=0)
 
 
 def test_scores_at_several_k_match_independent_cosines(minilm):

@@ -156,6 +156,8 @@ def test_exported_model_loads_in_infer(zero2_run, world, capsys):
     assert infer.main(["--checkpoint", os.path.join(run, "export"), "--image", image, "--format", "json", "--num-labels", "5"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert result["labels"] and len(result["labels"]) <= 5
+    card = open(os.path.join(run, "export", "README.md")).read()  # the model card says what the trainer knew
+    assert f"Trained for {STEPS} optimizer steps" in card and "| bad_shards |" in card and "| lr | 0.002 |" in card
 
 
 def test_killed_run_resumes_with_the_same_losses(train_setup, zero2_run, repo_root):

@@ -1,0 +1,217 @@
+"""What every job entry point shares: flags from its config dataclass, path checks, Ray.
+
+Flags (:func:`parse`): a job's config is one dataclass; each field is a flag named after
+it (``keep_numbers`` -> ``--keep-numbers``) with the string literal under the field as its
+help, made by tyro: defaults shown in ``--help``, ``Literal`` fields as choices, booleans
+as ``--flag/--no-flag``, lists as several values (``--k 5 10``) or, marked with
+``tyro.conf.UseAppendAction``, a repeatable flag. Aliases are declared on the field
+(``Annotated[str, tyro.conf.arg(aliases=("--out",))]``). A job with presets has a
+``config`` field: ``--config preset.yaml`` makes the preset's values the defaults, and
+flags override them. ``__post_init__`` checks values; its ``ValueError`` becomes a usage
+error (exit status 2).
+
+Paths (:func:`resolve_paths`): local paths become absolute; URLs (``s3://``...) stay as
+they are; under ``ray job submit`` a relative path is refused, since the job runs in a
+copy of the working dir on the cluster.
+
+Ray (:func:`ray_session`): join the cluster named by ``--address`` or ``RAY_ADDRESS``
+(which ``ray job submit`` sets), else start a private local instance on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import sys
+import typing
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+SUBMITTED = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set in the driver of a job started by `ray job submit`
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def parse(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str | None) -> T:
+    """The config of a job from its command line (``argv``; None: ``sys.argv[1:]``); see the module docstring."""
+    import tyro
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    hints = typing.get_type_hints(cls)
+    bools = {f.name for f in dataclasses.fields(cls) if hints[f.name] is bool}
+    args = _old_bool_spellings(args, bools)
+    default = _preset(cls, args) if "config" in {f.name for f in dataclasses.fields(cls)} else None
+    return tyro.cli(cls, args=args, default=default, prog=prog, description=description)
+
+
+def _old_bool_spellings(args: list[str], bools: set[str]) -> list[str]:
+    """``--flag true`` / ``--flag=no`` (the spellings jobs took before) as ``--flag`` / ``--no-flag``."""
+    flags = {f"--{name.replace('_', '-')}": name for name in bools}
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in flags and eq and value.lower() in _BOOL_WORDS:
+            out.append(flag if _BOOL_WORDS[value.lower()] else "--no-" + flag[2:])
+        elif arg in flags and i + 1 < len(args) and args[i + 1].lower() in _BOOL_WORDS:
+            out.append(arg if _BOOL_WORDS[args[i + 1].lower()] else "--no-" + arg[2:])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _preset(cls: type[T], args: list[str]) -> T | None:
+    """The defaults a ``--config`` YAML preset gives (None without one); fields it does not set keep theirs.
+
+    A list field given on the command line replaces the preset's list instead of adding to it.
+    """
+    import argparse
+
+    import tyro
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(args)
+    if not known.config:
+        return None
+    try:
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        _usage_error(f"--config {known.config}: {err.strerror}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict) or set(values) - set(fields):
+        unknown = sorted(set(values) - set(fields)) if isinstance(values, dict) else "not a mapping"
+        _usage_error(f"--config {known.config}: unknown field(s) {unknown}")
+    values["config"] = known.config
+    given = {a.split("=")[0] for a in args if a.startswith("--")}
+    default = cls.__new__(cls)  # unchecked: __post_init__ runs on the final values only
+    for name, f in fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        if name in values and not (isinstance(values[name], list) and flag in given):
+            value = _from_yaml(cls, name, values[name])
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = tyro.MISSING
+        object.__setattr__(default, name, value)
+    return default
+
+
+def _from_yaml(cls: type, name: str, value: Any) -> Any:
+    """A YAML value as the field's type where YAML cannot say it: mappings in a list of dataclasses."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if isinstance(value, list) and args and dataclasses.is_dataclass(args[0]):
+        return [args[0](**v) if isinstance(v, dict) else v for v in value]
+    return value
+
+
+def _usage_error(message: str) -> typing.NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def is_url(path: str) -> bool:
+    """True for a URL of a storage system (``s3://bucket/x``); a local path or ``file://`` is not one."""
+    return "://" in path and not path.startswith("file://")
+
+
+def resolve_paths(cfg: Any, names: Sequence[str]) -> None:
+    """Make the local paths among ``cfg``'s fields ``names`` absolute (in place); URLs stay as they are.
+
+    Raises ``ValueError`` for a relative path under ``ray job submit``: there the job runs
+    in a copy of the working dir on the cluster, where a relative path means nothing useful.
+    """
+    submitted = SUBMITTED in os.environ
+    for name in names:
+        value = getattr(cfg, name)
+        paths = value if isinstance(value, list) else [value]
+        resolved = []
+        for path in paths:
+            if path is None or is_url(path):
+                resolved.append(path)
+                continue
+            path = path.removeprefix("file://")
+            if submitted and not os.path.isabs(path):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {path} is relative: under `ray job submit` the job runs in a copy of "
+                    "the working dir on the cluster, so pass an absolute path (paths are resolved on the cluster)"
+                )
+            resolved.append(os.path.abspath(path))
+        setattr(cfg, name, resolved if isinstance(value, list) else resolved[0])
+
+
+def print_path_error(err: Exception) -> None:
+    """A missing or refused path, said with where it was looked for (the cluster, under `ray job submit`)."""
+    where = "the cluster" if SUBMITTED in os.environ else "this machine"
+    print(
+        f"error: {err} (looked on {socket.gethostname()}, {where}: paths are resolved where the job runs, "
+        "which under `ray job submit` is the cluster, so they must exist there)",
+        file=sys.stderr,
+    )
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def _submitted_env_vars() -> dict:
+    """Env vars the submitter put in the job's runtime env (``ray job submit --runtime-env-json``)."""
+    try:
+        return json.loads(os.environ.get(SUBMITTED, "{}")).get("runtime_env", {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, env_vars: dict[str, str] | None = None, num_cpus: int | None = None) -> Iterator[bool]:
+    """Ray for one job: the caller's connection when it has one, else the cluster at ``address`` or
+    ``$RAY_ADDRESS``, else a private local instance on 127.0.0.1 (``num_cpus``: its CPUs, default all).
+
+    ``env_vars`` go into the job's runtime env, so that its tasks and actors run in the
+    job's own workers with them (a setting the submitter made wins). Yields True when a
+    local instance was started; shuts Ray down on exit when it was initialized here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    taken = _submitted_env_vars()
+    runtime_env = {"env_vars": {k: v for k, v in (env_vars or {}).items() if k not in taken}} if env_vars else None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
+    else:
+        # a local instance for this job only: on 127.0.0.1, without token auth (which would also write
+        # ~/.ray/auth_token and so turn auth on for every later `ray start` on the machine)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
+    try:
+        yield not address
+    finally:
+        ray.shutdown()

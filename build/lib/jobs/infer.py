@@ -1,0 +1,107 @@
+"""Labels for images: ``python -m jobs.infer --checkpoint CKPT --image a.jpg [b.jpg ...]``.
+
+``--checkpoint`` is an exported model folder (``jobs.train`` writes one) or a released
+NxTP ``.pth``; the latter also needs ``--tokenizer`` (LLaMA-2's tokenizer.model), the
+base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless the file
+holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
+"| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA (bf16) when
+present, else the CPU (fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
+
+import torch
+import tyro
+from PIL import Image
+
+from jobs._cli import parse
+
+
+@dataclass
+class InferConfig:
+    checkpoint: str
+    """exported model folder, or a released NxTP .pth"""
+    images: Annotated[list[str], tyro.conf.arg(name="image", aliases=("--images",))]
+    """image file(s) to label"""
+    num_labels: Annotated[int, tyro.conf.arg(aliases=("--k",))] = 10
+    """k of one-shot sampling: labels per image (after merging duplicates, possibly fewer)"""
+    format: Literal["text", "json"] = "text"
+    """text (the reference's lines) or json"""
+    tokenizer: str | None = None
+    """LLaMA tokenizer.model, for a released .pth"""
+    clip_weights: str | None = None
+    """base CLIP weights (OpenAI .pt or open_clip file), for a released .pth holding only trained keys"""
+    llama_params: str | None = None
+    """Meta's params.json of the decoder, for a released .pth"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto (cuda if present), cuda or cpu"""
+    batch_size: int = 16
+    """images per forward pass"""
+    max_steps: int | None = None
+    """one-shot sampling step limit (default: the model config's, 20)"""
+
+    def __post_init__(self):
+        if not self.images:
+            raise ValueError("--image needs at least one file")
+        if self.num_labels < 1:
+            raise ValueError("--num-labels must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(InferConfig, argv, prog="python -m jobs.infer", description=__doc__)
+    log = sys.stderr if cfg.format == "json" else sys.stdout
+    print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
+    from model.checkpoint import load_model
+    from model.sampling import one_shot
+    from model.vision import preprocess
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+    model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
+    for note in notes:
+        print(f"note: {note}", file=log)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M parameters on {device} ({dtype})", file=log)
+    transform = preprocess(model.cfg.vision.image_size)
+
+    results, failed = [], 0
+    for start in range(0, len(cfg.images), cfg.batch_size):
+        paths, tensors = [], []
+        for path in cfg.images[start : start + cfg.batch_size]:
+            try:
+                with Image.open(path) as img:
+                    tensors.append(transform(img.convert("RGB")))
+                paths.append(path)
+            except (OSError, ValueError) as err:
+                print(f"error: {path}: cannot read the image ({err})", file=sys.stderr)
+                failed += 1
+        if not tensors:
+            continue
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            labels = one_shot(model, torch.stack(tensors).to(device, dtype), tok, k=cfg.num_labels, max_steps=cfg.max_steps)
+        seconds = time.perf_counter() - t0
+        for path, out in zip(paths, labels):
+            results.append({"image": path, "labels": out.labels, "probs": [round(p, 5) for p in out.probs]})
+            if cfg.format == "text":
+                print(f"\n{path} (inference time: {seconds:.3f}s for {len(paths)} image(s))")
+                print(f"top-{cfg.num_labels} predictions:")
+                for label, prob in zip(out.labels, out.probs):
+                    print(f"| prob: {prob:.5f} - {label}")
+    if cfg.format == "json":
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

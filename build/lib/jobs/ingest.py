@@ -1,0 +1,262 @@
+"""Ingest a CC3M / CC12M / COCO / LAION / OpenImages subset into webdataset shards, on Ray.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m jobs.ingest --source cc3m --input /data/cc3m_train.tsv --output /data/shards/cc3m \\
+            --limit 500000 --seed 0 --image-size 512
+
+or directly, ``python -m jobs.ingest ...``, which connects to ``--ray-address`` (default:
+$RAY_ADDRESS) or starts a local Ray instance. Writes into ``--output``: the shards
+(``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` ...), ``manifest.parquet``,
+``urls.parquet`` (the URL table that was sharded), ``ingest_config.json``,
+``ingest_summary.json`` and ``ingest_attempts.json`` (attempts per shard, across runs). Re-running the same command completes the missing shards.
+Exit status: 0 when every shard is done, 1 when some failed after retries (re-run to
+retry them), 2 on a usage or input error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import tyro
+
+from jobs._cli import SUBMITTED, parse, ray_session, resolve_paths
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
+
+import pyarrow as pa  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from pipeline import ingest, sources  # noqa: E402
+from pipeline.outputs import write_json  # noqa: E402
+from schemas import URL_TABLE, read_table, write_table  # noqa: E402
+
+WORKER_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations would call home from every worker
+    # Ray starts workers at nice 15; the download tasks run at 0, like img2dataset's own processes
+    # and Ray's job supervisor, so that other work on a busy node does not starve them
+    "RAY_worker_niceness": "0",
+}
+
+
+@dataclass
+class IngestConfig:
+    """Everything one ingestion run depends on; saved as ``<output>/ingest_config.json``."""
+
+    source: Literal[sources.SOURCES]
+    """Format of --input: cc3m | cc12m (tsv), coco (captions json), laion (parquet), openimages (narratives jsonl)."""
+    input: str
+    """The URL list: a .tsv, a COCO captions .json, a LAION .parquet or an OpenImages narratives .jsonl."""
+    output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
+    """Folder for shards, manifest and URL table; re-running on it completes missing shards."""
+    split: str = "train"
+    """Written into the split column of every row (and each sample's json)."""
+    limit: int | None = None
+    """Keep at most this many URLs (after filtering), chosen reproducibly from --seed."""
+    fraction: float | None = None
+    """Keep about this share of the URLs (after filtering, before --limit), chosen from --seed."""
+    seed: int = 0
+    """Seed of the --limit / --fraction selection: the same seed selects the same keys."""
+    images_dir: str | None = None
+    """coco only: pack the images of this local folder (file_name of each image) instead of downloading."""
+    url_map: str | None = None
+    """openimages only: csv with ImageID and OriginalURL columns mapping image ids to URLs."""
+    blocklist: str | None = None
+    """File of host / URL patterns never to download, one per line, added to the default (.onion hosts)."""
+    min_width: int = 0
+    """laion only: drop rows whose WIDTH is known and smaller."""
+    min_height: int = 0
+    """laion only: drop rows whose HEIGHT is known and smaller."""
+    min_similarity: float = 0.0
+    """laion only: drop rows whose CLIP similarity is below this."""
+    image_size: int = 256
+    """Target image size in pixels, applied according to --resize-mode."""
+    resize_mode: Literal[ingest.RESIZE_MODES] = "keep_ratio"
+    """img2dataset resize mode: keep_ratio (smaller side = size) | center_crop | border | keep_ratio_largest | no."""
+    processes: int = 0
+    """Shards downloaded at once, one Ray task (1 CPU) each; 0: every CPU of the Ray cluster."""
+    threads: int = 32
+    """Download threads inside each shard task."""
+    samples_per_shard: int = 1000
+    """URL rows per shard (a shard holds the successes among them)."""
+    timeout: int = 10
+    """Seconds before one image download is given up (counted as timeout)."""
+    max_shard_retries: int = 2
+    """Times a failed shard is retried before the run gives up on it (a re-run tries again)."""
+    address: Annotated[str | None, tyro.conf.arg(aliases=("--ray-address",))] = None
+    """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
+
+    def __post_init__(self):
+        if self.source not in sources.SOURCES:
+            raise ValueError(f"--source {self.source!r}: expected one of {', '.join(sources.SOURCES)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.images_dir is not None and self.source != "coco":
+            raise ValueError("--images-dir is for --source coco (pack a local COCO images folder)")
+        if (self.url_map is None) != (self.source != "openimages"):
+            raise ValueError("--url-map (ImageID -> OriginalURL csv) is required by, and only by, --source openimages")
+        if self.source != "laion" and (self.min_width or self.min_height or self.min_similarity):
+            raise ValueError("--min-width / --min-height / --min-similarity apply to --source laion only")
+        if min(self.min_width, self.min_height) < 0 or self.min_similarity < 0:
+            raise ValueError("--min-width / --min-height / --min-similarity must be >= 0")
+        if self.processes < 0 or self.max_shard_retries < 0:
+            raise ValueError("--processes and --max-shard-retries must be >= 0")
+        if not self.split or "/" in self.split:
+            raise ValueError(f"--split {self.split!r}: a plain name such as train or val")
+        self.shard_settings()  # checks image size, resize mode, threads, shard size, timeout
+
+    def shard_settings(self) -> ingest.ShardSettings:
+        return ingest.ShardSettings(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            samples_per_shard=self.samples_per_shard,
+            threads=self.threads,
+            timeout=self.timeout,
+        )
+
+    def paths(self) -> dict[str, str]:
+        """The path options that are set, by flag."""
+        names = ("input", "output", "images_dir", "url_map", "blocklist")
+        return {f"--{n.replace('_', '-')}": getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+# fields that decide which rows go into which shard and how they look: a re-run must keep them
+DATASET_FIELDS = (
+    "source", "input", "split", "limit", "fraction", "seed", "images_dir", "url_map", "blocklist",
+    "min_width", "min_height", "min_similarity", "image_size", "resize_mode", "samples_per_shard",
+)  # fmt: skip
+
+
+def check_paths(cfg: IngestConfig) -> None:
+    """Absolute paths, and clear errors for paths the job cannot use (they are resolved where the job runs)."""
+    names = ("input", "output", "images_dir", "url_map", "blocklist")
+    resolve_paths(cfg, names)
+    where = "on the cluster (under `ray job submit` the job runs on the head node)" if SUBMITTED in os.environ else "on this machine"
+    for flag, path in cfg.paths().items():
+        if flag != "--output" and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder (paths are resolved {where})")
+    if cfg.images_dir is not None and not os.path.isdir(cfg.images_dir):
+        raise FileNotFoundError(f"--images-dir {cfg.images_dir}: not a folder")
+
+
+def read_source(cfg: IngestConfig) -> sources.SourceRows:
+    if cfg.source in ("cc3m", "cc12m"):
+        return sources.read_tsv(cfg.input, cfg.split, source=cfg.source)
+    if cfg.source == "coco":
+        return sources.read_coco(cfg.input, cfg.split, images_dir=cfg.images_dir)
+    if cfg.source == "laion":
+        return sources.read_laion(cfg.input, cfg.split, cfg.min_width, cfg.min_height, cfg.min_similarity)
+    return sources.read_openimages(cfg.input, cfg.url_map, cfg.split)
+
+
+def check_resume(cfg: IngestConfig, urls: pa.Table) -> None:
+    """A re-run must describe the same shards as the run that wrote the output."""
+    config_path = os.path.join(cfg.output, "ingest_config.json")
+    if not os.path.exists(config_path) and ingest.done_shards(cfg.output):
+        raise ValueError(f"{cfg.output} holds shards that jobs.ingest did not write (no ingest_config.json): use a new --output")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            before = json.load(f)
+        changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in DATASET_FIELDS if before.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(
+                f"{cfg.output} holds an ingestion made with other settings ({'; '.join(changed)}): "
+                "use a new --output, or delete this one to start over"
+            )
+    urls_path = os.path.join(cfg.output, "urls.parquet")
+    if os.path.exists(urls_path):
+        before = read_table(urls_path, URL_TABLE)
+        same = before.num_rows == urls.num_rows and all(before.column(c).equals(urls.column(c)) for c in ("key", "url"))
+        if not same:
+            raise ValueError(
+                f"{cfg.input} now gives a different URL table ({urls.num_rows} rows) than the one the shards in "
+                f"{cfg.output} were made from ({urls_path}, {before.num_rows} rows): the input changed; "
+                "use a new --output"
+            )
+
+
+def run(cfg: IngestConfig) -> int:
+    os.makedirs(cfg.output, exist_ok=True)
+    with ingest.output_lock(cfg.output):
+        t0 = time.time()
+        rows = read_source(cfg)
+        local_root = cfg.images_dir
+        blocklist = sources.Blocklist.from_file(cfg.blocklist)
+        filtered = sources.filter_urls(rows.table, blocklist, local_root=local_root)
+        urls = sources.select_subset(filtered.table, cfg.limit, cfg.fraction, cfg.seed)
+        print(
+            f"read {rows.rows_read} input rows -> {rows.table.num_rows} urls, {filtered.table.num_rows} after filters, "
+            f"{urls.num_rows} selected ({time.time() - t0:.1f} s); blocklist: {', '.join(blocklist.patterns())}",
+            flush=True,
+        )
+        check_resume(cfg, urls)
+        write_table(urls, os.path.join(cfg.output, "urls.parquet"), URL_TABLE)
+        write_json(os.path.join(cfg.output, "ingest_config.json"), dataclasses.asdict(cfg))
+
+        bar = tqdm(total=urls.num_rows, unit="img", desc="ingest", mininterval=1.0 if sys.stderr.isatty() else 10.0)
+
+        def progress(p: ingest.Progress) -> None:
+            bar.set_description(f"shards {p.shards_done}/{p.shards_total}", refresh=False)
+            bar.set_postfix(ok=p.successes, refresh=False)
+            bar.update(p.samples_done - bar.n)  # prints at most every mininterval
+
+        import ray
+
+        # joined to the caller's Ray: the download tasks take the worker env per task; else the job's runtime env has it
+        task_env = dict(WORKER_ENV) if ray.is_initialized() else None
+        try:
+            with ray_session(cfg.address, env_vars=WORKER_ENV, num_cpus=cfg.processes or None):
+                result = ingest.run_ingest(
+                    urls,
+                    cfg.output,
+                    cfg.shard_settings(),
+                    processes=cfg.processes,
+                    max_shard_retries=cfg.max_shard_retries,
+                    local_root=local_root,
+                    worker_env=task_env,
+                    progress=progress,
+                )
+        finally:
+            bar.close()
+        summary = ingest.summarize(
+            source=cfg.source,
+            input_path=cfg.input,
+            output=cfg.output,
+            rows_read=rows.rows_read,
+            url_rows=rows.table.num_rows,
+            skipped=rows.skipped,
+            filtered=filtered.dropped,
+            examples={**rows.examples, **filtered.examples},
+            selected=urls.num_rows,
+            result=result,
+        )
+        write_json(os.path.join(cfg.output, "ingest_summary.json"), summary)
+        print(ingest.format_summary(summary), flush=True)
+        if result.shards_failed:
+            print(f"{len(result.shards_failed)} shard(s) failed after {cfg.max_shard_retries} retries: re-run the same command to retry them", file=sys.stderr)
+            return 1
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse(IngestConfig, argv, prog="python -m jobs.ingest", description=__doc__)
+    print("ingest config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+    try:
+        check_paths(cfg)
+        return run(cfg)
+    except (FileNotFoundError, ValueError, ingest.OutputBusyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

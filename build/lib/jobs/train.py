@@ -1,0 +1,249 @@
+"""Train NxTP with DeepSpeed ZeRO, through the ``deepspeed`` launcher.
+
+    deepspeed --num_gpus 8 jobs/train.py --config jobs/configs/g3m.yaml --deepspeed jobs/configs/zero2.json
+    deepspeed --hostfile hosts --num_nodes 4 jobs/train.py --config jobs/configs/g3m.yaml --deepspeed jobs/configs/zero3.json
+    deepspeed --num_gpus 2 jobs/train.py --config jobs/configs/demo.yaml --deepspeed jobs/configs/zero2.json  # CPU works too
+
+Every field of ``TrainConfig`` is a flag (``--lr 3e-5``); flags override the YAML preset.
+The run folder gets ``train_config.json``, DeepSpeed checkpoints (``checkpoints/step<N>``;
+a re-run of the same command resumes from the latest), ``metrics.jsonl``, TensorBoard
+events, ``loss.png`` and, at the end, the exported model (``export/``) that ``jobs.infer``
+and ``jobs.evaluate`` load. DeepSpeed JSON values of "auto" are filled from this config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import tyro
+
+from jobs._cli import parse
+from pipeline.loader import DatasetSpec
+
+
+def _dataset(args: list[str]) -> DatasetSpec:
+    (spec,) = args
+    name, _, rest = spec.partition("=")
+    parts = rest.split(",")
+    if not name or len(parts) not in (2, 3):
+        raise ValueError(f"--data {spec!r}: expected NAME=SHARDS,LABELS[,WEIGHT]")
+    return DatasetSpec(name, parts[0], parts[1], float(parts[2]) if len(parts) == 3 else 1.0)
+
+
+# one flag per dataset: --data NAME=SHARDS,LABELS[,WEIGHT], repeatable
+DatasetFlag = Annotated[
+    DatasetSpec,
+    tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1,
+        metavar="NAME=SHARDS,LABELS[,WEIGHT]",
+        instance_from_str=_dataset,
+        is_instance=lambda x: isinstance(x, DatasetSpec),
+        str_from_instance=lambda d: [f"{d.name}={d.shards},{d.labels},{d.weight:g}"],
+    ),
+]
+
+
+@dataclass
+class TrainConfig:
+    deepspeed: str
+    """DeepSpeed JSON config (jobs/configs/zero2.json, zero3.json, zero2_offload.json); its "auto" values are filled from this config"""
+    config: str | None = None
+    """YAML preset (jobs/configs/*.yaml) whose values are the defaults; flags override them (a --data flag replaces the preset's datasets)"""
+    run_dir: str = "runs/demo"
+    """folder for checkpoints, logs, TensorBoard events and the exported model"""
+    data: Annotated[list[DatasetFlag], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """a dataset: its name, shards (folder, glob or brace pattern), labels folder (jobs.labels output) and mixture weight"""
+    model: str = "tiny"
+    """tiny (random, sized for the synthetic world), pretrained (CLIP + LLaMA from local files), or an exported model folder to continue from"""
+    tokenizer: str | None = None
+    """SentencePiece model: LLaMA-2's tokenizer.model, or the synthetic world's for tiny"""
+    clip_weights: str | None = None
+    """pretrained: local CLIP weights (OpenAI .pt or open_clip file); without them the ViT is random"""
+    vision: str = "ViT-L-14"
+    """pretrained: open_clip ViT name"""
+    llama: str | None = None
+    """pretrained: Hugging Face LLaMA folder, or Meta's params.json beside consolidated.*.pth"""
+    decoder_layers: int = 6
+    """pretrained: decoder blocks kept"""
+    image_size: int = 224
+    """input resolution"""
+    patch_size: int = 16
+    """tiny: the ViT's patch size in pixels"""
+    train_vision_blocks: int = 6
+    """last ViT blocks that train, with ln_post (the projection always trains); -1: the whole ViT"""
+    train_embeddings: Literal["special", "all", "none"] = "special"
+    """token embeddings that train: special (the <|image|> and pad rows), all, none"""
+    lr: float = 1e-5
+    """peak learning rate (AdamW, betas 0.9/0.98, eps 1e-6)"""
+    min_lr: float = 0.0
+    """learning rate at the end of the cosine decay"""
+    weight_decay: float = 0.1
+    """AdamW weight decay, on matrices only"""
+    warmup_steps: int = 2000
+    """linear warmup steps"""
+    grad_clip: float = 0.0
+    """gradient norm clipping (0: off)"""
+    batch_size: int = 16
+    """micro-batch per GPU (per rank on CPU)"""
+    grad_accum: int = 1
+    """gradient accumulation steps"""
+    epochs: float = 3.0
+    """passes over samples_per_epoch samples (ignored when steps > 0)"""
+    samples_per_epoch: int = 0
+    """samples in one epoch of the mixture (the data is resampled, so this sets the length)"""
+    steps: int = 0
+    """optimizer steps in all; 0: derived from epochs and samples_per_epoch"""
+    save_every: int = 1000
+    """DeepSpeed checkpoint every N steps (and at the end)"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept on disk"""
+    log_every: int = 10
+    """steps between metric lines (metrics.jsonl, TensorBoard)"""
+    num_workers: int = 4
+    """data-loader worker processes per rank"""
+    shuffle_buffer: int = 1000
+    """samples in each worker's shuffle buffer"""
+    max_text_len: int = 64
+    """text tokens per sample (prompt + labels), longer ones are cut"""
+    prompt_augmentation: bool = True
+    """draw one of the paper's 10 prompt templates per sample"""
+    caption_weight: float = 0.0
+    """weight of the optional caption loss (0: off, as in the G3M recipe)"""
+    seed: int = 42
+    """seed of weights and data order"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"""
+
+    def __post_init__(self):
+        self.data = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.data]
+        if not self.data:
+            raise ValueError("no datasets: give --data NAME=SHARDS,LABELS[,WEIGHT] or a data: list in the YAML")
+        for d in self.data:
+            for path in (d.shards, d.labels):
+                if not os.path.exists(path.split("*")[0].rstrip("/") or "/"):
+                    raise ValueError(f"dataset {d.name}: {path} does not exist")
+        if self.model == "pretrained" and not self.llama:
+            raise ValueError("model: pretrained needs llama: a Hugging Face folder or Meta params.json")
+        if self.model in ("tiny", "pretrained") and not self.tokenizer:
+            raise ValueError(f"model: {self.model} needs tokenizer:")
+        if self.model not in ("tiny", "pretrained") and not os.path.isdir(self.model):
+            raise ValueError(f"model: {self.model!r} is neither tiny, pretrained nor an exported model folder")
+        if self.train_embeddings not in ("special", "all", "none"):
+            raise ValueError("train_embeddings must be special, all or none")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError("precision must be auto, bf16 or fp32")
+        if self.steps <= 0 and (self.samples_per_epoch <= 0 or self.epochs <= 0):
+            raise ValueError("set steps, or epochs and samples_per_epoch")
+        for name in ("batch_size", "grad_accum", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError("need 0 <= min_lr <= lr and lr > 0")
+
+    def total_steps(self, world_size: int) -> int:
+        if self.steps > 0:
+            return self.steps
+        return math.ceil(self.epochs * self.samples_per_epoch / (self.batch_size * self.grad_accum * world_size))
+
+
+def fill_deepspeed_config(ds: dict, cfg: TrainConfig, bf16: bool) -> dict:
+    """Resolve the "auto" values of a DeepSpeed JSON from the training config."""
+    ds = json.loads(json.dumps(ds))
+    auto = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    for key, value in auto.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.pop("train_batch_size", None)
+    ds.setdefault("bf16", {})["enabled"] = bf16 if ds["bf16"].get("enabled", "auto") == "auto" else ds["bf16"]["enabled"]
+    if "optimizer" in ds:  # e.g. ZeRO-Offload: DeepSpeed builds its CPU Adam from these
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in {"lr": cfg.lr, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": cfg.weight_decay}.items():
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
+    """The config from flags over the preset (``--local_rank``, which the launcher adds, is dropped), and the DeepSpeed JSON."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for i, a in enumerate(args) if not (a.startswith(("--local_rank", "--local-rank")) or (i and args[i - 1] in ("--local_rank", "--local-rank")))]
+    cfg = parse(TrainConfig, args, prog="deepspeed jobs/train.py", description=__doc__)
+    with open(cfg.deepspeed) as fh:
+        return cfg, json.load(fh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, ds_raw = parse_args(argv)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import deepspeed
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from pipeline.training import Trainer
+
+    deepspeed.init_distributed()
+    rank = torch.distributed.get_rank()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.distributed.get_world_size()))
+    if not torch.cuda.is_available():  # ranks share this machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    bar = board = None
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        print(f"train config: {json.dumps(dataclasses.asdict(cfg), indent=2)}", flush=True)
+        with open(os.path.join(cfg.run_dir, "train_config.json"), "w") as fh:
+            json.dump(dataclasses.asdict(cfg), fh, indent=2)
+
+    def on_start(info: dict) -> None:
+        nonlocal bar, board
+        if rank == 0:
+            print(json.dumps(info, indent=2), flush=True)
+            bar = tqdm(total=info["total_steps"], initial=info["start_step"], desc="train", unit="step", dynamic_ncols=True)
+            board = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"), purge_step=info["start_step"] + 1)
+
+    def on_step(m: dict) -> None:
+        if bar is not None:
+            bar.update(m["step"] - bar.n)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", samples_s=f"{m['samples_per_s']:.1f}", wait=f"{m['data_wait']:.0%}", refresh=False)
+        if board is not None and m.get("logged"):
+            for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "data_wait"):
+                board.add_scalar(f"train/{key}", m[key], m["step"])
+
+    def on_message(text: str) -> None:
+        if rank == 0:
+            (bar.write if bar is not None else print)(text)
+
+    trainer = Trainer(cfg, fill_deepspeed_config(ds_raw, cfg, bf16=_use_bf16(cfg, torch)), on_start, on_step, on_message)
+    try:
+        trainer.run()
+    finally:
+        if bar is not None:
+            bar.close()
+        if board is not None:
+            board.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _use_bf16(cfg: TrainConfig, torch) -> bool:
+    if cfg.precision == "fp32":
+        return False
+    if cfg.precision == "bf16":
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The training data: webdataset shards plus label tables, as batches of model inputs.
+
+Each dataset is a folder of shards (``jobs.ingest``) and a label folder (``jobs.labels``,
+one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader worker:
+
+1. picks a dataset by its mixture weight, then a shard of it uniformly at random
+   (resampled, as open_clip's ``--dataset-resampled``: no epoch boundary, every rank and
+   worker draws with its own seed);
+2. reads the shard's intact samples (``pipeline.shards``' rule); a damaged shard is
+   counted (``bad_shards``) each time it is read, never a crash;
+3. joins each sample's labels by key from that shard's label table (loaded once per
+   shard); a sample without labels is counted (``no_labels``) and skipped;
+4. decodes and preprocesses the image (CLIP's transform); a corrupt image is counted
+   (``corrupt_images``) and skipped;
+5. builds the token ids, targets and label segments (labels shuffled, a prompt template
+   drawn) and collates batches, all in the worker.
+
+Determinism: the stream is a pure function of (seed, rank, worker, start step). The
+trainer starts a new stream at every checkpoint with the checkpoint's step, so that a
+run resumed from a checkpoint reads exactly the batches the uninterrupted run read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from model.config import CAPTION_PROMPT, PROMPT, PROMPT_TEMPLATES
+from model.prompt import IGNORE, caption_text, label_segments, pad_batch, training_text
+from model.tokenizer import Tokenizer
+from model.vision import preprocess
+from pipeline.shards import Shard, TarReader, find_shards, label_table_path
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    shards: str  # webdataset shards: a folder, a glob or a brace pattern, local or a URL (pipeline.shards)
+    labels: str  # jobs.labels output folder (holding labels/<shard>.parquet)
+    weight: float = 1.0
+
+    def find(self) -> list[Shard]:
+        """The dataset's shards that have a tar (a parquet without its tar is not a shard to train on)."""
+        found = [s for s in find_shards(self.shards) if s.tar]
+        if not found:
+            raise FileNotFoundError(f"dataset {self.name}: no shards at {self.shards}")
+        return found
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+class TrainStream(IterableDataset):
+    """Collated batches for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        datasets: Sequence[DatasetSpec],
+        tokenizer_path: str,
+        image_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        start_step: int = 0,
+        max_text_len: int = 256,
+        prompt_augmentation: bool = True,
+        caption_loss: bool = False,
+        shuffle_buffer: int = 256,
+    ):
+        self.datasets = list(datasets)
+        self.shards = [d.find() for d in self.datasets]
+        for d in self.datasets:
+            if not os.path.isdir(os.path.join(d.labels, "labels")):
+                raise FileNotFoundError(f"dataset {d.name}: no label tables in {d.labels}/labels (run jobs.labels)")
+        total = sum(d.weight for d in self.datasets)
+        if total <= 0:
+            raise ValueError("dataset weights must sum to a positive number")
+        self.weights = [d.weight / total for d in self.datasets]
+        self.tokenizer_path = tokenizer_path
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.seed, self.rank, self.start_step = seed, rank, start_step
+        self.max_text_len = max_text_len
+        self.templates = PROMPT_TEMPLATES if prompt_augmentation else (PROMPT,)
+        self.caption_loss = caption_loss
+        self.shuffle_buffer = shuffle_buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        rng = random.Random(_seed(self.seed, self.rank, worker, self.start_step))
+        tok = Tokenizer(self.tokenizer_path)
+        transform = preprocess(self.image_size)
+        stats: Counter = Counter()
+        samples = self._shuffled(self._mixture(rng, stats, OrderedDict()), rng)
+        batch = []
+        for sample in samples:
+            try:
+                with Image.open(io.BytesIO(sample["jpg"])) as img:
+                    image = transform(img.convert("RGB"))
+            except Exception:  # noqa: BLE001 - any decode failure of one sample: counted, skipped
+                stats["corrupt_images"] += 1
+                continue
+            ids, targets, answer = training_text(sample["labels"], tok, rng, self.templates, self.max_text_len)
+            example = {"image": image, "ids": ids, "targets": targets, "answer": answer}
+            if self.caption_loss:
+                example["caption_ids"], example["caption_targets"] = caption_text(sample["caption"], tok, CAPTION_PROMPT, self.max_text_len)
+            stats["samples"] += 1
+            batch.append(example)
+            if len(batch) == self.batch_size:
+                yield collate(batch, tok, {"worker": worker, **stats})
+                batch = []
+
+    def _mixture(self, rng: random.Random, stats: Counter, cache: OrderedDict) -> Iterator[dict]:
+        streams = [self._dataset_samples(i, rng, stats, cache) for i in range(len(self.datasets))]
+        while True:
+            i = rng.choices(range(len(streams)), weights=self.weights)[0]
+            yield next(streams[i])
+
+    def _dataset_samples(self, i: int, rng: random.Random, stats: Counter, cache: OrderedDict) -> Iterator[dict]:
+        spec, shards = self.datasets[i], self.shards[i]
+        failures = 0
+        while True:
+            shard = rng.choice(shards)
+            labels = _shard_labels(spec, shard, stats, cache)
+            reader = TarReader(shard.tar)
+            yielded = 0
+            for sample in reader:
+                if "jpg" not in sample.data:
+                    stats["missing_image"] += 1
+                    continue
+                found = labels.get(sample.key)
+                if not found:
+                    stats["no_labels"] += 1
+                    continue
+                yielded += 1
+                caption = sample.data.get("txt", b"").decode("utf-8", "replace")
+                yield {"jpg": sample.data["jpg"], "labels": found, "caption": caption, "key": sample.key}
+            if reader.damage:
+                stats["bad_shards"] += 1
+            failures = 0 if yielded else failures + 1
+            if failures >= 10 * len(shards):
+                raise RuntimeError(f"dataset {spec.name}: {failures} shards in a row gave no usable sample (last: {shard.tar}: {reader.damage or 'no sample with labels'})")
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        buffer = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+
+
+def _shard_labels(spec: DatasetSpec, shard: Shard, stats: Counter, cache: OrderedDict, size: int = 64) -> dict:
+    """key -> labels of one shard, from its label table (a small LRU of shards per worker)."""
+    entry = (spec.name, shard.name)
+    if entry not in cache:
+        try:
+            table = pq.read_table(label_table_path(spec.labels, shard.name), columns=["key", "labels"])
+            cache[entry] = dict(zip(table.column("key").to_pylist(), table.column("labels").to_pylist()))
+        except (OSError, ValueError):
+            stats["missing_label_tables"] += 1
+            cache[entry] = {}
+        if len(cache) > size:
+            cache.popitem(last=False)
+    return cache[entry]
+
+
+def collate(examples: list[dict], tok: Tokenizer, stats: dict) -> dict:
+    ids = pad_batch([e["ids"] for e in examples], tok.pad_id)
+    answer = torch.tensor([e["answer"] for e in examples])
+    batch = {
+        "images": torch.stack([e["image"] for e in examples]),
+        "ids": ids,
+        "targets": pad_batch([e["targets"] for e in examples], IGNORE),
+        "segments": label_segments(ids, answer, tok.delimiter_id),
+        "stats": stats,
+    }
+    if "caption_ids" in examples[0]:
+        batch["caption_ids"] = pad_batch([e["caption_ids"] for e in examples], tok.pad_id)
+        batch["caption_targets"] = pad_batch([e["caption_targets"] for e in examples], IGNORE)
+    return batch
+
+
+def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    """Batches are made in the workers (batch_size=None); worker w serves batches w, w+W, ..."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, prefetch_factor=4 if num_workers else None)

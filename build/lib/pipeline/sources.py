@@ -1,0 +1,512 @@
+"""Source adapters: each real url-list format normalized into ``schemas.URL_TABLE``.
+
+    read_tsv         CC3M / CC12M: caption<TAB>url (or url<TAB>caption), header line optional
+    read_coco        COCO captions json: images[].coco_url, all captions of an image "\\n"-joined;
+                     or, with ``images_dir``, the local image files (packed without download)
+    read_laion       LAION parquet: URL / TEXT, optional min width / height / similarity filters
+    read_openimages  OpenImages localized narratives jsonl + image id -> OriginalURL csv
+
+Keys are stable: the same input always gives the same keys ("cc3m-000000042" from the
+data line, "coco-<image id>", "laion-<row>", "openimages-<image id>"). An adapter never
+drops a row in silence: rows it cannot use are counted in ``SourceRows.skipped`` under a
+reason, with one example each in ``SourceRows.examples``.
+
+Then, for every source:
+
+    filter_urls      scheme allowlist (http/https only), host/URL blocklist, caption
+                     cleanup (strip, collapse whitespace within each line, drop empty),
+                     exact-URL dedup; each drop counted by reason
+    select_subset    --limit / --fraction with a seed, reproducible and nested (the rows of
+                     --limit 1000 are among those of --limit 2000 with the same seed)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas import URL_TABLE, conform
+
+SOURCES = ("cc3m", "cc12m", "coco", "laion", "openimages")
+
+# Tor gateways (xxx.onion.link, xxx.onion.to, ...) and onion hosts: the CC3M list holds some
+DEFAULT_BLOCKLIST = ("*.onion", "*.onion.*")
+
+_CHUNK = 200_000  # rows accumulated in Python lists before they become Arrow arrays
+
+
+class SourceError(ValueError):
+    """An input file cannot be read as the format it was given as; the message names file and row."""
+
+
+@dataclass
+class SourceRows:
+    """A normalized URL table plus the rows the adapter could not use, counted by reason."""
+
+    table: pa.Table  # schemas.URL_TABLE
+    rows_read: int  # data rows (lines, images, narratives) seen in the input
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one example, naming file and row
+
+    def skip(self, reason: str, example: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+        self.examples.setdefault(reason, example)
+
+
+class _TableBuilder:
+    """Accumulates rows in bounded Python lists and turns them into Arrow chunks."""
+
+    def __init__(self, source: str, split: str):
+        self.source, self.split = source, split
+        self.chunks: list[pa.Table] = []
+        self.keys: list[str] = []
+        self.urls: list[str] = []
+        self.captions: list[str] = []
+
+    def add(self, key: str, url: str, caption: str) -> None:
+        self.keys.append(key)
+        self.urls.append(url)
+        self.captions.append(caption)
+        if len(self.keys) >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.keys:
+            n = len(self.keys)
+            self.chunks.append(
+                pa.table(
+                    {
+                        "key": pa.array(self.keys, pa.string()),
+                        "url": pa.array(self.urls, pa.string()),
+                        "caption": pa.array(self.captions, pa.string()),
+                        "source": pa.array([self.source] * n, pa.string()),
+                        "split": pa.array([self.split] * n, pa.string()),
+                    }
+                )
+            )
+            self.keys, self.urls, self.captions = [], [], []
+
+    def table(self) -> pa.Table:
+        self._flush()
+        if not self.chunks:
+            return URL_TABLE.empty_table()
+        return conform(pa.concat_tables(self.chunks), URL_TABLE)
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} not found")
+
+
+# ----------------------------------------------------------------------------- CC3M / CC12M
+
+
+def _looks_like_url(text: str) -> bool:
+    return "://" in text
+
+
+def read_tsv(path: str, split: str, source: str = "cc3m") -> SourceRows:
+    """A CC3M / CC12M tsv: two tab-separated fields per line, a caption and a URL.
+
+    The column order comes from a header line when there is one (a field named url /
+    image_url and one named caption / text), else from the first line: the field holding
+    "://" is the URL (CC3M writes caption<TAB>url, CC12M url<TAB>caption). The key is the
+    0-based data line (header excluded): "<source>-000000042". Lines without exactly two
+    fields are counted as ``malformed_row``.
+    """
+    _require_file(path, f"{source} tsv")
+    out = _TableBuilder(source, split)
+    skipped: list[tuple[str, str]] = []
+    rows = 0
+    with open(path, encoding="utf-8", newline="") as f:
+        first = f.readline()
+        if not first:
+            return SourceRows(out.table(), 0)
+        fields = first.rstrip("\r\n").split("\t")
+        names = [x.strip().lower() for x in fields]
+        header = len(fields) == 2 and not any(_looks_like_url(x) for x in fields)
+        if header:
+            url_names, caption_names = {"url", "image_url", "imageurl", "link"}, {"caption", "text", "title", "alt"}
+            try:
+                url_col = next(i for i, n in enumerate(names) if n in url_names)
+                caption_col = next(i for i, n in enumerate(names) if n in caption_names)
+            except StopIteration:
+                raise SourceError(
+                    f"{path}:1: header {fields!r} names no url column ({'/'.join(sorted(url_names))}) "
+                    f"and caption column ({'/'.join(sorted(caption_names))})"
+                ) from None
+            lines: Iterable[str] = f
+        else:
+            url_col = 0 if len(fields) == 2 and _looks_like_url(fields[0]) and not _looks_like_url(fields[1]) else 1
+            caption_col = 1 - url_col
+            lines = _chain_first(first, f)
+        line_offset = 2 if header else 1  # 1-based file line of data row 0
+        for index, line in enumerate(lines):
+            rows += 1
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 2:
+                skipped.append((f"{path}:{index + line_offset}: {len(parts)} tab-separated field(s), expected 2", ""))
+                continue
+            out.add(f"{source}-{index:09d}", parts[url_col].strip(), parts[caption_col])
+    result = SourceRows(out.table(), rows)
+    for example, _ in skipped:
+        result.skip("malformed_row", example)
+    return result
+
+
+def _chain_first(first: str, rest: Iterable[str]) -> Iterable[str]:
+    yield first
+    yield from rest
+
+
+# ----------------------------------------------------------------------------- COCO
+
+
+def read_coco(path: str, split: str, images_dir: str | None = None) -> SourceRows:
+    """COCO captions json (``captions_train2017.json`` layout): one row per image.
+
+    The captions of an image are joined by "\\n" in annotation id order. The URL is the
+    image's ``coco_url`` (``flickr_url`` when absent); with ``images_dir`` it is the local
+    file ``images_dir/<file_name>`` instead, and nothing is downloaded. Images with no URL
+    (or whose file name points outside ``images_dir``) are counted.
+    """
+    _require_file(path, "COCO captions json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path}: not valid json: {e}") from None
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise SourceError(f"{path}: not a COCO captions file (expected top-level 'images' and 'annotations')")
+    captions: dict[int, list[tuple[int, str]]] = {}
+    for i, ann in enumerate(data["annotations"]):
+        try:
+            captions.setdefault(ann["image_id"], []).append((ann.get("id", i), ann["caption"]))
+        except (KeyError, TypeError):
+            raise SourceError(f"{path}: annotations[{i}] has no image_id / caption") from None
+    root = os.path.abspath(images_dir) if images_dir is not None else None
+    out = _TableBuilder("coco", split)
+    result_skips: list[tuple[str, str]] = []
+    for i, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "id" not in image:
+            raise SourceError(f"{path}: images[{i}] has no id")
+        image_id = image["id"]
+        key = f"coco-{image_id}"
+        if root is not None:
+            name = image.get("file_name") or ""
+            url = os.path.abspath(os.path.join(root, name))
+            if not name or not url.startswith(root + os.sep):
+                result_skips.append(("outside_images_dir", f"{path}: images[{i}] (id {image_id}): file_name {name!r} is not inside {root}"))
+                continue
+        else:
+            url = image.get("coco_url") or image.get("flickr_url") or ""
+            if not url:
+                result_skips.append(("no_url", f"{path}: images[{i}] (id {image_id}) has no coco_url / flickr_url"))
+                continue
+        texts = [c for _, c in sorted(captions.get(image_id, []), key=lambda t: t[0])]
+        out.add(key, url, "\n".join(t for t in texts if isinstance(t, str)))
+    result = SourceRows(out.table(), len(data["images"]))
+    for reason, example in result_skips:
+        result.skip(reason, example)
+    return result
+
+
+# ----------------------------------------------------------------------------- LAION
+
+
+def _column(names: list[str], wanted: tuple[str, ...], path: str, needed_by: str = "") -> str:
+    lower = {n.lower(): n for n in names}
+    for w in wanted:
+        if w.lower() in lower:
+            return lower[w.lower()]
+    why = f", needed by {needed_by}" if needed_by else ""
+    raise SourceError(f"{path}: no {wanted[0]} column{why} (looked for {', '.join(wanted)}; the file has {', '.join(names)})")
+
+
+def read_laion(
+    path: str,
+    split: str,
+    min_width: int = 0,
+    min_height: int = 0,
+    min_similarity: float = 0.0,
+) -> SourceRows:
+    """A LAION metadata parquet (URL, TEXT, WIDTH, HEIGHT, similarity): one row per row.
+
+    The key is the row number: "laion-000000042". ``min_width`` / ``min_height`` drop rows
+    whose WIDTH / HEIGHT is known and smaller (``too_small``); ``min_similarity`` drops
+    rows whose CLIP similarity is below it (``low_similarity``). A filter asked for on a
+    file without its column is an error, not a silent pass.
+    """
+    _require_file(path, "LAION parquet")
+    try:
+        names = pq.read_schema(path).names
+    except pa.ArrowInvalid as e:
+        raise SourceError(f"{path}: not a parquet file: {e}") from None
+    url_col = _column(names, ("URL", "url"), path)
+    text_col = _column(names, ("TEXT", "caption"), path)
+    columns = [url_col, text_col]
+    width_col = height_col = sim_col = None
+    if min_width > 0 or min_height > 0:
+        width_col = _column(names, ("WIDTH",), path, "--min-width / --min-height")
+        height_col = _column(names, ("HEIGHT",), path, "--min-width / --min-height")
+        columns += [width_col, height_col]
+    if min_similarity > 0:
+        sim_col = _column(names, ("similarity",), path, "--min-similarity")
+        columns.append(sim_col)
+    raw = pq.read_table(path, columns=list(dict.fromkeys(columns)))
+    n = raw.num_rows
+    keys = pa.array([f"laion-{i:09d}" for i in range(n)], pa.string())
+    table = pa.table(
+        {
+            "key": keys,
+            "url": pc.fill_null(pc.cast(raw.column(url_col), pa.string()), ""),
+            "caption": pc.cast(raw.column(text_col), pa.string()),
+            "source": pa.array(["laion"] * n, pa.string()),
+            "split": pa.array([split] * n, pa.string()),
+        }
+    )
+    result = SourceRows(URL_TABLE.empty_table(), n)
+    keep = pa.array(np.ones(n, dtype=bool))
+
+    def drop(mask: pa.ChunkedArray | pa.Array, reason: str, detail: str) -> None:
+        nonlocal keep
+        mask = pc.and_(pc.fill_null(mask, False), keep)
+        count = pc.sum(mask).as_py() or 0
+        if count:
+            first = pc.index(mask, True).as_py()
+            result.skip(reason, f"{path}: row {first}: {detail}", count)
+        keep = pc.and_(keep, pc.invert(mask))
+
+    if width_col is not None:
+        small = pc.or_(
+            pc.less(raw.column(width_col), min_width),
+            pc.less(raw.column(height_col), min_height),
+        )
+        drop(small, "too_small", f"smaller than {min_width}x{min_height}")
+    if sim_col is not None:
+        drop(pc.less(raw.column(sim_col), min_similarity), "low_similarity", f"similarity below {min_similarity}")
+    result.table = conform(table.filter(keep), URL_TABLE)
+    return result
+
+
+# ----------------------------------------------------------------------------- OpenImages
+
+
+def read_openimages(path: str, url_map: str, split: str) -> SourceRows:
+    """OpenImages localized narratives (jsonl) with an image id -> URL map (csv).
+
+    ``url_map`` is a csv with ImageID and OriginalURL columns (OpenImages'
+    ``*-images-with-labels-with-rotation.csv`` / ``image_ids_and_rotation.csv``). One row
+    per image, in order of first appearance, with all its narratives joined by "\\n". The
+    key is "openimages-<ImageID>". Narratives whose image has no URL in the map are
+    counted as ``no_url``; unreadable lines as ``malformed_row``.
+    """
+    _require_file(path, "OpenImages narratives jsonl")
+    _require_file(url_map, "OpenImages image id -> URL csv (--url-map)")
+    urls: dict[str, str] = {}
+    with open(url_map, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        if "ImageID" not in fields or "OriginalURL" not in fields:
+            raise SourceError(f"{url_map}: needs ImageID and OriginalURL columns; it has {', '.join(fields) or 'none'}")
+        for row in reader:
+            if row["ImageID"] and row["OriginalURL"]:
+                urls[row["ImageID"]] = row["OriginalURL"]
+    narratives: dict[str, list[str]] = {}
+    result = SourceRows(URL_TABLE.empty_table(), 0)
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            result.rows_read += 1
+            try:
+                record = json.loads(line)
+                image_id, caption = record["image_id"], record["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                result.skip("malformed_row", f"{path}:{number}: not a json object with image_id and caption")
+                continue
+            if image_id not in urls:
+                result.skip("no_url", f"{path}:{number}: image {image_id} is not in {url_map}")
+                continue
+            narratives.setdefault(image_id, []).append(caption if isinstance(caption, str) else "")
+    out = _TableBuilder("openimages", split)
+    for image_id, texts in narratives.items():
+        out.add(f"openimages-{image_id}", urls[image_id], "\n".join(texts))
+    result.table = out.table()
+    return result
+
+
+# ----------------------------------------------------------------------------- filters
+
+# horizontal whitespace: ASCII blanks and every Unicode separator (no-break space, em space, ...)
+_BLANKS = r"[\pZ\t\x0b\x0c\r]+"
+_HTTP = r"^(?i)https?://[^/?#\s]"
+_HOST = r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]/]*\]|[^:/?#]*)"
+
+
+def clean_captions(captions: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Strip, collapse whitespace within each line, drop empty lines; null becomes ""."""
+    text = pc.fill_null(captions, "")
+    text = pc.replace_substring_regex(text, r"\r\n?", "\n")
+    text = pc.replace_substring_regex(text, _BLANKS, " ")
+    text = pc.replace_substring_regex(text, r" ?\n ?", "\n")
+    text = pc.replace_substring_regex(text, r"\n+", "\n")
+    return pc.utf8_trim(text, " \n")
+
+
+def _glob_regex(pattern: str) -> str:
+    return "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern)
+
+
+@dataclass(frozen=True)
+class Blocklist:
+    """Hosts and URL patterns that are never downloaded.
+
+    A line without "/" is a host pattern, matched case-insensitively against the URL's
+    host: a plain name blocks the host and its subdomains (``example.com`` blocks
+    ``img.example.com``), ``*`` and ``?`` are wildcards (``*.onion.*``). A line with "/"
+    is a wildcard pattern matched against the whole URL (``*://*/ads/*``). Blank lines and
+    lines starting with "#" are ignored.
+    """
+
+    hosts: frozenset[str] = frozenset()
+    host_globs: tuple[str, ...] = DEFAULT_BLOCKLIST
+    url_globs: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, lines: Iterable[str], defaults: Iterable[str] = DEFAULT_BLOCKLIST) -> Blocklist:
+        hosts, host_globs, url_globs = set(), list(defaults), []
+        for line in lines:
+            p = line.strip()
+            if not p or p.startswith("#"):
+                continue
+            if "/" in p:
+                url_globs.append(p)
+            elif "*" in p or "?" in p:
+                host_globs.append(p.lower())
+            else:
+                hosts.add(p.lower().rstrip("."))
+        return cls(frozenset(hosts), tuple(dict.fromkeys(host_globs)), tuple(url_globs))
+
+    @classmethod
+    def from_file(cls, path: str | None) -> Blocklist:
+        if path is None:
+            return cls()
+        _require_file(path, "blocklist")
+        with open(path, encoding="utf-8") as f:
+            return cls.parse(f)
+
+    def patterns(self) -> list[str]:
+        return sorted(self.hosts) + list(self.host_globs) + list(self.url_globs)
+
+    def matches(self, urls: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+        """Boolean per URL: blocked. URLs must already be http(s)."""
+        host = pc.struct_field(pc.extract_regex(urls, _HOST), "host")
+        host = pc.utf8_rtrim(pc.utf8_lower(pc.fill_null(host, "")), ".")
+        blocked = pc.is_in(host, value_set=pa.array(sorted(self.hosts), pa.string()))
+        parent = host
+        for _ in range(16) if self.hosts else ():  # parent domains, one label at a time
+            parent = pc.replace_substring_regex(parent, r"^[^.]*\.?", "")
+            blocked = pc.or_(blocked, pc.is_in(parent, value_set=pa.array(sorted(self.hosts), pa.string())))
+        if self.host_globs:
+            regex = "^(?:" + "|".join(_glob_regex(g) for g in self.host_globs) + ")$"
+            blocked = pc.or_(blocked, pc.match_substring_regex(host, regex))
+        if self.url_globs:
+            regex = "^(?i)(?:" + "|".join(_glob_regex(g) for g in self.url_globs) + ")$"
+            blocked = pc.or_(blocked, pc.match_substring_regex(urls, regex))
+        return pc.fill_null(blocked, False)
+
+
+@dataclass
+class FilterResult:
+    table: pa.Table  # schemas.URL_TABLE, cleaned captions, rows in input order
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> "key url"
+
+
+def filter_urls(table: pa.Table, blocklist: Blocklist | None = None, local_root: str | None = None) -> FilterResult:
+    """Drop rows that must not be downloaded, each counted under the first reason it meets.
+
+    In order: ``bad_scheme`` (anything but http:// or https://, e.g. file://, ftp://, an
+    empty URL), ``blocklisted``, ``empty_caption`` (after cleanup), ``duplicate_url``
+    (exact URL seen on an earlier row). With ``local_root`` (images packed from a local
+    folder) the URL column holds file paths instead, and every one must lie inside
+    ``local_root`` (``outside_images_dir``); the blocklist does not apply.
+    """
+    blocklist = blocklist if blocklist is not None else Blocklist()
+    result = FilterResult(table)
+    n = table.num_rows
+    keep = pa.array(np.ones(n, dtype=bool))
+    urls = table.column("url")
+
+    def drop(mask, reason: str) -> None:
+        nonlocal keep
+        mask = pc.and_(pc.fill_null(mask, True), keep)
+        count = pc.sum(mask).as_py() or 0
+        if count:
+            first = pc.index(mask, True).as_py()
+            result.dropped[reason] += count
+            result.examples.setdefault(reason, f"{table.column('key')[first].as_py()} {urls[first].as_py()!r}")
+        keep = pc.and_(keep, pc.invert(mask))
+
+    if local_root is None:
+        drop(pc.invert(pc.match_substring_regex(urls, _HTTP)), "bad_scheme")
+        drop(blocklist.matches(pc.if_else(keep, urls, "")), "blocklisted")
+    else:
+        root = os.path.abspath(local_root) + os.sep
+        drop(pc.invert(pc.starts_with(urls, root)), "outside_images_dir")
+    captions = clean_captions(table.column("caption"))
+    drop(pc.equal(captions, ""), "empty_caption")
+    index = pa.array(np.arange(n, dtype=np.int64))
+    alive = pa.table({"url": urls, "i": index}).filter(keep)
+    first_seen = alive.group_by("url", use_threads=False).aggregate([("i", "min")]).column("i_min")
+    is_first = pc.is_in(index, value_set=first_seen)
+    drop(pc.invert(is_first), "duplicate_url")
+    cleaned = table.set_column(table.schema.get_field_index("caption"), "caption", captions)
+    result.table = conform(cleaned.filter(keep), URL_TABLE)
+    return result
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def _scores(keys: list[str], seed: int) -> np.ndarray:
+    salt = f"{seed}:".encode()
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big") for k in keys),
+        dtype=np.uint64,
+        count=len(keys),
+    )
+
+
+def select_subset(table: pa.Table, limit: int | None = None, fraction: float | None = None, seed: int = 0) -> pa.Table:
+    """A reproducible subset, rows kept in input order.
+
+    Each key gets a pseudo-random score from (seed, key): ``fraction`` keeps the keys whose
+    score falls below it (about that share, independent of the other rows), ``limit``
+    then keeps the ``limit`` lowest scores. The same input, seed and flags always select
+    the same keys, and a smaller limit selects a subset of a larger one.
+    """
+    if limit is None and fraction is None:
+        return table
+    scores = _scores(table.column("key").to_pylist(), seed)
+    keep = np.ones(len(scores), dtype=bool)
+    if fraction is not None:
+        keep &= scores < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+    if limit is not None and keep.sum() > limit:
+        candidates = np.flatnonzero(keep)
+        order = np.argsort(scores[candidates], kind="stable")[:limit]
+        keep[:] = False
+        keep[candidates[order]] = True
+    return table.filter(pa.array(keep))

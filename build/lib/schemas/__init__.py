@@ -1,0 +1,33 @@
+"""Arrow schemas of every table the pipeline writes, and the helpers that check them."""
+
+from schemas.tables import (
+    LABEL_TABLE,
+    PER_K_METRICS,
+    PREDICTIONS,
+    REPORT,
+    SCHEMAS,
+    SHARD_MANIFEST,
+    URL_TABLE,
+    VOCAB,
+    per_k_columns,
+    predictions_schema,
+)
+from schemas.validate import SchemaError, conform, read_table, validate, write_table
+
+__all__ = [
+    "LABEL_TABLE",
+    "PER_K_METRICS",
+    "PREDICTIONS",
+    "REPORT",
+    "SCHEMAS",
+    "SHARD_MANIFEST",
+    "URL_TABLE",
+    "VOCAB",
+    "SchemaError",
+    "conform",
+    "per_k_columns",
+    "predictions_schema",
+    "read_table",
+    "validate",
+    "write_table",
+]

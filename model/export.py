@@ -1,0 +1,312 @@
+"""The exported model as a Hugging Face model folder, each part in its own library's layout.
+
+Format 2, written by :func:`write_folder` (every weight stored once)::
+
+    config.json                          {"model_type": "nxtp", "format": "nxtp", "format_version": 2, "model": NxTPConfig, ...}
+    model.safetensors                    what neither part below holds: the token projection ``vision.proj.weight``
+    decoder/config.json                  a ``LlamaForCausalLM`` config; vocabulary = the tokenizer's + <|image|> + <|empty|>
+    decoder/model.safetensors            the truncated decoder in transformers' Llama names
+    vision/open_clip_config.json         open_clip's model config for the ViT (see :func:`open_clip_config`)
+    vision/open_clip_model.safetensors   the ViT in open_clip's names (``visual.*``), without CLIP's pooled projection
+    tokenizer.model                      the SentencePiece model the vocabulary was built from
+    tokenizer_config.json                transformers' declaration of the tokenizer: <|image|>, the pad token <|empty|>
+    special_tokens_map.json
+    README.md                            the model card (model/card.py)
+
+Format 1 (config.json + the whole state dict in model.safetensors + tokenizer.model)
+is still read. Hub ids are model/hub.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from model import convert
+from model.config import IMAGE_TOKEN, PAD_TOKEN, DecoderConfig, NxTPConfig, VisionConfig
+from model.convert import KeyMapper, WeightError
+from model.nxtp import NxTP
+from model.tokenizer import Tokenizer
+
+FORMAT, FORMAT_VERSION, MODEL_TYPE = "nxtp", 2, "nxtp"
+READABLE_VERSIONS = (1, 2)
+REST_FILE = "model.safetensors"
+DECODER_FILE = "decoder/model.safetensors"
+VISION_FILE = "vision/open_clip_model.safetensors"
+DECODER_CONFIG = "decoder/config.json"
+VISION_CONFIG = "vision/open_clip_config.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# what open_clip needs for a CLIP model when NxTP's ViT has no named base model: a text tower that no weights fill
+PLACEHOLDER_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}
+
+
+# ----------------------------------------------------------------------------- the state dict, split by file
+
+
+def split_state(sd: dict[str, torch.Tensor], cfg: NxTPConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """The model's state dict as the tensors of each weight file (relative path -> tensors)."""
+    parts = {
+        DECODER_FILE: convert.decoder_to_hf(sd, cfg.decoder),
+        VISION_FILE: convert.vision_to_openai(sd, "visual.", cfg.vision, with_projection=False),
+    }
+    parts[REST_FILE] = {k: v for k, v in sd.items() if not k.startswith(("decoder.", "vision.vit."))}
+    return parts
+
+
+def join_state(parts: dict[str, dict[str, torch.Tensor]], cfg: NxTPConfig, folder: str) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_state`; a key that is missing or not used raises, naming its file."""
+    decoder = KeyMapper(parts[DECODER_FILE], os.path.join(folder, DECODER_FILE))
+    convert.decoder_from_hf(decoder, cfg.decoder, extended=True)
+    vision = KeyMapper(parts[VISION_FILE], os.path.join(folder, VISION_FILE))
+    convert.vision_from_openai(vision, "visual.", cfg.vision, with_projection=False)
+    return {**decoder.finish()[0], **vision.finish()[0], **parts[REST_FILE]}
+
+
+# ----------------------------------------------------------------------------- configs of the parts
+
+
+def llama_config(cfg: DecoderConfig, tok: Tokenizer, dtype: torch.dtype) -> dict:
+    """transformers' ``LlamaConfig`` of the decoder (written by hand: exporting needs no transformers).
+
+    The rope base is written both ways (``rope_theta``: transformers 4, ``rope_parameters``: 5).
+    """
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size + len(tok.specials),
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+    }
+
+
+def open_clip_config(cfg: VisionConfig) -> dict:
+    """open_clip's ``open_clip_config.json`` for the ViT, read by ``create_model("local-dir:<export>/vision")``.
+
+    open_clip builds a whole CLIP: the text tower and the pooled projection ``visual.proj``
+    are not part of NxTP, so they stay as open_clip initializes them (the named base
+    model's text tower when the ViT has a name, else a one-block placeholder).
+    """
+    from open_clip import get_model_config
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    base = get_model_config(cfg.name) if cfg.name else None
+    vision_cfg = {
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "width": cfg.width,
+        "layers": cfg.layers,
+        "head_width": cfg.width // cfg.heads,
+        "mlp_ratio": cfg.mlp_ratio,
+        "output_tokens": True,
+    }
+    return {
+        "model_cfg": {
+            "embed_dim": base["embed_dim"] if base else cfg.width,
+            "quick_gelu": cfg.quick_gelu,
+            "vision_cfg": vision_cfg,
+            "text_cfg": base["text_cfg"] if base else PLACEHOLDER_TEXT_CFG,
+        },
+        # model/vision.py preprocess(): CLIP's eval transform
+        "preprocess_cfg": {
+            "size": cfg.image_size,
+            "mean": list(OPENAI_DATASET_MEAN),
+            "std": list(OPENAI_DATASET_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    }
+
+
+def tokenizer_configs(tok: Tokenizer, max_length: int) -> tuple[dict, dict]:
+    """(tokenizer_config.json, special_tokens_map.json): LLaMA's tokenizer with <|image|> and the pad token appended."""
+
+    def added(content: str) -> dict:
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+
+    unk = tok.sp.unk_id()
+    specials = {
+        "bos_token": tok.sp.id_to_piece(tok.bos_id),
+        "eos_token": tok.sp.id_to_piece(tok.eos_id),
+        "unk_token": tok.sp.id_to_piece(unk) if unk >= 0 else None,
+        "pad_token": PAD_TOKEN,
+        "additional_special_tokens": [IMAGE_TOKEN],
+    }
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **specials,
+        "added_tokens_decoder": {str(i): added(text) for i, text in sorted(tok.specials.items())},
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": max_length,
+        "sp_model_kwargs": {},
+    }
+    return config, specials
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def write_folder(model: NxTP, tok: Tokenizer, folder: str, extra: dict | None = None) -> None:
+    """Every file of the export but README.md into ``folder`` (made if missing). ``extra`` goes into config.json."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    if tok.n_base != cfg.decoder.vocab_size:
+        raise WeightError(f"{tok.path}: the tokenizer has {tok.n_base} pieces, the model {cfg.decoder.vocab_size}")
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    parts = split_state(sd, cfg)
+    lost = sorted(set(sd) - set(join_state(parts, cfg, folder)))
+    if lost:
+        raise WeightError(f"the export layout has no place for key '{lost[0]}'")
+    for rel, tensors in parts.items():
+        os.makedirs(os.path.dirname(os.path.join(folder, rel)), exist_ok=True)
+        save_file(tensors, os.path.join(folder, rel), metadata={"format": "pt"})  # "pt": what transformers checks
+    _write_json(os.path.join(folder, DECODER_CONFIG), llama_config(cfg.decoder, tok, sd["decoder.lm_head.weight"].dtype))
+    _write_json(os.path.join(folder, VISION_CONFIG), open_clip_config(cfg.vision))
+    shutil.copyfile(tok.path, os.path.join(folder, "tokenizer.model"))
+    tok_config, specials = tokenizer_configs(tok, cfg.decoder.max_seq_len)
+    _write_json(os.path.join(folder, "tokenizer_config.json"), tok_config)
+    _write_json(os.path.join(folder, "special_tokens_map.json"), specials)
+    config = {
+        "model_type": MODEL_TYPE,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        "tokenizer": "tokenizer.model",
+        "image_token_id": tok.image_id,
+        "pad_token_id": tok.pad_id,
+        **(extra or {}),
+    }
+    _write_json(os.path.join(folder, "config.json"), config)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_config(folder: str) -> tuple[NxTPConfig, dict]:
+    """(model config, the whole config.json) of an export of a readable format version."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: not an exported NxTP model (no config.json)")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise WeightError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise WeightError(f"{path}: format version {meta.get('format_version')}, this code reads {', '.join(map(str, READABLE_VERSIONS))}")
+    return NxTPConfig.from_dict(meta["model"]), meta
+
+
+def weight_files(folder: str) -> list[str]:
+    """The weight files of an export, in a fixed order (format 1: model.safetensors only)."""
+    _, meta = read_config(folder)
+    rels = [REST_FILE] if meta["format_version"] == 1 else [REST_FILE, DECODER_FILE, VISION_FILE]
+    return [os.path.join(folder, rel) for rel in rels]
+
+
+def _expected_files(cfg: NxTPConfig, version: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    with torch.device("meta"):
+        sd = NxTP(cfg).state_dict()
+    parts = {REST_FILE: sd} if version == 1 else split_state(sd, cfg)
+    return {rel: {k: tuple(v.shape) for k, v in tensors.items()} for rel, tensors in parts.items()}
+
+
+def _check_weights(path: str, expected: dict[str, tuple[int, ...]]) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise WeightError(f"{path}: missing (the export's weights are incomplete)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as err:
+        raise WeightError(f"{path}: not a readable safetensors file ({err})") from err
+    for key, shape in expected.items():
+        if key not in found:
+            raise WeightError(f"{path}: missing key '{key}' (config.json expects shape {shape})")
+        if found[key] != shape:
+            raise WeightError(f"{path}: key '{key}' has shape {found[key]}, config.json expects {shape}")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise WeightError(f"{path}: unexpected key '{extra[0]}'")
+
+
+def _check_part_config(path: str, expected: dict, section: str | None = None) -> None:
+    """The values of ``expected`` equal those of the JSON file (of its ``section``), else a WeightError naming the file and key."""
+    if not os.path.isfile(path):
+        raise WeightError(f"{path}: missing (the export is incomplete)")
+    with open(path) as f:
+        found = json.load(f)
+    found = (found.get(section) or {}) if section else found
+    for key, value in expected.items():
+        if found.get(key) != value:
+            name = f"{section}.{key}" if section else key
+            raise WeightError(f"{path}: {name} is {found.get(key)!r}, config.json's model needs {value!r}")
+
+
+def check_folder(folder: str) -> NxTPConfig:
+    """Check an export against its config.json without loading tensors: every file, key and shape, the parts' configs."""
+    cfg, meta = read_config(folder)
+    version = meta["format_version"]
+    for rel, expected in _expected_files(cfg, version).items():
+        _check_weights(os.path.join(folder, rel), expected)
+    tok_path = os.path.join(folder, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        raise WeightError(f"{tok_path}: missing (the export needs its tokenizer)")
+    tok = Tokenizer(tok_path)
+    if tok.n_base != cfg.decoder.vocab_size:
+        raise WeightError(f"{tok_path}: the tokenizer has {tok.n_base} pieces, the model {cfg.decoder.vocab_size}")
+    if version >= 2:
+        llama = llama_config(cfg.decoder, tok, torch.float32)
+        shape_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings")  # fmt: skip
+        _check_part_config(os.path.join(folder, DECODER_CONFIG), {k: llama[k] for k in shape_keys})
+        vision = open_clip_config(cfg.vision)["model_cfg"]
+        _check_part_config(os.path.join(folder, VISION_CONFIG), {k: vision[k] for k in ("quick_gelu", "vision_cfg")}, "model_cfg")
+    return cfg
+
+
+def load_folder(folder: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[NxTP, Tokenizer]:
+    """An export (format 1 or 2) in eval mode, and its tokenizer (also set as ``model.tokenizer``)."""
+    from safetensors.torch import load_file
+
+    cfg = check_folder(folder)
+    if read_config(folder)[1]["format_version"] == 1:
+        state = load_file(os.path.join(folder, REST_FILE))
+    else:
+        state = join_state({rel: load_file(os.path.join(folder, rel)) for rel in (REST_FILE, DECODER_FILE, VISION_FILE)}, cfg, folder)
+    model = NxTP(cfg)
+    convert.load_state_strict(model, state, folder)
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    model.tokenizer = Tokenizer(os.path.join(folder, "tokenizer.model"))
+    return model.eval(), model.tokenizer
