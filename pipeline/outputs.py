@@ -207,8 +207,9 @@ def _staged_url(output: str, check: Callable[[str], None]) -> Iterator[str]:
                 fs.rm(posixpath.join(root, MARKER))  # from here on the previous output is no longer whole
             if fs.isdir(root):
                 fs.rm(root, recursive=True)
-            for rel in sorted(files):
-                fs.copy(posixpath.join(tmp_root, rel), posixpath.join(root, rel))
+            if files:  # server-side copies, run concurrently by fsspec's async filesystems
+                names = sorted(files)
+                fs.copy([posixpath.join(tmp_root, r) for r in names], [posixpath.join(root, r) for r in names])
             write_json(storage.join(output, MARKER), {"files": dict(sorted(files.items())), "published": time.time()})
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -253,9 +254,10 @@ def local_copy(url: str, cache: str, what: str = "output") -> str:
     fs, root = storage.filesystem(url)
     try:
         with storage.reported(url):
-            for rel in json.loads(marker)["files"]:
+            names = sorted(json.loads(marker)["files"])
+            for rel in names:
                 os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                fs.get_file(posixpath.join(root, rel), os.path.join(tmp, rel))
+            fs.get([posixpath.join(root, r) for r in names], [os.path.join(tmp, r) for r in names])
         with contextlib.suppress(OSError):  # another process put its copy there first: use that one
             os.rename(tmp, dest)
     finally:
