@@ -460,6 +460,17 @@ def output_lock(output: str, lease_s: float = LEASE_S, renew_s: float = RENEW_S)
         os.close(fd)
 
 
+def _create(fs, path: str, body: bytes) -> None:
+    """Write ``path`` only if it does not exist (``FileExistsError`` otherwise): a conditional write where the
+    filesystem has one (s3fs), else a check then a write, which two runs starting at the same instant can both pass."""
+    try:
+        fs.pipe_file(path, body, mode="create")
+    except TypeError:  # a filesystem whose pipe_file takes no mode
+        if fs.exists(path):
+            raise FileExistsError(path) from None
+        fs.pipe_file(path, body)
+
+
 def _lease_age(fs, path: str) -> float:
     modified = fs.modified(path)
     return time.time() - modified.timestamp()
@@ -472,7 +483,7 @@ def _lease(url: str, output: str, lease_s: float, renew_s: float) -> Iterator[No
     body = json.dumps(owner).encode()
     with storage.reported(output):
         try:
-            fs.pipe_file(path, body, mode="create")
+            _create(fs, path, body)
         except FileExistsError:
             fs.invalidate_cache(path)
             age = _lease_age(fs, path)
@@ -484,7 +495,7 @@ def _lease(url: str, output: str, lease_s: float, renew_s: float) -> Iterator[No
                 ) from None
             log.warning("%s: taking over a lease not renewed for %.0f s (a killed run's)", url, age)
             fs.rm_file(path)
-            fs.pipe_file(path, body, mode="create")  # a second run taking it over at the same moment fails here
+            _create(fs, path, body)  # a second run taking it over at the same moment fails here
     stop = threading.Event()
     lost: list[str] = []
 
