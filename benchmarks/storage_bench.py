@@ -134,7 +134,6 @@ def main(argv=None) -> int:
     }
     s3_proc, endpoint = start_s3(work)
     try:
-        env = dict(os.environ, **s3_server.client_env(endpoint), PYTHONUNBUFFERED="1")
         os.environ.update(s3_server.client_env(endpoint))
         s3_server.make_bucket(BUCKET)
         with served(world.root) as base_url:
@@ -142,6 +141,7 @@ def main(argv=None) -> int:
             lst = os.path.join(work, "list.parquet")  # rows jobs.ingest would filter (empty captions) left out
             pq.write_table(rows.filter(pc.not_equal(pc.utf8_trim_whitespace(rows.column("TEXT")), "")), lst)
             with ray_local.ray_head(num_cpus=args.processes) as head:  # started with the S3 environment: its workers have it
+                env = dict(head.env, PYTHONUNBUFFERED="1")  # loopback Ray settings and the S3 variables, as the head has them
                 roots = {"local": os.path.join(work, "out"), "s3": f"s3://{BUCKET}/out"}
                 for r in range(args.rounds):
                     order = ("local", "s3") if r % 2 == 0 else ("s3", "local")
