@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def one_side(side: str, root: str, lst: str, head, env: dict, args, tag: str) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still stops the servers and the head
     work = args.work or tempfile.mkdtemp(prefix="storage_bench_")
     os.makedirs(work, exist_ok=True)
     world = synthetic.write_world(os.path.join(work, "world"), n_train=args.images, n_val=0, seed=0, bad_fraction=0.1)
