@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     for key in ("ingest_images_per_s_shard_phase", "ingest_images_per_s_wall", "labels_captions_per_s_wall", "labels_captions_per_s_job"):
         local = statistics.median(r[key] for r in results["runs"] if r["side"] == "local")
         s3 = statistics.median(r[key] for r in results["runs"] if r["side"] == "s3")
-        summary[key] = {"local": local, "s3": s3, "ratio": round(s3 / local, 3)}
+        summary[key] = {"local": round(local, 2), "s3": round(s3, 2), "ratio": round(s3 / local, 3)}
     results["summary"] = summary
     results["note"] = args.note
     os.makedirs(args.out, exist_ok=True)
