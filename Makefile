@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 setup: $(STAMP) $(NLTK_DATA)/corpora/wordnet/lexnames
 
@@ -31,7 +31,11 @@ $(NLTK_DATA)/corpora/wordnet/lexnames: | $(STAMP)
 demo: setup
 	$(BIN)/python -m jobs.demo $(DEMO_ARGS)
 
-test: setup
+# Debian's chromium and chromium-driver for the page test (apt-get when missing and root)
+browser: | $(STAMP)
+	$(BIN)/python -m jobs.setup_browser
+
+test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

@@ -4,10 +4,14 @@
 2. starts a local Ray head (``ray start --head --node-ip-address=127.0.0.1``), stopped at
    the end, also on failure or Ctrl-C;
 3. ``ray job submit`` ingestion of the train and validation splits (img2dataset on Ray);
-4. ``ray job submit`` noun labels of both splits (spaCy);
-5. ``deepspeed`` training of the demo model (2 ranks, ZeRO-2; CPU here, GPU when present);
-6. ``ray job submit`` evaluation of the trained and of an untrained model;
-7. prints the report table, a held-out image's labels from ``jobs.infer``, whether the
+   the train split carries labelled duplicates and mismatched captions (5% and 3%);
+4. curation of the train shards: a tiny CLIP trained on the world (no real weights here),
+   then ``ray job submit`` jobs.curate (dedup, also against the validation shards; the
+   lowest 5% of CLIP scores dropped), scored against the world's labels;
+5. ``ray job submit`` noun labels of the curated train split and of validation (spaCy);
+6. ``deepspeed`` training of the demo model (2 ranks, ZeRO-2; CPU here, GPU when present);
+7. ``ray job submit`` evaluation of the trained and of an untrained model;
+8. prints the report table, a held-out image's labels from ``jobs.infer``, whether the
    model learned (exact recall@5 >= 0.7 and >= 3x the untrained model's), and every path.
 
 Every stage's output goes to the terminal and to ``<out>/logs/<stage>.log``; a failing
@@ -24,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Annotated
 
@@ -58,6 +63,10 @@ class DemoConfig:
             raise ValueError("--ranks must be >= 1")
 
 
+# the curate stage: the world's labelled duplicates and mismatches (train split), the tiny CLIP, the filter
+CURATE = {"duplicates": 0.05, "mismatches": 0.03, "clip_pairs": 1500, "clip_steps": 150, "top_fraction": 0.95}
+
+
 class StageFailed(RuntimeError):
     pass
 
@@ -69,6 +78,7 @@ class Demo:
         self.logs = os.path.join(self.out, "logs")
         self.stage_no = 0
         self.proc: subprocess.Popen | None = None
+        self.train_shards = self.path("shards", "train")
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
@@ -103,7 +113,10 @@ class Demo:
         os.makedirs(self.logs, exist_ok=True)
         print(f"demo config: {json.dumps(asdict(self.cfg))}", flush=True)
         print(f"\n=== writing the synthetic world ({self.cfg.n} train + {self.cfg.val} val) into {self.path('world')}", flush=True)
-        world = synthetic.write_world(self.path("world"), self.cfg.n, self.cfg.val, seed=self.cfg.seed, bad_fraction=0.05)
+        world = synthetic.write_world(
+            self.path("world"), self.cfg.n, self.cfg.val, seed=self.cfg.seed, bad_fraction=0.05,
+            duplicates=CURATE["duplicates"], mismatches=CURATE["mismatches"], hygiene_splits=("train",),
+        )  # fmt: skip
         print(f"\n=== starting a local Ray head on 127.0.0.1 (logs under {self.logs})", flush=True)
         head = ray_local.start_head(num_cpus=max(2, os.cpu_count() or 2), log=print)
         try:
@@ -132,9 +145,11 @@ class Demo:
                 "--output", self.path("shards", split), "--image-size", size, "--samples-per-shard", "500",
                 "--processes", "2", "--threads", "16",
             ])  # fmt: skip
+        self._curate(head, world)
         for split in ("train", "val"):
             self._submit(head, f"labels_{split}", f"noun labels of {split} on Ray Data (spaCy)", [
-                py, "-m", "jobs.labels", "--shards", self.path("shards", split), "--output", self.path("labels", split),
+                py, "-m", "jobs.labels", "--shards", self.train_shards if split == "train" else self.path("shards", split),
+                "--output", self.path("labels", split),
             ])  # fmt: skip
         self._train(world)
         untrained = self._untrained(world)
@@ -160,12 +175,68 @@ class Demo:
             deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "jobs/train.py",
             "--config", "jobs/configs/demo.yaml", "--deepspeed", "jobs/configs/zero2.json",
             "--run-dir", self.path("run"), "--tokenizer", world.tokenizer,
-            "--data", f"synthetic={self.path('shards', 'train')},{self.path('labels', 'train')}",
+            "--data", f"synthetic={self.train_shards},{self.path('labels', 'train')}",
         ]  # fmt: skip
         if self.cfg.steps:
             cmd += ["--steps", str(self.cfg.steps)]
         where = f"{gpus} GPU(s)" if gpus else "CPU"
         self.stage("train", f"train the demo model with deepspeed ({ranks} ranks, ZeRO-2, {where})", cmd)
+
+    def _curate(self, head, world) -> None:
+        """A tiny CLIP trained on the world's pairs, then jobs.curate on the train shards (self-contained stage)."""
+        from pipeline.tiny_clip import train_tiny_clip
+
+        self.stage_no += 1
+        good = [r for r in world.samples("train") if r["kind"] == "good"][: CURATE["clip_pairs"]]
+        print(f"\n=== [{self.stage_no}] train a tiny CLIP on {len(good)} image-caption pairs of the world (no CLIP weights can be downloaded here)", flush=True)
+        t0 = time.time()
+        pairs = [(open(os.path.join(world.root, r["file"]), "rb").read(), r["caption"]) for r in good]
+        clip = train_tiny_clip(pairs, self.path("tiny_clip"), steps=CURATE["clip_steps"], progress=lambda step, loss: print(f"    step {step}: contrastive loss {loss:.3f}", flush=True))
+        print(f"=== [{self.stage_no}] tiny CLIP: done in {time.time() - t0:.0f}s ({clip})", flush=True)
+        self.train_shards = self.path("shards", "train_curated")
+        self._submit(head, "curate_train", "curate the train shards on Ray Data: dedup (also against val), CLIP score", [
+            "python", "-m", "jobs.curate", "--shards", self.path("shards", "train"), "--output", self.train_shards,
+            "--exclude-near", self.path("shards", "val"), "--dedup", "phash", "--clip-model", clip,
+            "--top-fraction", str(CURATE["top_fraction"]),
+        ])  # fmt: skip
+
+    def _curation_report(self, world) -> dict:
+        """What curation dropped, against the world's labels: duplicates found, mismatches dropped."""
+        import pyarrow.parquet as pq
+
+        curation = pq.read_table(os.path.join(self.train_shards, "curation.parquet")).to_pylist()
+        uid = {}
+        for name in os.listdir(self.path("shards", "train")):
+            if name[0].isdigit() and name.endswith(".parquet"):
+                for r in pq.read_table(self.path("shards", "train", name), columns=["key", "uid", "status"]).to_pylist():
+                    if r["status"] == "success":
+                        uid[r["key"]] = int(r["uid"].split("-")[1])
+        truth = world.samples("train")
+        kind = {r["key"]: truth[uid[r["key"]]]["kind"] for r in curation}
+        dup_reasons = ("exact_duplicate", "near_duplicate", "eval_duplicate")
+        copies = [r for r in curation if kind[r["key"]] == "duplicate"]
+        flagged = [r for r in curation if r["reason"] in dup_reasons]
+        mismatch = [r for r in curation if kind[r["key"]] == "mismatch"]
+        match = [r for r in curation if kind[r["key"]] == "good" and r["reason"] not in dup_reasons]
+        reasons = Counter(r["reason"] or "kept" for r in curation)
+        report = {
+            "samples": len(curation),
+            "kept": reasons.pop("kept", 0),
+            "dropped": dict(sorted(reasons.items())),
+            "copies_in_world": len(copies),
+            "copies_dropped_as_duplicates": sum(r["reason"] in dup_reasons for r in copies),
+            "duplicate_drops_that_are_copies": sum(kind[r["key"]] == "duplicate" for r in flagged),
+            "duplicate_drops": len(flagged),
+            "mismatch_drop_rate": sum(r["reason"] == "below_top_fraction" for r in mismatch) / max(1, len(mismatch)),
+            "match_drop_rate": sum(r["reason"] == "below_top_fraction" for r in match) / max(1, len(match)),
+        }
+        print("\n=== curation of the train shards (against the world's labels)")
+        print(f"    {report['samples']} samples, {report['kept']} kept; dropped: " + ", ".join(f"{k} {v}" for k, v in report["dropped"].items()))
+        print(f"    duplicates: {report['copies_dropped_as_duplicates']} of the world's {report['copies_in_world']} copies dropped as duplicates; "
+              f"{report['duplicate_drops_that_are_copies']} of {report['duplicate_drops']} duplicate drops are copies (the rest: distinct images that look alike at 64 px)")  # fmt: skip
+        print(f"    CLIP score (tiny CLIP, lowest {1 - CURATE['top_fraction']:.0%} dropped): {report['mismatch_drop_rate']:.0%} of mismatched captions "
+              f"dropped vs {report['match_drop_rate']:.0%} of matching ones")  # fmt: skip
+        return report
 
     @staticmethod
     def preset() -> dict:
@@ -203,6 +274,7 @@ class Demo:
         image = os.path.join(world.root, sample["file"])
         self.stage("infer", "jobs.infer on a held-out image", [sys.executable, "-m", "jobs.infer", "--checkpoint", self.path("run", "export"), "--image", image, "--num-labels", "5"])
         print(f"    ground truth of {os.path.basename(image)}: {', '.join(sample['labels'])}  (caption: {sample['caption'].splitlines()[0]!r})")
+        curation = self._curation_report(world)
         trained, untrained = rows["trained"][5], rows["untrained"][5]
         ratio = trained["exact_recall"] / untrained["exact_recall"] if untrained["exact_recall"] > 0 else None  # None: untrained found nothing
         learned = trained["exact_recall"] >= 0.7 and trained["exact_recall"] >= 3 * untrained["exact_recall"] and trained["recall"] > untrained["recall"]
@@ -213,6 +285,7 @@ class Demo:
             "trained_semantic_recall_at_5": trained["recall"],
             "untrained_semantic_recall_at_5": untrained["recall"],
             "learned": learned,
+            "curation": curation,
         }
         with open(self.path("summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -226,6 +299,9 @@ class Demo:
         for label, path in (
             ("synthetic world", self.path("world")),
             ("shards (train, val)", self.path("shards")),
+            ("curated train shards", self.train_shards),
+            ("curation table", os.path.join(self.train_shards, "curation.parquet")),
+            ("CLIP score histogram", os.path.join(self.train_shards, "clip_scores.png")),
             ("label tables", self.path("labels")),
             ("training run", self.path("run")),
             ("exported model", self.path("run", "export")),
@@ -237,6 +313,10 @@ class Demo:
             ("summary", self.path("summary.json")),
         ):
             print(f"    {label:22s} {path}")
+        export = self.path("run", "export")
+        print("\n=== try the trained model")
+        print(f"    page (labels, probability bars, attention maps; Ctrl-C stops it): {shlex.join([sys.executable, '-m', 'jobs.serve', '--checkpoint', export])}")
+        print(f"    attention maps of an image: {shlex.join([sys.executable, '-m', 'jobs.infer', '--checkpoint', export, '--image', image, '--attention-map', self.path('attention')])}")
         return summary
 
 

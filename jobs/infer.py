@@ -12,6 +12,7 @@ present, else the CPU (fp32).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +47,12 @@ class InferConfig:
     """images per forward pass"""
     max_steps: int | None = None
     """one-shot sampling step limit (default: the model config's, 20)"""
+    attention_map: str | None = None
+    """folder for one PNG per image: each label's attention (its first token's) over the image patches"""
+    layer: int | None = None
+    """decoder layer of the attention maps, 0-based, negative from the last (default: mean over layers)"""
+    head: int | None = None
+    """attention head of the attention maps (default: mean over heads)"""
 
     def __post_init__(self):
         if not self.images:
@@ -54,6 +61,8 @@ class InferConfig:
             raise ValueError("--num-labels must be >= 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if (self.layer is not None or self.head is not None) and not self.attention_map:
+            raise ValueError("--layer and --head choose the attention maps: they need --attention-map DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters on {device} ({dtype})", file=log)
     transform = preprocess(model.cfg.vision.image_size)
+    if cfg.attention_map:
+        from model.attention import check_layer_head
 
-    results, failed = [], 0
+        try:
+            check_layer_head(model.cfg.decoder.n_layers, model.cfg.decoder.n_heads, cfg.layer, cfg.head)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        os.makedirs(cfg.attention_map, exist_ok=True)
+
+    results, failed, written = [], 0, set()
     for start in range(0, len(cfg.images), cfg.batch_size):
         paths, tensors = [], []
         for path in cfg.images[start : start + cfg.batch_size]:
@@ -95,17 +113,47 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             labels = one_shot(model, torch.stack(tensors).to(device, dtype), tok, k=cfg.num_labels, max_steps=cfg.max_steps)
         seconds = time.perf_counter() - t0
-        for path, out in zip(paths, labels):
+        for path, image, out in zip(paths, tensors, labels):
             results.append({"image": path, "labels": out.labels, "probs": [round(p, 5) for p in out.probs]})
+            if cfg.attention_map:
+                results[-1]["attention_map"] = _write_attention_map(cfg, model, tok, path, image.to(device, dtype), out, written, log)
             if cfg.format == "text":
                 print(f"\n{path} (inference time: {seconds:.3f}s for {len(paths)} image(s))")
                 print(f"top-{cfg.num_labels} predictions:")
                 for label, prob in zip(out.labels, out.probs):
                     print(f"| prob: {prob:.5f} - {label}")
+            if cfg.attention_map:
+                print(f"attention map: {results[-1]['attention_map']}", file=log)
     if cfg.format == "json":
         json.dump(results, sys.stdout, indent=2)
         print()
     return 1 if failed else 0
+
+
+def _write_attention_map(cfg: InferConfig, model, tok, path: str, image: torch.Tensor, out, written: set[str], log) -> str:
+    """The PNG of one image's label attention maps in ``cfg.attention_map``; returns its path."""
+    from model.attention import label_maps
+    from pipeline.attention_maps import write_figure
+
+    with torch.inference_mode():
+        maps = label_maps(model, tok, image, out.labels, cfg.layer, cfg.head)
+    for label in out.labels:
+        if label not in maps:
+            print(f"note: {path}: no attention map for the label {label!r} (it does not tokenize after the prompt)", file=log)
+    kept = [(label, prob) for label, prob in zip(out.labels, out.probs) if label in maps]
+    which = f"layer {'mean' if cfg.layer is None else cfg.layer}, head {'mean' if cfg.head is None else cfg.head}"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    target, n = os.path.join(cfg.attention_map, f"{stem}.png"), 1
+    while target in written:  # two inputs with one file name: keep both
+        n += 1
+        target = os.path.join(cfg.attention_map, f"{stem}-{n}.png")
+    written.add(target)
+    with Image.open(path) as img:
+        write_figure(
+            target, img, [label for label, _ in kept], [p for _, p in kept], [maps[label].float().cpu().numpy() for label, _ in kept],
+            caption=f"{os.path.basename(path)}: first label token's attention, {which}",
+        )
+    return target
 
 
 if __name__ == "__main__":

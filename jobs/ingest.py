@@ -95,6 +95,20 @@ class IngestConfig:
     """Seconds before one image download is given up (counted as timeout)."""
     max_shard_retries: int = 2
     """Times a failed shard is retried before the run gives up on it (a re-run tries again)."""
+    retries: int = 2
+    """Times one download is retried after a transient failure (timeout, connection_error, http_429, http_5xx), with backoff; never after another (404, not an image)."""
+    retry_backoff: float = 1.0
+    """Seconds before the first retry of a download, doubling each time (a server's Retry-After wins; at most 60)."""
+    retry_failed: list[str] = dataclasses.field(default_factory=list)
+    """Download again the failed rows of done shards whose reason is listed (e.g. timeout connection_error http_5xx http_429), into new shards."""
+    max_image_area: int = ingest.DEFAULT_MAX_IMAGE_AREA
+    """Largest width x height decoded; a larger image (a decompression bomb) is refused, counted as image_area_too_large."""
+    max_image_bytes: int = ingest.DEFAULT_MAX_IMAGE_BYTES
+    """Largest body downloaded; a longer one is refused, counted as file_too_large."""
+    user_agent_token: str | None = None
+    """Token added to the User-Agent (e.g. img2dataset); X-Robots-Tag lines addressed to it apply."""
+    disallowed_header_directives: list[str] = dataclasses.field(default_factory=lambda: list(ingest.X_ROBOTS_DIRECTIVES))
+    """X-Robots-Tag directives that skip an image (counted as disallowed_by_robots); give none to honour none."""
     address: Annotated[str | None, tyro.conf.arg(aliases=("--ray-address",))] = None
     """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
 
@@ -122,6 +136,7 @@ class IngestConfig:
             raise ValueError("--processes and --max-shard-retries must be >= 0")
         if not self.split or "/" in self.split:
             raise ValueError(f"--split {self.split!r}: a plain name such as train or val")
+        ingest.check_reasons(self.retry_failed)
         self.shard_settings()  # checks image size, resize mode, threads, shard size, timeout
 
     def shard_settings(self) -> ingest.ShardSettings:
@@ -131,6 +146,12 @@ class IngestConfig:
             samples_per_shard=self.samples_per_shard,
             threads=self.threads,
             timeout=self.timeout,
+            retries=self.retries,
+            retry_backoff=self.retry_backoff,
+            max_image_area=self.max_image_area,
+            max_image_bytes=self.max_image_bytes,
+            user_agent_token=self.user_agent_token,
+            disallowed_header_directives=tuple(self.disallowed_header_directives),
         )
 
     def paths(self) -> dict[str, str]:
@@ -230,6 +251,7 @@ def run(cfg: IngestConfig, files: list[str]) -> int:
         bar = tqdm(total=urls.num_rows, unit="img", desc="ingest", mininterval=1.0 if sys.stderr.isatty() else 10.0)
 
         def progress(p: ingest.Progress) -> None:
+            bar.total = p.samples_total  # a retry round adds rows
             bar.set_description(f"shards {p.shards_done}/{p.shards_total}", refresh=False)
             bar.set_postfix(ok=p.successes, refresh=False)
             bar.update(p.samples_done - bar.n)  # prints at most every mininterval
@@ -249,6 +271,7 @@ def run(cfg: IngestConfig, files: list[str]) -> int:
                     local_root=local_root,
                     worker_env=task_env,
                     progress=progress,
+                    retry_failed=cfg.retry_failed,
                 )
         finally:
             bar.close()

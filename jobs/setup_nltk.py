@@ -9,8 +9,6 @@ root and they are missing. Exits non-zero with a message naming what is missing.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Annotated
@@ -18,6 +16,7 @@ from typing import Annotated
 import tyro
 
 from jobs._cli import parse
+from jobs._system import apt_install
 from pipeline import nltk_data
 
 
@@ -27,23 +26,6 @@ class SetupConfig:
     """NLTK data folder to fill"""
     download: bool = True
     """try nltk.download first (--no-download on offline machines)"""
-
-
-def _apt_install() -> str | None:
-    """Install Debian's WordNet packages; returns an error message or None."""
-    if shutil.which("apt-get") is None:
-        return "apt-get is not available"
-    if os.geteuid() != 0:
-        return "not running as root, so apt-get cannot install them"
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *nltk_data.DEBIAN_PACKAGES]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for attempt in (cmd, None):
-        if attempt is None:  # package lists may be stale on a fresh machine
-            subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
-            attempt = cmd
-        if subprocess.run(attempt, env=env, stdout=subprocess.DEVNULL, check=False).returncode == 0:
-            return None
-    return f"'{' '.join(cmd)}' failed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("wordnet: nltk.download is not reachable; assembling it from Debian's wordnet packages")
     if not os.path.isfile(os.path.join(nltk_data.DEBIAN_WORDNET, "index.sense")):
-        problem = _apt_install()
+        problem = apt_install(nltk_data.DEBIAN_PACKAGES)
         if problem:
             print(
                 f"error: WordNet is missing: nltk.download failed and Debian's {' and '.join(nltk_data.DEBIAN_PACKAGES)} "

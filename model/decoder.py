@@ -104,6 +104,19 @@ class Attention(nn.Module):
         out = out + torch.einsum("bhkt,bkhtd->bhkd", p[..., P:], label_v)
         return self.o_proj(out.transpose(1, 2).reshape(B, K, -1))
 
+    def probs(self, x, cos, sin, mask, positions: list[int]) -> torch.Tensor:
+        """The attention probabilities ``forward`` applies at the query ``positions``: [B, H, Q, L], float32.
+
+        An opt-in read-out for attention maps; ``forward`` itself never materializes them.
+        """
+        B, L, _ = x.shape
+        q = self.q_proj(x[:, positions]).view(B, len(positions), self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, Q, hd]
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        q, k = apply_rotary(q, cos[positions], sin[positions]), apply_rotary(k, cos, sin)
+        k = _repeat_kv(k, self.n_heads // self.n_kv_heads, 1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, Q, L]
+        return torch.softmax(scores.masked_fill(~mask[..., positions, :], float("-inf")), dim=-1)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
@@ -173,6 +186,19 @@ class Decoder(nn.Module):
             if return_kv:
                 kv.append((k, v))
         return self.norm(h), kv
+
+    def attention_probs(self, h: torch.Tensor, mask: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """The attention of the queries at ``positions`` over all L keys, every layer and head.
+
+        h: [B, L, D] and mask as for ``forward`` -> [n_layers, B, H, len(positions), L], float32.
+        A separate pass for attention maps: ``forward`` and ``decode`` stay as they are.
+        """
+        cos, sin = self.rotary(torch.arange(h.shape[1], device=h.device))
+        maps = []
+        for layer in self.layers:
+            maps.append(layer.self_attn.probs(layer.input_layernorm(h), cos, sin, mask, positions))
+            h, _, _ = layer(h, cos, sin, mask)
+        return torch.stack(maps)
 
     def decode(self, h, position: int, prefix_kv, caches, step: int) -> torch.Tensor:
         """h: [B, K, D], one token per label at ``position`` -> normed hidden [B, K, D]."""

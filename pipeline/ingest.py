@@ -4,8 +4,11 @@
       │  img2dataset.reader.Reader          one arrow file per shard of ``samples_per_shard`` rows
       ▼
     ray_download tasks                      img2dataset.distributor's Ray task, one per shard,
-      │  img2dataset.downloader.Downloader  at most ``processes`` at once, failed shards retried
-      │  ClassifyingResizer                 tells an HTML body (not_an_image) from a broken image
+      │  WebDownloader (ShardWorker)        at most ``processes`` at once, failed shards retried;
+      │                                     fetch_url: transient failures retried with backoff,
+      │                                     X-Robots-Tag opt-outs honoured, bodies size-capped
+      │  pipeline.images.ImageResizer       any browser image format, upright, bombs refused,
+      │                                     an HTML body (not_an_image) told from a broken image
       │  AtomicWebDatasetWriter             a shard's tar appears whole or not at all
       ▼
     <output>/00000.tar 00000.parquet 00000_stats.json …   manifest.parquet (schemas.SHARD_MANIFEST)
@@ -26,7 +29,10 @@ moved into place before its tar, its stats file after both. The output is guarde
 Failure reasons (manifest ``failures_by_reason``, summary): ``http_<code>``,
 ``not_an_image``, ``decode_error``, ``timeout``, ``connection_error``, ``ssl_error``,
 ``disallowed_by_robots``, ``image_too_small``, ``image_area_too_large``,
-``aspect_ratio_too_large``, ``file_not_found``, ``other``.
+``aspect_ratio_too_large``, ``file_too_large``, ``file_not_found``, ``other``. The
+transient ones (``TRANSIENT_REASONS``: timeout, connection_error, http_429, http_5xx) are
+retried inside the shard with backoff; the rows of done shards that failed for reasons a
+user names are downloaded again as a retry round of new shards (:func:`plan_retry_round`).
 """
 
 from __future__ import annotations
@@ -47,92 +53,29 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from img2dataset.downloader import Downloader, compute_key
-from img2dataset.logger import CappedCounter, write_stats
+from img2dataset.downloader import compute_key
+from img2dataset.logger import CappedCounter
 from img2dataset.reader import Reader
-from img2dataset.resizer import Resizer
 from img2dataset.writer import WebDatasetSampleWriter
 
 from pipeline import storage
-from pipeline.outputs import write_json
+from pipeline.images import DEFAULT_MAX_IMAGE_AREA, RESIZE_MODES, ImageResizer, image_format  # noqa: F401 - image_format re-exported
+from pipeline.outputs import atomic_file, write_json
 from schemas import SHARD_MANIFEST, URL_TABLE, validate, write_table
 
 log = logging.getLogger(__name__)
 
 ADDITIONAL_COLUMNS = ["uid", "source", "split"]  # saved into each sample's json (uid = the URL table key)
-RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
 STATS_SUFFIX = "_stats.json"
 TMP = "_tmp"
 
 # ----------------------------------------------------------------------------- failure reasons
-
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"GIF87a", "gif"),
-    (b"GIF89a", "gif"),
-    (b"II*\x00", "tiff"),
-    (b"MM\x00*", "tiff"),
-    (b"\x00\x00\x01\x00", "ico"),
-    (b"\x00\x00\x00\x0cjP  ", "jpeg2000"),
-    (b"BM", "bmp"),
-)
-_FTYP_IMAGES = {b"avif", b"avis", b"heic", b"heix", b"hevc", b"mif1", b"msf1"}
-
-
-def image_format(head: bytes) -> str | None:
-    """The raster image format announced by a body's first bytes, or None when it announces none."""
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
-            return name
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[4:8] == b"ftyp" and head[8:12] in _FTYP_IMAGES:
-        return "heif"
-    return None
-
-
-def _body_kind(head: bytes) -> str:
-    text = head.lstrip().lower()
-    if not head:
-        return "empty"
-    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text:
-        return "html"
-    if b"<svg" in text:
-        return "svg"
-    if text.startswith((b"<?xml", b"<")):
-        return "xml"
-    if text.startswith((b"{", b"[")):
-        return "json"
-    return "unknown"
-
-
-class ClassifyingResizer(Resizer):
-    """img2dataset's Resizer, but an undecodable body says why.
-
-    The stock Resizer answers "Image decoding error" both for an HTML page served with
-    status 200 and for a truncated JPEG. Here the body's magic bytes decide:
-    ``not_an_image: html`` when they announce no image format, ``decode_error: jpeg`` when
-    they announce one that did not decode.
-    """
-
-    def __call__(self, img_stream, blurring_bbox_list=None):
-        out = super().__call__(img_stream, blurring_bbox_list)
-        error = out[-1]
-        if error is None or not (error == "Image decoding error" or "buf.empty()" in error):
-            return out
-        img_stream.seek(0)
-        head = img_stream.read(64)
-        fmt = image_format(head)
-        reason = f"decode_error: {fmt}" if fmt else f"not_an_image: {_body_kind(head)}"
-        return (*out[:-1], reason)
-
 
 _HTTP_CODE = re.compile(r"HTTP Error (\d{3})")
 _TIMEOUT = ("timed out", "timeout")
@@ -151,6 +94,16 @@ _CONNECTION = (
     "broken pipe",
     "eof occurred",
 )
+# reasons named without an HTTP status; http_<code> (http_404) and http_<digit>xx (http_5xx) name HTTP statuses
+REASONS = (
+    "not_an_image", "decode_error", "timeout", "connection_error", "ssl_error", "disallowed_by_robots",
+    "image_too_small", "image_area_too_large", "aspect_ratio_too_large", "file_too_large", "file_not_found", "other",
+)  # fmt: skip
+# failures that may not happen again: retried within a run, with backoff; any other reason never is
+TRANSIENT_REASONS = ("timeout", "connection_error", "http_429", "http_5xx")
+# img2dataset's X-Robots-Tag directives that opt an image out of datasets
+X_ROBOTS_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+_REASON_SPEC = re.compile(r"^http_(\d{3}|\dxx)$")
 
 
 def classify_error(message: str) -> str:
@@ -171,10 +124,29 @@ def classify_error(message: str) -> str:
         return "connection_error"
     if "x-robots-tag" in low:
         return "disallowed_by_robots"
-    for known in ("image too small", "image area too large", "aspect ratio too large"):
+    for known in ("image too small", "image area too large", "aspect ratio too large", "file too large"):
         if low.startswith(known):
             return known.replace(" ", "_")
     return "other"
+
+
+def reason_matches(reason: str, spec: str) -> bool:
+    """True when ``reason`` (``http_503``) is named by ``spec`` (``http_503``, ``http_5xx``)."""
+    if spec.endswith("xx") and spec.startswith("http_"):
+        return reason.startswith("http_") and len(reason) == 8 and reason[5] == spec[5]
+    return reason == spec
+
+
+def is_transient(reason: str) -> bool:
+    return any(reason_matches(reason, spec) for spec in TRANSIENT_REASONS)
+
+
+def check_reasons(specs) -> tuple[str, ...]:
+    """``specs`` as a tuple, each a known reason or an HTTP status (``http_404``, ``http_5xx``); ValueError otherwise."""
+    bad = [s for s in specs if s not in REASONS and not _REASON_SPEC.match(s)]
+    if bad:
+        raise ValueError(f"unknown failure reason(s) {', '.join(bad)}: expected http_<code>, http_<digit>xx or one of {', '.join(REASONS)}")
+    return tuple(specs)
 
 
 def failures_by_reason(status_dict: dict[str, int]) -> Counter:
@@ -186,6 +158,96 @@ def failures_by_reason(status_dict: dict[str, int]) -> Counter:
     return reasons
 
 
+# ----------------------------------------------------------------------------- fetching
+
+USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"  # img2dataset's
+DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """How one URL is fetched: time limit, retries of transient failures, size cap, opt-outs."""
+
+    timeout: float = 10.0
+    retries: int = 2  # further attempts after a transient failure (TRANSIENT_REASONS); never after another
+    backoff_s: float = 1.0  # pause before retry n: backoff_s * 2**(n-1), or the server's Retry-After (both capped)
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # a longer body is refused (file_too_large), never held whole
+    user_agent_token: str | None = None  # added to the User-Agent; X-Robots-Tag lines for another token are ignored
+    disallowed_header_directives: tuple[str, ...] = X_ROBOTS_DIRECTIVES  # () honours none
+
+    def __post_init__(self):
+        if self.retries < 0 or self.backoff_s < 0 or self.timeout <= 0 or self.max_bytes < 1:
+            raise ValueError("retries and backoff must be >= 0, timeout and max_bytes > 0")
+
+    def user_agent(self) -> str:
+        if not self.user_agent_token:
+            return USER_AGENT
+        return f"{USER_AGENT} (compatible; {self.user_agent_token}; +https://github.com/rom1504/img2dataset)"
+
+
+@dataclass
+class Fetched:
+    data: bytes | None
+    error: str | None
+    retries: int = 0  # attempts after the first
+
+
+def _retry_after(headers) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        import email.utils
+
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _fetch_once(url: str, policy: FetchPolicy) -> tuple[bytes | None, str | None, float | None]:
+    """(body, None, None), or (None, error message, the server's Retry-After in seconds or None)."""
+    import urllib.error
+    import urllib.request
+
+    from img2dataset.downloader import is_disallowed
+
+    token = (policy.user_agent_token or "").strip().lower() or None
+    request = urllib.request.Request(url, headers={"User-Agent": policy.user_agent()})
+    try:
+        with urllib.request.urlopen(request, timeout=policy.timeout) as r:
+            if policy.disallowed_header_directives and is_disallowed(r.headers, token, set(policy.disallowed_header_directives)):
+                return None, "Use of image disallowed by X-Robots-Tag directive", None
+            length = r.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > policy.max_bytes:
+                return None, f"file too large: {int(length)} bytes > {policy.max_bytes} (max_image_bytes)", None
+            data = r.read(policy.max_bytes + 1)
+            if len(data) > policy.max_bytes:
+                return None, f"file too large: more than {policy.max_bytes} bytes (max_image_bytes)", None
+            return data, None, None
+    except urllib.error.HTTPError as err:
+        return None, str(err), _retry_after(err.headers)
+    except Exception as err:  # noqa: BLE001 - every network failure is a counted reason, as in img2dataset
+        return None, str(err) or type(err).__name__, None
+
+
+def fetch_url(url: str, policy: FetchPolicy, sleep: Callable[[float], None] = time.sleep) -> Fetched:
+    """Download ``url``; transient failures are retried up to ``policy.retries`` times with backoff."""
+    import random
+
+    retries = 0
+    while True:
+        data, error, retry_after = _fetch_once(url, policy)
+        if error is None or retries >= policy.retries or not is_transient(classify_error(error)):
+            return Fetched(data, error, retries)
+        retries += 1
+        pause = retry_after if retry_after is not None else policy.backoff_s * 2 ** (retries - 1) * random.uniform(0.5, 1.0)
+        sleep(min(pause, MAX_BACKOFF_S))
+
+
 # ----------------------------------------------------------------------------- shard workers
 
 
@@ -193,7 +255,7 @@ class AtomicWebDatasetWriter(WebDatasetSampleWriter):
     """img2dataset's webdataset writer, writing under ``<output>/_tmp`` and renaming on close.
 
     A crash leaves no half-written ``<id>.tar`` that looks whole; the stats file that
-    marks a shard done is written by the Downloader after ``close``. On object storage
+    marks a shard done is written by the shard worker after ``close``. On object storage
     the files are moved into place by server-side copies (each object appears whole),
     the parquet before the tar.
     """
@@ -218,91 +280,160 @@ class AtomicWebDatasetWriter(WebDatasetSampleWriter):
         storage.remove(self.work_folder, recursive=True)
 
 
-class LocalImagePacker:
-    """Shard worker for images already on disk: img2dataset's Downloader without the network.
+class ShardWorker:
+    """One shard task: its rows' bodies fetched by ``threads`` threads, decoded and written by this one.
 
-    Same interface (``__call__((shard_id, arrow_file)) -> (ok, row)``), same sample keys,
-    json fields, per-shard parquet and stats; the ``url`` column holds file paths, each of
-    which must lie inside ``root``.
+    The interface of img2dataset's Downloader (``__call__((shard_id, arrow_file)) -> (ok,
+    row)``), its sample keys (``compute_key``), json fields, per-shard parquet and stats, and
+    its memory rule: at most ``2 x threads`` fetched bodies wait for the decoder, which
+    holds one image at a time. Subclasses say how a body is fetched (:meth:`fetch`).
     """
 
-    def __init__(self, sample_writer_class, resizer, output_folder, column_list, number_sample_per_shard, oom_shard_count, root, compute_hash="sha256", encode_format="jpg"):  # fmt: skip
+    def __init__(self, sample_writer_class, resizer, output_folder, column_list, number_sample_per_shard, oom_shard_count, threads=1, compute_hash="sha256", encode_format="jpg"):  # fmt: skip
         self.sample_writer_class = sample_writer_class
         self.resizer = resizer
         self.output_folder = output_folder
         self.column_list = column_list
         self.number_sample_per_shard = number_sample_per_shard
         self.oom_shard_count = oom_shard_count
-        self.root = os.path.abspath(root) + os.sep  # the images are local files; the output may be a URL
+        self.threads = max(1, threads)
         self.compute_hash = compute_hash
         self.encode_format = encode_format
 
+    def fetch(self, url: str) -> Fetched:
+        raise NotImplementedError
+
     def __call__(self, row):
         try:
-            self.pack_shard(row)
+            self.write_shard(row)
             return True, row
         except Exception:  # noqa: BLE001 - like img2dataset's Downloader: reported, and the job retries the shard
             log.exception("shard %s failed", row[0])
             return False, row
 
-    def _read(self, path: str) -> tuple[bytes | None, str | None]:
-        if not os.path.abspath(path).startswith(self.root):
-            return None, f"file_not_found: outside {self.root}"
-        try:
-            with open(path, "rb") as f:
-                return f.read(), None
-        except FileNotFoundError:
-            return None, "file_not_found"
-        except OSError as e:
-            return None, f"other: {e.strerror}"
-
-    def pack_shard(self, row) -> None:
-        shard_id, shard_file = row
-        start = time.time()
-        with storage.open_file(shard_file, "rb") as f:
-            df = pa.ipc.open_file(f).read_all()
-        schema = df.schema
+    def _schema(self, schema: pa.Schema) -> pa.Schema:
         for name, typ in (("key", pa.string()), ("status", pa.string()), ("error_message", pa.string())):
             schema = schema.append(pa.field(name, typ))
         for name in ("width", "height", "original_width", "original_height"):
             schema = schema.append(pa.field(name, pa.int32()))
-        if self.compute_hash:
+        if self.compute_hash and self.compute_hash not in schema.names:
             schema = schema.append(pa.field(self.compute_hash, pa.string()))
+        return schema
+
+    def write_shard(self, row) -> None:
+        from multiprocessing.pool import ThreadPool
+        from threading import Event, Semaphore
+
+        shard_id, shard_file = row
+        start = time.time()
+        with storage.open_file(shard_file, "rb") as f:
+            df = pa.ipc.open_file(f).read_all()
         columns = df.select(self.column_list).to_pydict()
         rows = list(zip(*(columns[c] for c in self.column_list)))
-        writer = self.sample_writer_class(shard_id, self.output_folder, True, self.oom_shard_count, schema, self.encode_format)
+        writer = self.sample_writer_class(shard_id, self.output_folder, True, self.oom_shard_count, self._schema(df.schema), self.encode_format)
+        del df, columns
         oom_sample = math.ceil(math.log10(self.number_sample_per_shard))
+        url_index = self.column_list.index("url")
         status = CappedCounter()
-        successes = failed_download = failed_resize = 0
-        for i, values in enumerate(rows):
-            meta = dict(zip(self.column_list, values))
-            key = compute_key(i, shard_id, oom_sample, self.oom_shard_count)
-            meta.update(key=key, status=None, error_message=None, width=None, height=None, original_width=None, original_height=None)
-            if self.compute_hash:
-                meta[self.compute_hash] = None
-            data, error = self._read(meta["url"])
-            img = None
-            if error is None:
-                img, width, height, original_width, original_height, error = self.resizer(io.BytesIO(data))
-                if error is None:
-                    meta.update(width=width, height=height, original_width=original_width, original_height=original_height)
+        successes = failed_download = failed_resize = retries = 0
+        in_flight = Semaphore(self.threads * 2)  # bodies fetched but not yet decoded: the memory bound
+        stop = Event()
+
+        def jobs():
+            for i, values in enumerate(rows):
+                while not in_flight.acquire(timeout=0.5):
+                    if stop.is_set():  # the loop below failed: let the pool's feeder end
+                        return
+                yield i, values[url_index]
+
+        with ThreadPool(self.threads) as pool, _set_on_error(stop):
+            for i, fetched in pool.imap_unordered(lambda job: (job[0], self.fetch(job[1])), jobs()):
+                try:
+                    meta = dict(zip(self.column_list, rows[i]))
+                    key = compute_key(i, shard_id, oom_sample, self.oom_shard_count)
+                    meta.update(key=key, status=None, error_message=None, width=None, height=None, original_width=None, original_height=None)
                     if self.compute_hash:
-                        meta[self.compute_hash] = getattr(hashlib, self.compute_hash)(data).hexdigest()
-                    meta["status"] = "success"
-                    successes += 1
-                    status.increment("success")
-                else:
-                    meta.update(status="failed_to_resize", error_message=error)
-                    failed_resize += 1
-                    status.increment(error)
-            else:
-                meta.update(status="failed_to_download", error_message=error)
-                failed_download += 1
-                status.increment(error)
-            writer.write(img, key, meta.get("caption"), meta)
+                        meta[self.compute_hash] = None
+                    retries += fetched.retries
+                    img, error = None, fetched.error
+                    if error is None:
+                        img, width, height, original_width, original_height, error = self.resizer(io.BytesIO(fetched.data))
+                        if error is None:
+                            meta.update(width=width, height=height, original_width=original_width, original_height=original_height)
+                            if self.compute_hash:
+                                meta[self.compute_hash] = getattr(hashlib, self.compute_hash)(fetched.data).hexdigest()
+                            meta["status"] = "success"
+                            successes += 1
+                            status.increment("success")
+                        else:
+                            meta.update(status="failed_to_resize", error_message=error)
+                            failed_resize += 1
+                            status.increment(error)
+                    else:
+                        meta.update(status="failed_to_download", error_message=error)
+                        failed_download += 1
+                        status.increment(error)
+                    fetched.data = None
+                    writer.write(img, key, meta.get("caption"), meta)
+                finally:
+                    in_flight.release()
         writer.close()
-        write_stats(self.output_folder, shard_id, len(rows), successes, failed_download, failed_resize, start, time.time(), status, self.oom_shard_count)
+        name = f"{shard_id:0{self.oom_shard_count}d}"
+        stats = {
+            "count": len(rows),
+            "successes": successes,
+            "failed_to_download": failed_download,
+            "failed_to_resize": failed_resize,
+            "download_retries": retries,
+            "duration": time.time() - start,
+            "start_time": start,
+            "end_time": time.time(),
+            "status_dict": dict(status.dump()),
+        }
+        write_json(storage.join(self.output_folder, f"{name}{STATS_SUFFIX}"), stats, indent=4)  # marks the shard done
         storage.remove(shard_file)
+
+
+@contextlib.contextmanager
+def _set_on_error(event) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        event.set()
+        raise
+
+
+class WebDownloader(ShardWorker):
+    """Shard worker for http(s) URLs (:func:`fetch_url` with ``policy``)."""
+
+    def __init__(self, *args, policy: FetchPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy = policy
+
+    def fetch(self, url: str) -> Fetched:
+        return fetch_url(url, self.policy)
+
+
+class LocalImagePacker(ShardWorker):
+    """Shard worker for images already on disk: the ``url`` column holds file paths, each inside ``root``."""
+
+    def __init__(self, *args, root: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.root = os.path.abspath(root) + os.sep  # the images are local files; the output may be a URL
+        self.max_bytes = max_bytes
+
+    def fetch(self, path: str) -> Fetched:
+        if not os.path.abspath(path).startswith(self.root):
+            return Fetched(None, f"file_not_found: outside {self.root}")
+        try:
+            if os.path.getsize(path) > self.max_bytes:
+                return Fetched(None, f"file too large: {os.path.getsize(path)} bytes > {self.max_bytes} (max_image_bytes)")
+            with open(path, "rb") as f:
+                return Fetched(f.read(), None)
+        except FileNotFoundError:
+            return Fetched(None, "file_not_found")
+        except OSError as e:
+            return Fetched(None, f"other: {e.strerror}")
 
 
 # ----------------------------------------------------------------------------- planning
@@ -318,13 +449,34 @@ class ShardSettings:
     threads: int = 32
     timeout: int = 10
     encode_quality: int = 95
+    retries: int = 2  # of a transient failure, within the run (FetchPolicy)
+    retry_backoff: float = 1.0  # seconds before the first retry, doubling
+    max_image_area: int = DEFAULT_MAX_IMAGE_AREA  # pixels; a larger image is refused before it is decoded
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    user_agent_token: str | None = None
+    disallowed_header_directives: tuple[str, ...] = X_ROBOTS_DIRECTIVES
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
-        for name in ("image_size", "samples_per_shard", "threads", "timeout"):
+        for name in ("image_size", "samples_per_shard", "threads", "timeout", "max_image_area", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.policy()  # checks retries and backoff
+        self.resizer()  # checks max_image_area against Pillow's own limit
+
+    def policy(self) -> FetchPolicy:
+        return FetchPolicy(
+            timeout=self.timeout,
+            retries=self.retries,
+            backoff_s=self.retry_backoff,
+            max_bytes=self.max_image_bytes,
+            user_agent_token=self.user_agent_token,
+            disallowed_header_directives=tuple(self.disallowed_header_directives),
+        )
+
+    def resizer(self) -> ImageResizer:
+        return ImageResizer(self.image_size, self.resize_mode, self.max_image_area, self.encode_quality)
 
 
 def shard_count(rows: int, samples_per_shard: int) -> int:
@@ -418,6 +570,9 @@ class IngestResult:
     retries: int = 0
     seconds: float = 0.0  # this run's shard phase, first submit to last result
     successes_now: int = 0  # samples written by this run
+    download_retries: int = 0  # transient download failures retried inside the shards this run finished
+    retry_round: int | None = None  # the retry round this run planned (--retry-failed), if any
+    retried: dict = field(default_factory=dict)  # retry_accounting(): every round so far
 
     @property
     def images_per_s(self) -> float:
@@ -531,11 +686,10 @@ def _load_attempts(path: str) -> dict[int, int]:
         return {}
 
 
-def build_manifest(output: str, shards: int, attempts: dict[int, int]) -> pa.Table:
-    """One row per done shard, from its stats file (schemas.SHARD_MANIFEST)."""
-    digits = shard_digits(shards)
+def build_manifest(output: str, shard_ids, attempts: dict[int, int], digits: int) -> pa.Table:
+    """One row per done shard among ``shard_ids``, from its stats file (schemas.SHARD_MANIFEST)."""
     rows = []
-    for shard_id in sorted(s for s in done_shards(output) if s < shards):
+    for shard_id in sorted(s for s in done_shards(output) if s in set(shard_ids)):
         stats = read_stats(output, shard_id, digits)
         if stats is None:
             continue
@@ -555,60 +709,14 @@ def build_manifest(output: str, shards: int, attempts: dict[int, int]) -> pa.Tab
 
 
 def _make_worker(output: str, settings: ShardSettings, column_list: list[str], digits: int, local_root: str | None):
-    resizer = ClassifyingResizer(
-        image_size=settings.image_size,
-        resize_mode=settings.resize_mode,
-        resize_only_if_bigger=False,
-        encode_quality=settings.encode_quality,
-        encode_format="jpg",
-    )
+    args = (AtomicWebDatasetWriter, settings.resizer(), output, column_list, settings.samples_per_shard, digits)
     if local_root is not None:
-        return LocalImagePacker(AtomicWebDatasetWriter, resizer, output, column_list, settings.samples_per_shard, digits, local_root)
-    return Downloader(
-        sample_writer_class=AtomicWebDatasetWriter,
-        resizer=resizer,
-        thread_count=settings.threads,
-        save_caption=True,
-        extract_exif=False,
-        output_folder=output,
-        column_list=column_list,
-        timeout=settings.timeout,
-        number_sample_per_shard=settings.samples_per_shard,
-        oom_shard_count=digits,
-        compute_hash="sha256",
-        verify_hash_type=None,
-        encode_format="jpg",
-        retries=0,
-        user_agent_token=None,
-        disallowed_header_directives={"noai", "noimageai", "noindex", "noimageindex"},
-    )
+        return LocalImagePacker(*args, threads=settings.threads, root=local_root, max_bytes=settings.max_image_bytes)
+    return WebDownloader(*args, threads=settings.threads, policy=settings.policy())
 
 
-def _reader(urls_path: str, output: str, settings: ShardSettings, skip: set[int]) -> Reader:
-    return Reader(
-        urls_path,
-        "parquet",
-        "url",
-        "caption",
-        None,
-        None,
-        list(ADDITIONAL_COLUMNS),
-        settings.samples_per_shard,
-        skip,
-        storage.join(output, TMP),
-    )
-
-
-def _shard_files(urls_path: str, output: str, settings: ShardSettings, shards: int, wanted: set[int]) -> dict[int, str]:
-    """Write the arrow file of each wanted shard with img2dataset's Reader (its chatter goes to the log)."""
-    if not wanted:
-        return {}
-    chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter):
-        files = dict(_reader(urls_path, output, settings, set(range(shards)) - wanted))
-    for line in chatter.getvalue().splitlines():
-        log.debug("img2dataset reader: %s", line)
-    return files
+def _reader(table: str, settings: ShardSettings, skip: set[int], tmp: str) -> Reader:
+    return Reader(table, "parquet", "url", "caption", None, None, list(ADDITIONAL_COLUMNS), settings.samples_per_shard, skip, tmp)
 
 
 def run_ingest(
@@ -622,6 +730,7 @@ def run_ingest(
     worker_env: dict[str, str] | None = None,
     progress: Callable[[Progress], None] | None = None,
     manifest_every_s: float = 10.0,
+    retry_failed: Sequence[str] = (),
 ) -> IngestResult:
     """Download (or pack) the rows of ``urls`` into shards under ``output``; Ray must be initialized.
 
@@ -630,11 +739,18 @@ def run_ingest(
     ``max_shard_retries`` times. ``manifest.parquet`` is rewritten every
     ``manifest_every_s`` seconds and at the end, so that a killed run leaves a true one.
     ``worker_env`` is set in the workers' environment.
+
+    ``retry_failed`` (reasons such as ``timeout``, ``http_5xx``): once every shard is done,
+    the rows of done shards whose latest outcome is a failure with one of these reasons are
+    downloaded again, as a retry round (:func:`plan_retry_round`) of new shards numbered
+    after every existing one, so that their keys are new too. A round cut short by a crash
+    is completed by the next run before any new round is planned.
     """
     import ray
     from img2dataset.distributor import ray_download
 
     check_urls(urls, local_root)
+    retry_failed = check_reasons(retry_failed)
     output = output if storage.is_url(output) else os.path.abspath(output)
     tmp = storage.join(output, TMP)
     storage.makedirs(tmp)
@@ -646,27 +762,22 @@ def run_ingest(
     shards = shard_count(urls.num_rows, settings.samples_per_shard)
     digits = shard_digits(shards)
     drop_unreadable_stats(output)
-    done = {s for s in done_shards(output) if s < shards}
+    batches = [ShardBatch(urls_path, 0, shards, urls.num_rows)] + load_retry_rounds(output)
+    planned = {s for b in batches for s in b.ids}
+    done = {s for s in done_shards(output) if s in planned}
     attempts_path = storage.join(output, "ingest_attempts.json")
     attempts = _load_attempts(attempts_path)
-    result = IngestResult(output, build_manifest(output, shards, attempts), shards, len(done))
+    result = IngestResult(output, build_manifest(output, planned, attempts, digits), shards, len(done & set(range(shards))))
     manifest_path = storage.join(output, "manifest.parquet")
-    todo = sorted(set(range(shards)) - done)
     samples_done = sum(result.manifest.column("samples").to_pylist())
     successes = sum(result.manifest.column("successes").to_pylist())
 
     def report() -> None:
         if progress is not None:
-            progress(Progress(len(done), shards, samples_done, successes, urls.num_rows))
+            progress(Progress(len(done), len(planned), samples_done, successes, sum(b.rows for b in batches)))
 
     report()
-    if not todo:
-        write_table(result.manifest, manifest_path, SHARD_MANIFEST)
-        storage.remove(tmp, recursive=True)
-        return result
-
-    files = _shard_files(urls_path, output, settings, shards, set(todo))
-    column_list = _reader(urls_path, output, settings, set(range(shards))).column_list
+    column_list = _reader(urls_path, settings, set(range(shards)), tmp).column_list
     worker = ray.put(_make_worker(output, settings, column_list, digits, local_root))
     options = {"num_cpus": 1, "max_retries": 0}
     if worker_env:
@@ -674,21 +785,29 @@ def run_ingest(
     task = ray_download.options(**options)
     if processes < 1:
         processes = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    files: dict[int, str] = {}
 
-    queue = list(todo)
+    def arrow_file(shard_id: int) -> str:
+        if shard_id not in files or not storage.exists(files[shard_id]):
+            batch = next(b for b in batches if shard_id in b.ids)
+            files.update(batch.arrow_files(settings, {shard_id}, storage.join(tmp, f"batch-{batch.first}")))
+        return files[shard_id]
+
     in_flight: dict = {}
     tries_now: Counter = Counter()
-    last_manifest = start = time.time()
-    try:
+    start = time.time()
+
+    def run(todo: list[int]) -> None:
+        nonlocal samples_done, successes
+        queue = list(todo)
+        last_manifest = time.time()
         while queue or in_flight:
             while queue and len(in_flight) < processes:
                 shard_id = queue.pop(0)
-                if shard_id not in files or not storage.exists(files[shard_id]):
-                    files.update(_shard_files(urls_path, output, settings, shards, {shard_id}))
                 attempts[shard_id] = attempts.get(shard_id, 0) + 1
                 tries_now[shard_id] += 1
                 write_json(attempts_path, {str(k): v for k, v in sorted(attempts.items())})
-                in_flight[task.remote(worker, (shard_id, files[shard_id]))] = shard_id
+                in_flight[task.remote(worker, (shard_id, arrow_file(shard_id)))] = shard_id
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             for ref in ready:
                 shard_id = in_flight.pop(ref)
@@ -704,6 +823,7 @@ def run_ingest(
                     samples_done += int(stats["count"])
                     successes += int(stats["successes"])
                     result.successes_now += int(stats["successes"])
+                    result.download_retries += int(stats.get("download_retries", 0))
                     result.shards_failed.pop(shard_id, None)
                     report()
                     continue
@@ -717,17 +837,158 @@ def run_ingest(
                     log.error("shard %d failed %d time(s), giving up: %s", shard_id, tries_now[shard_id], error)
                     report()
             if time.time() - last_manifest > manifest_every_s:
-                write_table(build_manifest(output, shards, attempts), manifest_path, SHARD_MANIFEST)
+                write_table(build_manifest(output, planned, attempts, digits), manifest_path, SHARD_MANIFEST)
                 last_manifest = time.time()
+
+    try:
+        run(sorted(planned - done))
+        if retry_failed and not result.shards_failed:
+            batch = plan_retry_round(output, batches, done, retry_failed, settings.samples_per_shard, digits)
+            if batch is not None:
+                batches.append(batch)
+                planned.update(batch.ids)
+                result.retry_round = batch.round
+                report()
+                run(list(batch.ids))
         result.seconds = time.time() - start
     finally:
         for ref in in_flight:
             ray.cancel(ref, force=True)
-        result.manifest = build_manifest(output, shards, attempts)
+        result.manifest = build_manifest(output, planned, attempts, digits)
+        result.retried = retry_accounting(batches, done, settings.samples_per_shard)
         write_table(result.manifest, manifest_path, SHARD_MANIFEST)
         if not in_flight:
             storage.remove(tmp, recursive=True)
     return result
+
+
+# ----------------------------------------------------------------------------- retry rounds
+
+RETRY_ROUNDS = "ingest_retries.json"
+RETRY_DIR = "retries"
+
+
+@dataclass
+class ShardBatch:
+    """Shards cut from one URL table, ``samples_per_shard`` rows each, with ids ``first`` .. ``first + shards - 1``.
+
+    The main batch is the URL table (ids from 0); each retry round is a batch of its own,
+    numbered after every shard planned before it, so its keys never meet an earlier key.
+    """
+
+    table: str  # parquet with the download columns (uid, url, caption, source, split[, previous_reason, previous_shard])
+    first: int
+    shards: int
+    rows: int
+    round: int = 0  # 0: the main batch
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def ids(self) -> range:
+        return range(self.first, self.first + self.shards)
+
+    def arrow_files(self, settings: ShardSettings, wanted: set[int], tmp: str) -> dict[int, str]:
+        """The arrow file of each wanted shard (img2dataset's Reader; its chatter goes to the log)."""
+        local = {s - self.first for s in wanted}
+        storage.makedirs(tmp)
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):
+            files = dict(_reader(self.table, settings, set(range(self.shards)) - local, tmp))
+        for line in chatter.getvalue().splitlines():
+            log.debug("img2dataset reader: %s", line)
+        return {self.first + k: v for k, v in files.items()}
+
+    def rows_of(self, shard_id: int, samples_per_shard: int) -> pa.Table:
+        k = shard_id - self.first
+        with storage.open_file(self.table, "rb") as f:
+            return pq.read_table(f).slice(k * samples_per_shard, samples_per_shard)
+
+
+def load_retry_rounds(output: str) -> list[ShardBatch]:
+    """The retry rounds planned in ``output`` so far (``ingest_retries.json``), in order."""
+    try:
+        rounds = storage.read_json(storage.join(output, RETRY_ROUNDS))
+    except FileNotFoundError:
+        return []
+    return [
+        ShardBatch(storage.join(output, r["urls"]), r["first_shard"], r["shards"], r["rows"], r["round"], tuple(r["reasons"]))
+        for r in rounds
+    ]
+
+
+def latest_outcomes(output: str, shard_ids, digits: int) -> dict[str, dict]:
+    """uid -> the row of its latest outcome (the done shard with the highest id holding it)."""
+    latest: dict[str, dict] = {}
+    columns = ["uid", "key", "url", "caption", "source", "split", "status", "error_message"]
+    for shard_id in sorted(shard_ids):
+        with storage.open_file(storage.join(output, f"{shard_id:0{digits}d}.parquet"), "rb") as f:
+            table = pq.read_table(f, columns=columns)
+        for row in table.to_pylist():
+            row["shard"] = shard_id
+            latest[row["uid"]] = row
+    return latest
+
+
+def plan_retry_round(output: str, batches: list[ShardBatch], done: set[int], reasons: Sequence[str], samples_per_shard: int, digits: int) -> ShardBatch | None:
+    """Write the next retry round (its URL table and its line in ``ingest_retries.json``); None when no row qualifies.
+
+    A row qualifies when its latest outcome, among the done shards, is a failure whose
+    reason one of ``reasons`` names, and it is not waiting in a shard of an earlier round.
+    """
+    waiting = set()
+    for batch in batches[1:]:
+        for shard_id in batch.ids:
+            if shard_id not in done:
+                waiting.update(batch.rows_of(shard_id, samples_per_shard).column("uid").to_pylist())
+    rows = []
+    for row in latest_outcomes(output, done, digits).values():
+        if row["status"] == "success" or row["uid"] in waiting:
+            continue
+        reason = classify_error(row["error_message"])
+        if any(reason_matches(reason, spec) for spec in reasons):
+            rows.append({**{c: row[c] for c in ("uid", "url", "caption", "source", "split")}, "previous_reason": reason, "previous_shard": row["shard"]})
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (r["previous_shard"], r["uid"]))
+    number = len(batches)  # the main batch is round 0
+    first = max(s for b in batches for s in b.ids) + 1
+    name = posixpath.join(RETRY_DIR, f"round-{number:05d}.parquet")  # relative to the output, "/" on every system
+    table = pa.Table.from_pylist(rows)
+    with atomic_file(storage.join(output, name)) as f:
+        pq.write_table(table, f)
+    batch = ShardBatch(storage.join(output, name), first, shard_count(len(rows), samples_per_shard), len(rows), number, tuple(reasons))
+    rounds = [
+        {"round": b.round, "reasons": list(b.reasons), "first_shard": b.first, "shards": b.shards, "rows": b.rows, "urls": name_in(output, b.table)}
+        for b in [*batches[1:], batch]
+    ]
+    write_json(storage.join(output, RETRY_ROUNDS), rounds)
+    return batch
+
+
+def name_in(output: str, path: str) -> str:
+    """``path`` relative to ``output`` (both local paths or both URLs), with "/" separators."""
+    if storage.is_url(output):
+        return posixpath.relpath(path, output.rstrip("/"))
+    return os.path.relpath(path, output).replace(os.sep, "/")
+
+
+def retry_accounting(batches: list[ShardBatch], done: set[int], samples_per_shard: int) -> dict:
+    """What the retry rounds did: rows retried in done shards, and the failures they replace (by reason)."""
+    superseded: Counter = Counter()
+    rows_done = 0
+    for batch in batches[1:]:
+        for shard_id in batch.ids:
+            if shard_id in done:
+                rows = batch.rows_of(shard_id, samples_per_shard)
+                rows_done += rows.num_rows
+                superseded.update(rows.column("previous_reason").to_pylist())
+    return {
+        "rounds": len(batches) - 1,
+        "rows": sum(b.rows for b in batches[1:]),
+        "rows_done": rows_done,
+        "superseded": dict(sorted(superseded.items())),
+        "retry_shards": sorted(s for b in batches[1:] for s in b.ids),
+    }
 
 
 # ----------------------------------------------------------------------------- summary
@@ -749,14 +1010,18 @@ def summarize(
     """Every count of a run, machine-readable (``ingest_summary.json``).
 
     ``url_rows = sum(filtered) + not_selected + selected`` and
-    ``selected = downloaded + sum(failed) + pending``.
+    ``selected = downloaded + sum(failed) + pending``: a row counts once, by its latest
+    outcome (a failure that a retry round downloaded again counts only there).
     """
     manifest = result.manifest
+    retried = result.retried or {"rounds": 0, "rows": 0, "rows_done": 0, "superseded": {}, "retry_shards": []}
     failed: Counter = Counter()
     for reasons in manifest.column("failures_by_reason").to_pylist():
         failed.update(dict(reasons))
+    failed.subtract(retried["superseded"])
+    failed = +failed
     downloaded = sum(manifest.column("successes").to_pylist())
-    processed = sum(manifest.column("samples").to_pylist())
+    processed = sum(manifest.column("samples").to_pylist()) - retried["rows_done"]
     return {
         "source": source,
         "input": input_path,
@@ -772,12 +1037,20 @@ def summarize(
         "failed": dict(sorted(failed.items(), key=lambda kv: (-kv[1], kv[0]))),
         "pending": selected - processed,
         "shards": {
-            "total": result.shards_total,
+            "total": result.shards_total + len(retried["retry_shards"]),
             "done": manifest.num_rows,
             "done_before": result.shards_done_before,
             "done_this_run": len(result.shards_done_now),
             "failed": {str(k): v for k, v in sorted(result.shards_failed.items())},
             "retries_this_run": result.retries,
+        },
+        "download_retries_this_run": result.download_retries,
+        "retry_rounds": {
+            "rounds": retried["rounds"],
+            "planned_this_run": result.retry_round,
+            "rows": retried["rows"],
+            "rows_done": retried["rows_done"],
+            "replaced_failures": retried["superseded"],
         },
         "this_run": {
             "downloaded": result.successes_now,
@@ -807,9 +1080,16 @@ def format_summary(s: dict) -> str:
         f"  pending      {s['pending']:>10}   (rows of shards not done: re-run the same command)",
         f"  shards       {shards['done']:>10} / {shards['total']} done ({shards['done_before']} before this run), "
         f"{len(shards['failed'])} failed after retries, {shards['retries_this_run']} retries",
+        f"  retried      {s['download_retries_this_run']:>10}   transient download failures retried in this run's shards",
         f"  speed        {s['this_run']['images_per_s']:>10.1f}   images/s this run "
         f"({s['this_run']['downloaded']} images in {s['this_run']['seconds']:.1f} s)",
     ]
+    rounds = s["retry_rounds"]
+    if rounds["rounds"]:
+        lines.append(
+            f"  re-fetched   {rounds['rows_done']:>10}   failed rows downloaded again in {rounds['rounds']} retry round(s) "
+            f"(was: {_counts(rounds['replaced_failures'])})"
+        )
     for reason, example in s["examples"].items():
         lines.append(f"  e.g. {reason}: {example}")
     return "\n".join(lines)

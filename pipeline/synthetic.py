@@ -11,7 +11,8 @@ real download path run on it:
 
     <out>/images/<split>/<index>.jpg       image files (also the local image folder)
     <out>/ground_truth.parquet             one row per sample: split, index, file, kind,
-                                            caption, objects, scene, labels
+                                            caption, objects, scene, labels, boxes (each
+                                            drawn object's noun and pixel bounds)
     <out>/tokenizer.model                  a small SentencePiece model for tiny models
     <out>/<split>/cc3m.tsv                 caption \\t url, no header (CC3M / CC12M layout)
     <out>/<split>/coco_captions.json       images[] with coco_url, annotations[] (3-5 per image)
@@ -27,6 +28,15 @@ in ``ground_truth.parquet``:
     not_image       the body is HTML, not an image
     truncated_jpeg  the body is the first 40% of a JPEG
     empty_caption   the caption is empty or whitespace
+
+and, only when asked (``write_world(duplicates=..., mismatches=...)``), rows appended
+after each split's own, for data hygiene (dedup and CLIP-score filtering):
+
+    duplicate       a copy of another good image (exact, re-encoded, resized or slightly
+                    cropped; ``transform``, ``duplicate_of`` name it); in train some copy
+                    a validation image
+    mismatch        an image captioned with another picture's caption (other scene, none
+                    of its objects); ``labels`` say what the image shows
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import json
 import math
 import os
 import random
+import socket
 import threading
 import time
 import urllib.parse
@@ -324,6 +335,17 @@ def _draw_object(draw: ImageDraw.ImageDraw, noun: str, colour: tuple[int, int, i
 
 def render(sample: Sample, seed: int) -> Image.Image:
     """Draw ``sample`` (deterministic): scene texture, then each object in its own cell."""
+    return render_with_boxes(sample, seed)[0]
+
+
+def render_with_boxes(sample: Sample, seed: int) -> tuple[Image.Image, list[dict]]:
+    """The image of ``sample`` and the box of each object drawn in it.
+
+    A box is ``{"noun", "x0", "y0", "x1", "y1"}`` in pixels of the IMAGE_SIZE image, the
+    tight bounds of the object's drawn pixels (x1, y1 exclusive); an object drawn twice or
+    three times has one box per copy. The boxes are measured on a blank layer per object,
+    so the image and the draw stream are the same as without them.
+    """
     rng = _rng(seed, sample.split, sample.index, "draw")
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
     draw = ImageDraw.Draw(img)
@@ -331,13 +353,18 @@ def render(sample: Sample, seed: int) -> Image.Image:
     instances = [(noun, colour, size) for noun, colour, size, count in sample.objects for _ in range(count)]
     cell = IMAGE_SIZE // 2
     cells = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], len(instances))
+    boxes = []
     for (noun, colour, size), (cx, cy) in zip(instances, cells):
         scale = SIZES.get(size, 0.86) * rng.uniform(0.92, 1.0)
         r = 0.46 * cell * scale
         x = cx * cell + cell / 2 + rng.uniform(-1, 1) * (cell / 2 - r) * 0.8
         y = cy * cell + cell / 2 + rng.uniform(-1, 1) * (cell / 2 - r) * 0.8
         _draw_object(draw, noun, COLOURS[colour], x, y, r)
-    return img
+        layer = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # white on black: every part of the object is non-zero
+        _draw_object(ImageDraw.Draw(layer), noun, COLOURS["white"], x, y, r)
+        x0, y0, x1, y1 = layer.getbbox()
+        boxes.append({"noun": noun, "x0": x0, "y0": y0, "x1": x1, "y1": y1})
+    return img, boxes
 
 
 def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
@@ -374,11 +401,22 @@ def write_world(
     bad_fraction: float = 0.1,
     tokenizer_vocab: int = 400,
     progress=None,
+    duplicates: float = 0.0,
+    mismatches: float = 0.0,
+    hygiene_splits: tuple[str, ...] = SPLITS,
 ) -> World:
     """Write images, ground truth and tokenizer of a world of ``n_train`` + ``n_val`` samples.
 
     ``bad_fraction`` of the rows (validation too) get one of the bad kinds. ``progress``
     is called with (done, total) every few hundred images.
+
+    ``duplicates`` and ``mismatches`` (shares of each split's size) append rows after the
+    split's own, from a random stream of their own, so that every other row, image and
+    caption is the same as in a world without them (:func:`hygiene_rows`): copies of good
+    images (kind ``duplicate``: exact, re-encoded, resized or slightly cropped; in train,
+    some copy a validation image) and images captioned with another picture's caption
+    (kind ``mismatch``), in the splits named by ``hygiene_splits``. The tokenizer is
+    trained on the splits' own rows only.
     """
     os.makedirs(out, exist_ok=True)
     sizes = {"train": n_train, "val": n_val}
@@ -388,13 +426,14 @@ def write_world(
         for i in range(n):
             s = make_sample(seed, split, i, bad_fraction)
             path = os.path.join(out, s.file)
+            img, boxes = render_with_boxes(s, seed)  # every row records its boxes, bad rows too
             if s.kind == "not_image":
                 body = b"<!doctype html><html><body><h1>Moved</h1><p>This page has moved.</p></body></html>\n"
             elif s.kind == "truncated_jpeg":
-                data = jpeg_bytes(render(s, seed))
+                data = jpeg_bytes(img)
                 body = data[: int(len(data) * 0.4)]
             else:
-                body = jpeg_bytes(render(s, seed))
+                body = jpeg_bytes(img)
             if s.kind != "dead_url":
                 write_bytes(path, body)
             rows.append(
@@ -407,16 +446,113 @@ def write_world(
                     "objects": [noun for noun, *_ in s.objects],
                     "scene": s.scene,
                     "labels": s.labels,
+                    "transform": None,
+                    "duplicate_of": None,
+                    "boxes": boxes,
                 }
             )
             done += 1
             if progress is not None and (done % 250 == 0 or done == total):
                 progress(done, total)
+    base_captions = [r["caption"] for r in rows]
+    if duplicates > 0 or mismatches > 0:
+        good = {split: [r["index"] for r in rows if r["split"] == split and r["kind"] == "good"] for split in SPLITS}
+        for split, n in sizes.items():
+            if split not in hygiene_splits:
+                continue
+            for row, body in hygiene_rows(seed, split, n, good, bad_fraction, duplicates, mismatches):
+                write_bytes(os.path.join(out, row["file"]), body)
+                rows.append(row)
     pq.write_table(pa.Table.from_pylist(rows, schema=GROUND_TRUTH), os.path.join(out, "ground_truth.parquet"))
-    train_tokenizer([r["caption"] for r in rows], os.path.join(out, "tokenizer.model"), tokenizer_vocab)
+    train_tokenizer(base_captions, os.path.join(out, "tokenizer.model"), tokenizer_vocab)
     with open(os.path.join(out, "world.json"), "w") as f:
-        json.dump({"seed": seed, "sizes": sizes, "bad_fraction": bad_fraction}, f, indent=2)
+        meta = {"seed": seed, "sizes": sizes, "bad_fraction": bad_fraction}
+        if duplicates > 0 or mismatches > 0:
+            meta.update(duplicates=duplicates, mismatches=mismatches)
+        json.dump(meta, f, indent=2)
     return World(out, seed, sizes)
+
+
+DUPLICATE_TRANSFORMS = ("exact", "reencode", "resize", "crop")
+CROSS_SPLIT_SHARE = 0.2  # of the train split's copies, those of a validation image (a leak --exclude-near must catch)
+
+
+def _copy(img: Image.Image, original: bytes, transform: str, rng: random.Random) -> bytes:
+    """A copy of an image as the web re-serves it: the same bytes, re-encoded, resized, or slightly cropped."""
+    if transform == "exact":
+        return original
+    if transform == "reencode":
+        return jpeg_bytes(img, quality=rng.randint(30, 70))
+    if transform == "resize":
+        side = round(IMAGE_SIZE * rng.uniform(0.5, 0.8))
+        return jpeg_bytes(img.resize((side, side), Image.Resampling.LANCZOS))
+    margins = [rng.randint(2, 6) for _ in range(4)]  # 1-2% of each side
+    return jpeg_bytes(img.crop((margins[0], margins[1], IMAGE_SIZE - margins[2], IMAGE_SIZE - margins[3])))
+
+
+def hygiene_rows(
+    seed: int, split: str, n: int, good: dict[str, list[int]], bad_fraction: float, duplicates: float, mismatches: float
+) -> Iterator[tuple[dict, bytes]]:
+    """(ground-truth row, image body) of the rows appended after a split's ``n`` own rows.
+
+    Their random stream is their own (salted "hygiene"), and what a copy copies is drawn
+    from ``good`` (the good rows of each split), so adding them changes no other row.
+    """
+    n_dup, n_mis = round(duplicates * n), round(mismatches * n)
+    plan = _rng(seed, split, n, "hygiene-plan")
+    kinds = ["duplicate"] * n_dup + ["mismatch"] * n_mis
+    plan.shuffle(kinds)
+    own = list(good.get(split, []))
+    sources = plan.sample(own, min(n_dup, len(own))) if own else []
+    cross = list(good.get("val", [])) if split == "train" else []
+    next_source = 0
+    for j, kind in enumerate(kinds):
+        index = n + j
+        rng = _rng(seed, split, index, "hygiene")
+        if kind == "duplicate" and (sources or cross):
+            if cross and (rng.random() < CROSS_SPLIT_SHARE or next_source >= len(sources)):
+                source = make_sample(seed, "val", rng.choice(cross), bad_fraction)
+            else:
+                source = make_sample(seed, split, sources[next_source], bad_fraction)
+                next_source += 1
+            img, boxes = render_with_boxes(source, seed)
+            transform = rng.choice(DUPLICATE_TRANSFORMS)
+            body = _copy(img, jpeg_bytes(img), transform, rng)
+            caption = rng.choice(source.captions)
+            sample, duplicate_of = source, source.file
+            boxes = boxes if transform in ("exact", "reencode") else None
+        else:
+            kind, transform, duplicate_of = "mismatch", None, None
+            sample = make_sample(seed, split, index)
+            img, boxes = render_with_boxes(sample, seed)
+            body = jpeg_bytes(img)
+            caption = "\n".join(_mismatched_caption(seed, split, index, sample).captions)
+        yield (
+            {
+                "split": split,
+                "index": index,
+                "file": f"images/{split}/{index:06d}.jpg",
+                "kind": kind,
+                "caption": caption,
+                "objects": [noun for noun, *_ in sample.objects],
+                "scene": sample.scene,
+                "labels": sample.labels,
+                "transform": transform,
+                "duplicate_of": duplicate_of,
+                "boxes": boxes,
+            },
+            body,
+        )
+
+
+def _mismatched_caption(seed: int, split: str, index: int, image: Sample) -> Sample:
+    """Another picture's sample, with another scene and none of ``image``'s objects: its captions mismatch the image."""
+    nouns = {noun for noun, *_ in image.objects}
+    for attempt in range(1000):
+        other = make_sample(seed, f"{split}-mismatch", index * 1000 + attempt)
+        if other.scene != image.scene and not nouns & {noun for noun, *_ in other.objects}:
+            return other
+    raise RuntimeError(f"no mismatched caption found for {split}/{index}")  # pragma: no cover - 8 scenes, 16 nouns
 
 
 def load_world(root: str) -> World:
@@ -434,7 +570,12 @@ GROUND_TRUTH = pa.schema(
         ("caption", pa.string()),  # all captions of the image, "\n"-joined
         ("objects", pa.list_(pa.string())),
         ("scene", pa.string()),
-        ("labels", pa.list_(pa.string())),
+        ("labels", pa.list_(pa.string())),  # what the image shows (a mismatch row's caption says otherwise)
+        ("transform", pa.string()),  # duplicate rows: exact | reencode | resize | crop
+        ("duplicate_of", pa.string()),  # duplicate rows: the file of the image they copy
+        # one per drawn object: its noun and tight pixel bounds in the IMAGE_SIZE image (x1, y1 exclusive);
+        # null for a resized or cropped duplicate, whose pixels no longer sit where the boxes say
+        ("boxes", pa.list_(pa.struct([("noun", pa.string()), ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32())]))),
     ]
 )
 
@@ -550,19 +691,39 @@ class _Gates:
     def __init__(self):
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
+        self._counts: dict[str, int] = {}
 
     def get(self, name: str) -> threading.Event:
         with self._lock:
             return self._events.setdefault(name, threading.Event())
 
+    def count(self, path: str) -> int:
+        """How many times ``path`` was requested before, counting this request."""
+        with self._lock:
+            self._counts[path] = self._counts.get(path, 0) + 1
+            return self._counts[path]
+
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Static files, plus two paths that let a test decide when an answer comes:
+    """Static files, plus paths that let a test decide how and when an answer comes.
+
+    Each prefix takes the path of a served file after it, and prefixes combine:
 
     - ``/delay/<ms>/<path>`` answers after a pause (at most 10 s);
     - ``/gate/<name>/<path>`` answers once ``/open/<name>`` has been requested (a 503
       after ``GATE_TIMEOUT_S`` if it never is), so that a test can hold downloads back
-      for exactly as long as it needs, whatever the machine's speed.
+      for exactly as long as it needs, whatever the machine's speed;
+    - ``/header/<Name>/<value>/<path>`` adds a response header (the value URL-quoted), e.g.
+      ``/header/X-Robots-Tag/noai/<path>``;
+    - ``/status/<code>/<path>`` always answers with that HTTP status;
+    - ``/flaky/<n>/<code>/<path>``: the first ``n`` requests of this exact URL answer
+      ``<code>`` (with ``Retry-After: 0`` for 429 and 503), later ones the file;
+    - ``/hang/<n>/<path>``: the first ``n`` requests of this exact URL get no answer until the
+      client gives up (its timeout), later ones the file;
+    - ``/reset/<n>/<path>``: the first ``n`` requests of this exact URL are closed unanswered.
+
+    The counts of ``flaky``, ``hang`` and ``reset`` are per server and per full URL (query
+    string included), so a test that adds ``?t=<its name>`` counts on its own.
     """
 
     gates: _Gates
@@ -570,7 +731,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - quiet: tests and jobs print their own progress
         pass
 
+    def end_headers(self):
+        for name, value in getattr(self, "extra_headers", []):
+            self.send_header(name, value)
+        super().end_headers()
+
+    def _hang_until_client_leaves(self) -> None:
+        import select
+
+        deadline = time.time() + GATE_TIMEOUT_S
+        while time.time() < deadline:
+            readable, _, _ = select.select([self.connection], [], [], 0.1)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                break
+
     def do_GET(self):
+        self.extra_headers = []
         parts = urllib.parse.urlsplit(self.path).path.split("/")
         if len(parts) == 3 and parts[1] == "open" and parts[2]:
             self.gates.get(parts[2]).set()
@@ -580,11 +756,38 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
-        if len(parts) > 3 and parts[1] == "gate":
-            if not self.gates.get(parts[2]).wait(GATE_TIMEOUT_S):
-                self.send_error(503, f"gate {parts[2]} was never opened")
+        full = self.path
+        while len(parts) > 3:
+            kind = parts[1]
+            if kind == "gate":
+                if not self.gates.get(parts[2]).wait(GATE_TIMEOUT_S):
+                    self.send_error(503, f"gate {parts[2]} was never opened")
+                    return
+                parts = parts[:1] + parts[3:]
+            elif kind == "header" and len(parts) > 4:
+                self.extra_headers.append((parts[2], urllib.parse.unquote(parts[3])))
+                parts = parts[:1] + parts[4:]
+            elif kind == "status" and parts[2].isdigit():
+                self.send_error(int(parts[2]))
                 return
-            self.path = "/" + "/".join(parts[3:])
+            elif kind == "flaky" and len(parts) > 4 and parts[2].isdigit() and parts[3].isdigit():
+                if self.gates.count(full) <= int(parts[2]):
+                    code = int(parts[3])
+                    if code in (429, 503):
+                        self.extra_headers.append(("Retry-After", "0"))
+                    self.send_error(code)
+                    return
+                parts = parts[:1] + parts[4:]
+            elif kind in ("hang", "reset") and parts[2].isdigit():
+                if self.gates.count(full) <= int(parts[2]):
+                    if kind == "hang":
+                        self._hang_until_client_leaves()
+                    self.close_connection = True
+                    return
+                parts = parts[:1] + parts[3:]
+            else:
+                break
+        self.path = "/".join(parts)
         super().do_GET()
 
     def translate_path(self, path):

@@ -1,6 +1,7 @@
 """Arrow schemas of every table the pipeline writes, and the helpers that check them."""
 
 from schemas.tables import (
+    CURATION,
     LABEL_TABLE,
     PER_K_METRICS,
     PREDICTIONS,
@@ -15,6 +16,7 @@ from schemas.tables import (
 from schemas.validate import SchemaError, conform, read_table, validate, write_table
 
 __all__ = [
+    "CURATION",
     "LABEL_TABLE",
     "PER_K_METRICS",
     "PREDICTIONS",

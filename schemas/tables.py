@@ -9,6 +9,7 @@ Each stage reads only what the stage before it wrote, through these schemas:
     PREDICTIONS      jobs.evaluate  predictions.parquet, one row per validation sample, plus a
                                     column per (metric, k) asked (predictions_schema(ks))
     REPORT           jobs.evaluate  report.parquet, one row per (dataset, k, embedding model)
+    CURATION         jobs.curate    curation.parquet, one row per input sample: hashes, scores, kept or why not
 
 A schema may allow columns beyond the declared ones: its metadata's ``extra_columns`` is a
 regular expression their names match (they are float64).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 __all__ = [
+    "CURATION",
     "LABEL_TABLE",
     "PER_K_METRICS",
     "PREDICTIONS",
@@ -147,7 +149,27 @@ REPORT = _schema(
     ],
 )
 
+CURATION = _schema(
+    "curation",
+    1,
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),  # input (and output) shard name, e.g. "00012"
+        pa.field("caption", pa.string()),
+        pa.field("sha256", pa.string()),  # of the stored image bytes: exact duplicates share it
+        pa.field("phash", pa.string()),  # 256-bit perceptual hash (phash or dhash), 64 hex digits
+        pa.field("clip_score", pa.float64()),  # image-caption cosine; null when not scored (dropped by dedup)
+        pa.field("classifier_score", pa.float64()),  # --classifier's score of the image embedding
+        pa.field("kept", pa.bool_(), nullable=False),
+        # null when kept, else: unreadable | eval_duplicate | exact_duplicate | near_duplicate
+        # | classifier | low_clip_score | below_top_fraction (the first that applies)
+        pa.field("reason", pa.string()),
+        pa.field("duplicate_of", pa.string()),  # the kept key it duplicates (eval duplicates: <eval shard>/<key>)
+        pa.field("phash_distance", pa.int64()),  # bits between the two perceptual hashes
+    ],
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"schema_name"].decode(): s
-    for s in (URL_TABLE, SHARD_MANIFEST, LABEL_TABLE, VOCAB, PREDICTIONS, REPORT)
+    for s in (URL_TABLE, SHARD_MANIFEST, LABEL_TABLE, VOCAB, PREDICTIONS, REPORT, CURATION)
 }

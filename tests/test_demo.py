@@ -130,3 +130,14 @@ def test_interrupted_demo_stops_its_stage_and_its_ray_head(repo_root, tmp_path):
     while _listening(head_port) and time.time() < deadline:
         time.sleep(0.5)
     assert not _listening(head_port), "the Ray head still listens after the demo ended"
+
+
+def test_demo_curates_the_train_shards(demo_run):
+    """The curate stage finds the world's labelled copies and drops mismatched captions more often."""
+    out, proc = demo_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    curation = json.load(open(os.path.join(out, "summary.json")))["curation"]
+    assert curation["copies_in_world"] > 0
+    assert curation["copies_dropped_as_duplicates"] >= 0.95 * curation["copies_in_world"], curation
+    assert curation["mismatch_drop_rate"] > curation["match_drop_rate"], curation
+    assert "=== curation of the train shards" in proc.stdout

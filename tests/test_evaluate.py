@@ -19,7 +19,7 @@ from PIL import Image
 
 from jobs import evaluate as job
 from jobs._cli import SUBMITTED
-from model.checkpoint import load_pretrained, save_pretrained
+from model.checkpoint import check_pretrained, load_pretrained, save_pretrained
 from model.sampling import one_shot
 from model.tokenizer import Tokenizer
 from model.vision import preprocess
@@ -481,8 +481,20 @@ def test_job_figures_match_the_model_and_the_scorer(job_run, job_inputs):
     assert report[5]["recall"] == pytest.approx(float(np.mean(s.recall[minilm.name][:, 0])), abs=1e-6)
     assert report[5]["exact_recall"] == pytest.approx(float(np.mean(s.exact_recall[:, 0])), abs=1e-9)
     assert report[10]["f1"] == pytest.approx(float(np.mean(s.f1[minilm.name][:, 1])), abs=1e-6)
-    assert report[10]["checkpoint"] == export and report[10]["checkpoint_sha256"] == hashlib.sha256(open(os.path.join(export, "model.safetensors"), "rb").read()).hexdigest()
+    assert report[10]["checkpoint"] == export and report[10]["checkpoint_sha256"] == _sha256_of_export(export)
     assert report[10]["code_version"].startswith(("git:", "source:")) and report[10]["images_per_s"] > 0
+
+
+def _sha256_of_export(folder: str) -> str:
+    """The reports' rule, worked out here: each weight file's name and bytes, in the export's order."""
+    from model.export import weight_files
+
+    digest = hashlib.sha256()
+    for path in weight_files(folder):
+        digest.update(os.path.relpath(path, folder).encode() + b"\0")
+    for path in weight_files(folder):
+        digest.update(open(path, "rb").read())
+    return digest.hexdigest()
 
 
 def _replicate(shards_dir: str, labels_dir: str, out, copies: int) -> tuple[str, str]:
@@ -535,7 +547,7 @@ def test_exactly_once_when_a_predictor_actor_is_killed(ray_head, labelled_shards
     try:
         run = evaluation.run_evaluation(
             evaluation.plan_reads(found, labels, plan.batch_size),
-            image_size=64,
+            image_size=check_pretrained(export).vision.image_size,
             predictor={"checkpoint": export, "k": 10, "threads": 1, "marker": marker},
             scorer={"ks": [10], "threads": 1},
             plan=plan,

@@ -27,7 +27,14 @@ from model.tokenizer import Tokenizer
 from pipeline.evaluation import CheckpointIdentity, checkpoint_identity
 from tests.test_model import _tiny_model
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """These tests only run the model forward; gradients stay off inside this module only
+    (a module-level switch would leak into every test collected after it)."""
+    with torch.no_grad():
+        yield
+
 
 FILES = [
     "README.md",
@@ -42,7 +49,11 @@ FILES = [
     "vision/open_clip_model.safetensors",
 ]
 CARD = {
-    "train_config": {"lr": 3e-4, "steps": 7, "data": [{"name": "world", "shards": "/data/shards", "labels": "/data/labels", "weight": 1.0}]},
+    "train_config": {
+        "lr": 3e-4,
+        "steps": 7,
+        "data": [{"name": "world", "shards": "/data/shards", "labels": "/data/labels", "weight": 1.0}],
+    },
     "step": 7,
     "data_stats": {"samples": 112, "no_labels": 3},
     "evaluation": [{"dataset": "world_val", "k": 10, "R": 0.8125, "P": 0.4375, "F1": 0.5687}],
@@ -61,7 +72,13 @@ def model(tok) -> NxTP:
 
 @pytest.fixture(scope="module")
 def export(model, tok, tmp_path_factory) -> str:
-    return save_pretrained(model, tok, str(tmp_path_factory.mktemp("hf") / "export"), extra={"step": 7, "checkpoint": "step7"}, card=CARD)
+    return save_pretrained(
+        model,
+        tok,
+        str(tmp_path_factory.mktemp("hf") / "export"),
+        extra={"step": 7, "checkpoint": "step7"},
+        card=CARD,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +161,14 @@ def test_model_card(export):
 def test_decoder_in_transformers_gives_the_same_logits(export, model, tok, images):
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    assert AutoConfig.from_pretrained(os.path.join(export, "decoder")).vocab_size == tok.n_base + len(tok.specials)
+    assert AutoConfig.from_pretrained(os.path.join(export, "decoder")).vocab_size == tok.n_base + len(
+        tok.specials
+    )
     hf = LlamaForCausalLM.from_pretrained(os.path.join(export, "decoder")).eval()
     # token ids alone, the special ones included: embedded and scored as inside NxTP
-    ids = torch.tensor([tok.prompt_ids(model.cfg.prompt) + [tok.pad_id, tok.image_id] + tok.encode("red circle, star")])
+    ids = torch.tensor(
+        [tok.prompt_ids(model.cfg.prompt) + [tok.pad_id, tok.image_id] + tok.encode("red circle, star")]
+    )
     hidden, _ = model.decoder(model.decoder.embed(ids), prefix_mask(0, ids.shape[1]))
     torch.testing.assert_close(hf(input_ids=ids).logits, model.decoder.lm_head(hidden), rtol=1e-5, atol=1e-5)
     # NxTP's prefill: projected image tokens as inputs_embeds before the prompt, the image block bidirectional
@@ -155,11 +176,15 @@ def test_decoder_in_transformers_gives_the_same_logits(export, model, tok, image
     logits, _, h = model.prefill(images, prompt)
     mask = prefix_mask(model.n_image_tokens, prompt.shape[1])
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    torch.testing.assert_close(hf(inputs_embeds=h, attention_mask=additive).logits[:, -1], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        hf(inputs_embeds=h, attention_mask=additive).logits[:, -1], logits, rtol=1e-5, atol=1e-5
+    )
     # the tokenizer files declare <|image|> and the pad token with NxTP's ids
     hf_tok = AutoTokenizer.from_pretrained(export)
     assert (hf_tok.pad_token, hf_tok.pad_token_id) == ("<|empty|>", tok.pad_id)
-    assert hf_tok.convert_tokens_to_ids("<|image|>") == tok.image_id and "<|image|>" in hf_tok.all_special_tokens
+    assert (
+        hf_tok.convert_tokens_to_ids("<|image|>") == tok.image_id and "<|image|>" in hf_tok.all_special_tokens
+    )
     assert hf_tok(model.cfg.prompt, add_special_tokens=False)["input_ids"] == tok.encode(model.cfg.prompt)
 
 
@@ -169,14 +194,22 @@ def test_vision_tower_in_open_clip_gives_the_same_features(export, model, world)
 
     from model.vision import preprocess
 
-    clip, _, transform = open_clip.create_model_and_transforms(f"local-dir:{export}/vision", load_weights=False)
+    clip, _, transform = open_clip.create_model_and_transforms(
+        f"local-dir:{export}/vision", load_weights=False
+    )
     result = open_clip.load_checkpoint(clip, f"{export}/vision/open_clip_model.safetensors", strict=False)
     assert result.unexpected_keys == []
-    assert [k for k in result.missing_keys if k.startswith("visual.")] == ["visual.proj"]  # CLIP's pooled projection: not NxTP's
+    assert [k for k in result.missing_keys if k.startswith("visual.")] == [
+        "visual.proj"
+    ]  # CLIP's pooled projection: not NxTP's
     clip.eval()
-    with Image.open(os.path.join(world.root, next(s["file"] for s in world.samples("val") if s["kind"] == "good"))) as img:
+    with Image.open(
+        os.path.join(world.root, next(s["file"] for s in world.samples("val") if s["kind"] == "good"))
+    ) as img:
         pixels = transform(img.convert("RGB"))
-        torch.testing.assert_close(pixels, preprocess(model.cfg.vision.image_size)(img.convert("RGB")), rtol=0, atol=0)
+        torch.testing.assert_close(
+            pixels, preprocess(model.cfg.vision.image_size)(img.convert("RGB")), rtol=0, atol=0
+        )
     _, tokens = clip.visual(pixels[None])
     torch.testing.assert_close(tokens, model.vision.vit(pixels[None])[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model.vision.proj(tokens), model.vision(pixels[None]), rtol=1e-6, atol=1e-6)
@@ -209,7 +242,11 @@ def hf_cache(export, tmp_path_factory) -> tuple[Path, str]:
     snapshot = put_in_hf_cache(export, cache, "nxtp-test/tiny", "a" * 40)
     damaged = tmp_path_factory.mktemp("damaged") / "export"
     shutil.copytree(export, damaged)
-    _replace_tensor(str(damaged / "decoder" / "model.safetensors"), "model.layers.1.self_attn.v_proj.weight", torch.zeros(64, 128))
+    _replace_tensor(
+        str(damaged / "decoder" / "model.safetensors"),
+        "model.layers.1.self_attn.v_proj.weight",
+        torch.zeros(64, 128),
+    )
     put_in_hf_cache(str(damaged), cache, "nxtp-test/damaged", "b" * 40)
     return cache, snapshot
 
@@ -220,15 +257,22 @@ def test_hub_id_resolves_from_the_cache(hf_cache, export, model, tok):
 
     cache, snapshot = hf_cache
     repos = {r.repo_id: r for r in scan_cache_dir(cache).repos}  # huggingface_hub reads the layout as its own
-    assert {len(r.revisions) for r in repos.values()} == {1} and len(next(iter(repos["nxtp-test/tiny"].revisions)).files) == len(FILES)
+    assert {len(r.revisions) for r in repos.values()} == {1} and len(
+        next(iter(repos["nxtp-test/tiny"].revisions)).files
+    ) == len(FILES)
     assert is_hub_id("nxtp-test/tiny") and not is_hub_id(export) and not is_hub_id("nxtp.pth")
     assert resolve("nxtp-test/tiny", cache_dir=str(cache), local_files_only=True) == snapshot
     loaded = NxTP.from_pretrained("nxtp-test/tiny", cache_dir=str(cache), local_files_only=True)
     _same_weights(loaded, model)
     assert loaded.tokenizer.path == os.path.join(snapshot, "tokenizer.model")
-    hf = LlamaForCausalLM.from_pretrained("nxtp-test/tiny", subfolder="decoder", cache_dir=str(cache), local_files_only=True)
+    hf = LlamaForCausalLM.from_pretrained(
+        "nxtp-test/tiny", subfolder="decoder", cache_dir=str(cache), local_files_only=True
+    )
     assert hf.config.vocab_size == tok.n_base + len(tok.specials)
-    with pytest.raises(FileNotFoundError, match=f"nxtp-test/absent: no such local folder, and no model of that id in the Hugging Face cache {cache}"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"nxtp-test/absent: no such local folder, and no model of that id in the Hugging Face cache {cache}",
+    ):
         resolve("nxtp-test/absent", cache_dir=str(cache), local_files_only=True)
 
 
@@ -263,8 +307,15 @@ def test_jobs_take_a_hub_id_from_the_cache_offline(hf_cache, model, tok, world, 
     shards.mkdir()
     _write_tar(shards / "00000.tar", [("000000000", {"jpg": _jpeg(world)[0]})])
     _write_labels(str(labels), "00000", {"000000000": ["circle"]})
-    image_paths = [os.path.join(world.root, s["file"]) for s in world.samples("val") if s["kind"] == "good"][:1]
-    params = {"images": image_paths, "shards": str(shards), "labels": str(labels), "output": str(tmp_path / "report")}
+    image_paths = [os.path.join(world.root, s["file"]) for s in world.samples("val") if s["kind"] == "good"][
+        :1
+    ]
+    params = {
+        "images": image_paths,
+        "shards": str(shards),
+        "labels": str(labels),
+        "output": str(tmp_path / "report"),
+    }
     (tmp_path / "params.json").write_text(json.dumps(params))
     (tmp_path / "script.py").write_text(_JOBS_SCRIPT)
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=repo_root)
@@ -281,11 +332,22 @@ def test_jobs_take_a_hub_id_from_the_cache_offline(hf_cache, model, tok, world, 
     labels = one_shot(model, torch.stack(pixels), tok, k=6, max_steps=8)
     assert out["infer_rc"] == 0
     assert [r["labels"] for r in out["infer"]] == [x.labels for x in labels]
-    assert out["checkpoint_flag"] == "nxtp-test/tiny" and out["model_path"] == snapshot and out["image_size"] == 32
+    assert (
+        out["checkpoint_flag"] == "nxtp-test/tiny"
+        and out["model_path"] == snapshot
+        and out["image_size"] == 32
+    )
     assert out["damaged_rc"] == 2 and out["absent_rc"] == 2
-    damaged_file = str(cache / "models--nxtp-test--damaged" / "snapshots" / ("b" * 40) / "decoder" / "model.safetensors")
-    assert f"{damaged_file}: key 'model.layers.1.self_attn.v_proj.weight' has shape (64, 128)" in out["stderr"]
-    assert "nxtp-test/absent: no such local folder, and no model of that id in the Hugging Face cache" in out["stderr"]
+    damaged_file = str(
+        cache / "models--nxtp-test--damaged" / "snapshots" / ("b" * 40) / "decoder" / "model.safetensors"
+    )
+    assert (
+        f"{damaged_file}: key 'model.layers.1.self_attn.v_proj.weight' has shape (64, 128)" in out["stderr"]
+    )
+    assert (
+        "nxtp-test/absent: no such local folder, and no model of that id in the Hugging Face cache"
+        in out["stderr"]
+    )
     assert not (tmp_path / "report").exists()
 
 
@@ -297,9 +359,20 @@ def _write_format_1(model: NxTP, tok: Tokenizer, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"), metadata={"format": "nxtp"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "nxtp"},
+    )
     shutil.copyfile(tok.path, folder / "tokenizer.model")
-    config = {"format": "nxtp", "format_version": 1, "model": model.cfg.to_dict(), "tokenizer": "tokenizer.model", "step": 3, "checkpoint": "step3"}
+    config = {
+        "format": "nxtp",
+        "format_version": 1,
+        "model": model.cfg.to_dict(),
+        "tokenizer": "tokenizer.model",
+        "step": 3,
+        "checkpoint": "step3",
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -312,15 +385,21 @@ def test_format_1_folders_still_load(model, tok, images, expected, tmp_path, wor
     for other in (load_pretrained(str(old))[0], load_model(str(old))[0]):
         _same_weights(other, model)
     digest = hashlib.sha256(b"model.safetensors\0" + (old / "model.safetensors").read_bytes()).hexdigest()
-    assert checkpoint_identity(str(old)) == CheckpointIdentity(str(old), digest, 3)  # the reports' identity of a format-1 folder
+    assert checkpoint_identity(str(old)) == CheckpointIdentity(
+        str(old), digest, 3
+    )  # the reports' identity of a format-1 folder
     image = next(os.path.join(world.root, s["file"]) for s in world.samples("val") if s["kind"] == "good")
-    assert infer.main(["--checkpoint", str(old), "--image", image, "--num-labels", "3", "--max-steps", "4"]) == 0
+    assert (
+        infer.main(["--checkpoint", str(old), "--image", image, "--num-labels", "3", "--max-steps", "4"]) == 0
+    )
     assert "| prob: " in capsys.readouterr().out
     # a format-1 folder that does not match its config names the file and key, as before
     config = json.loads((old / "config.json").read_text())
     config["model"]["decoder"]["hidden_dim"] += 8
     (old / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightError, match=r"model.safetensors: key 'decoder.layers.0.mlp.gate_proj.weight' has shape"):
+    with pytest.raises(
+        WeightError, match=r"model.safetensors: key 'decoder.layers.0.mlp.gate_proj.weight' has shape"
+    ):
         check_pretrained(str(old))
 
 

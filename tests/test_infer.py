@@ -1,7 +1,9 @@
 """jobs.infer on an exported model and on a released-layout checkpoint."""
 
 import json
+import os
 
+import pytest
 from PIL import Image
 
 from jobs import infer
@@ -54,3 +56,28 @@ def test_infer_reports_unreadable_image(tmp_path, world, capsys):
     captured = capsys.readouterr()
     assert f"{broken}: cannot read the image" in captured.err
     assert good in captured.out and "| prob: " in captured.out
+
+
+def test_infer_writes_an_attention_map_per_image(tmp_path, world, capsys):
+    tok = Tokenizer(world.tokenizer)
+    export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
+    images = _images(world, 2)
+    out_dir = tmp_path / "maps"
+    args = ["--checkpoint", export, "--image", *images, "--num-labels", "3", "--format", "json", "--attention-map", str(out_dir)]
+    assert infer.main([*args, "--layer", "-1", "--head", "0"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["attention_map"] for r in results] == [str(out_dir / os.path.basename(p).replace(".jpg", ".png")) for p in images]
+    assert sorted(os.listdir(out_dir)) == sorted(os.path.basename(r["attention_map"]) for r in results)
+    for r in results:
+        with Image.open(r["attention_map"]) as png:
+            assert png.format == "PNG"
+    # the same file name twice: both maps are kept
+    assert infer.main(["--checkpoint", export, "--image", images[0], images[0], "--format", "json", "--attention-map", str(out_dir)]) == 0
+    paths = [r["attention_map"] for r in json.loads(capsys.readouterr().out)]
+    assert len(set(paths)) == 2 and all(os.path.isfile(p) for p in paths)
+    assert infer.main([*args, "--layer", "3"]) == 2
+    assert "layer 3 is out of range: the decoder has 3 layers (0..2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        infer.main(["--checkpoint", export, "--image", images[0], "--head", "1"])
+    with pytest.raises(ValueError, match="they need --attention-map DIR"):
+        infer.InferConfig(checkpoint=export, images=images, head=1)

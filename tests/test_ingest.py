@@ -29,6 +29,7 @@ from PIL import Image
 from jobs import ingest as ingest_job
 from jobs._cli import SUBMITTED
 from pipeline import ingest, synthetic
+from pipeline.images import ImageResizer
 from schemas import SHARD_MANIFEST, URL_TABLE, read_table
 
 EXPECTED_REASON = {"dead_url": "http_404", "not_image": "not_an_image", "truncated_jpeg": "decode_error"}
@@ -154,7 +155,7 @@ def test_resizer_tells_html_from_a_broken_image():
     jpeg = synthetic.jpeg_bytes(synthetic.render(sample, 0))
     png = io.BytesIO()
     synthetic.render(sample, 0).save(png, "PNG")
-    resizer = ingest.ClassifyingResizer(image_size=64, resize_mode="center_crop", resize_only_if_bigger=False)
+    resizer = ImageResizer(image_size=64, resize_mode="center_crop")
     img, width, height, *_, error = resizer(io.BytesIO(jpeg))
     assert error is None and (width, height) == (64, 64) and img[:3] == b"\xff\xd8\xff"
     assert resizer(io.BytesIO(jpeg[: len(jpeg) * 4 // 10]))[-1] == "decode_error: jpeg"

@@ -33,7 +33,7 @@ def _label_rows():
 
 
 def test_every_schema_is_versioned_and_named():
-    assert set(SCHEMAS) == {"url_table", "shard_manifest", "label_table", "vocab", "predictions", "report"}
+    assert set(SCHEMAS) == {"url_table", "shard_manifest", "label_table", "vocab", "predictions", "report", "curation"}
     for name, schema in SCHEMAS.items():
         assert schema.metadata[b"schema_name"].decode() == name
         assert int(schema.metadata[b"schema_version"]) >= 1

@@ -1,9 +1,11 @@
+import io
 import json
 import os
 import socket
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -25,6 +27,28 @@ def test_world_is_deterministic(tmp_path):
             assert open(pa_, "rb").read() == open(pb_, "rb").read()
     c = synthetic.write_world(str(tmp_path / "c"), 12, 4, seed=8, bad_fraction=0.3)
     assert not pq.read_table(os.path.join(c.root, "ground_truth.parquet")).equals(ta)
+
+
+def test_boxes_bound_each_drawn_object(tmp_path):
+    world = synthetic.write_world(str(tmp_path), 40, 0, seed=5, bad_fraction=0.2)
+    for row in world.samples("train"):
+        sample = synthetic.make_sample(5, "train", row["index"], bad_fraction=0.2)
+        assert sorted(b["noun"] for b in row["boxes"]) == sorted(n for n, _, _, count in sample.objects for _ in range(count))
+        img, boxes = synthetic.render_with_boxes(sample, 5)
+        assert boxes == row["boxes"]  # recorded for bad rows too
+        # the objects are what differs from the bare scene (drawn from the same stream): inside the boxes only,
+        # and reaching every edge of each box
+        bare = synthetic.render(synthetic.Sample(sample.split, sample.index, sample.kind, sample.scene, []), 5)
+        changed = np.any(np.asarray(img) != np.asarray(bare), axis=-1)
+        covered = np.zeros_like(changed)
+        for b in boxes:
+            covered[b["y0"] : b["y1"], b["x0"] : b["x1"]] = True
+            ys, xs = np.nonzero(changed[b["y0"] : b["y1"], b["x0"] : b["x1"]])
+            assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == (0, 0, b["y1"] - b["y0"], b["x1"] - b["x0"])
+        assert not (changed & ~covered).any()
+        if row["kind"] in ("good", "empty_caption"):
+            with Image.open(os.path.join(world.root, row["file"])) as written:
+                assert np.array_equal(np.asarray(written), np.asarray(Image.open(io.BytesIO(synthetic.jpeg_bytes(img)))))
 
 
 def test_vocabulary_and_scenes():
