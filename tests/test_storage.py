@@ -161,3 +161,18 @@ def test_export_to_refuses_what_is_not_a_model_and_copies_to_a_folder_too(prefix
         check_export_to(str(tmp_path / "other"))
     with pytest.raises(storage.StorageError, match="does not exist"):
         check_export_to("s3://no-such-bucket/m")
+
+
+def test_tables_are_written_and_read_back_in_a_bucket(prefix):
+    """schemas.write_table / read_table take URLs (a re-run of ingestion reads its urls.parquet back from the bucket)."""
+    import pyarrow as pa
+
+    from schemas import URL_TABLE, read_table, write_table
+
+    table = pa.table({"key": ["k0", "k1"], "url": ["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"], "caption": ["a cup", "a star"],
+                      "source": ["laion"] * 2, "split": ["train"] * 2})  # fmt: skip
+    write_table(table, f"{prefix}/urls.parquet", URL_TABLE)
+    back = read_table(f"{prefix}/urls.parquet", URL_TABLE)
+    assert back.column("key").to_pylist() == ["k0", "k1"] and back.column("caption").to_pylist() == ["a cup", "a star"]
+    with pytest.raises(FileNotFoundError, match=f"{prefix}/other.parquet: no such table"):
+        read_table(f"{prefix}/other.parquet", URL_TABLE)
