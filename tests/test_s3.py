@@ -24,7 +24,8 @@ import yaml
 
 from pipeline import ray_local, storage
 from pipeline.outputs import MARKER
-from schemas import LABEL_TABLE, PREDICTIONS, SHARD_MANIFEST, URL_TABLE
+from pipeline.shards import find_shards
+from schemas import CURATION, LABEL_TABLE, PREDICTIONS, SHARD_MANIFEST, URL_TABLE
 from tests import s3_server
 
 pytestmark = [pytest.mark.s3, pytest.mark.cluster, pytest.mark.launcher]
@@ -93,7 +94,7 @@ def _train(repo_root: str, tmp: str, world, export_to: str) -> str:
 
 @pytest.fixture(scope="module")
 def chain(s3, served_world, ray_head, repo_root, tmp_path_factory):
-    """Every stage, inputs and outputs in s3://nxtp/chain: the list parts, shards, labels, the exported model, the report."""
+    """Every stage, inputs and outputs in s3://nxtp/chain: the list parts, shards, curated shards, labels, the exported model, the report."""
     world, _, paths = served_world
     _, env = s3
     fs = _s3()
@@ -107,6 +108,8 @@ def chain(s3, served_world, ray_head, repo_root, tmp_path_factory):
     logs = {}
     logs["ingest"] = _submit(ray_head, repo_root, env, "jobs.ingest", "--input", f"{ROOT}/lists/train/part-*.parquet", "--output", f"{ROOT}/shards/train", *common)
     logs["ingest_val"] = _submit(ray_head, repo_root, env, "jobs.ingest", "--input", f"{ROOT}/lists/val/val.parquet", "--split", "val", "--output", f"{ROOT}/shards/val", *common)
+    logs["curate"] = _submit(ray_head, repo_root, env, "jobs.curate", "--shards", f"{ROOT}/shards/train", "--output", f"{ROOT}/shards/curated",
+                             "--exclude-near", f"{ROOT}/shards/val", "--concurrency", "1")  # fmt: skip
     for split in ("train", "val"):
         logs[f"labels_{split}"] = _submit(ray_head, repo_root, env, "jobs.labels", "--shards", f"{ROOT}/shards/{split}", "--output", f"{ROOT}/labels/{split}")
     tmp = str(tmp_path_factory.mktemp("s3_train"))
@@ -139,6 +142,24 @@ def test_ingestion_from_list_parts_in_the_bucket_to_shards_in_the_bucket(chain):
     landed = sum(len(_tar_keys(s)) for s in shards)
     assert landed == summary["downloaded"] == sum(manifest.column("successes").to_pylist()) > 0
     assert summary["downloaded"] + sum(summary["failed"].values()) == summary["selected"]  # every row lands once or is counted
+
+
+def test_curation_reads_and_writes_the_bucket(chain):
+    _, logs, _ = chain
+    out = f"{ROOT}/shards/curated"
+    curation = _read_parquet(f"{out}/curation.parquet", CURATION)
+    manifest = _read_parquet(f"{ROOT}/shards/train/manifest.parquet", SHARD_MANIFEST)
+    ingested = sorted((os.path.basename(s).removesuffix(".tar"), k) for s in manifest.column("shard").to_pylist() for k in _tar_keys(s))
+    assert sorted(zip(curation.column("shard").to_pylist(), curation.column("key").to_pylist())) == ingested  # every sample once
+    kept = sorted((s, k) for s, k, ok in zip(curation.column("shard").to_pylist(), curation.column("key").to_pylist(), curation.column("kept").to_pylist()) if ok)
+    found = find_shards(out)
+    assert [s.tar for s in found] == [f"{out}/{name}.tar" for name in sorted({n for n, _ in ingested})]
+    assert sorted((s.name, k) for s in found for k in _tar_keys(s.tar)) == kept  # the kept samples, nothing else
+    curated = _read_parquet(f"{out}/manifest.parquet", SHARD_MANIFEST)
+    assert sum(curated.column("successes").to_pylist()) == len(kept) and sum(curated.column("samples").to_pylist()) == len(ingested)
+    summary = storage.read_json(f"{out}/curate_summary.json")
+    assert summary["samples"] == len(ingested) and summary["kept"] == len(kept)
+    assert not [p for p in _s3().find(out) if "/_tmp" in p or "/." in p]  # no temporary object left
 
 
 def test_labels_are_published_whole_in_the_bucket(chain):
@@ -193,6 +214,8 @@ def test_a_bucket_that_does_not_exist_is_named(s3, repo_root, tmp_path):
     assert proc.returncode == 2 and "s3://no-such-bucket/shards: the bucket s3://no-such-bucket does not exist" in proc.stderr, proc.stderr
     (tmp_path / "list.tsv").write_text("a cup\thttp://127.0.0.1:9/a.jpg\n")
     proc = _job(repo_root, env, "jobs.ingest", "--source", "cc3m", "--input", str(tmp_path / "list.tsv"), "--output", "s3://no-such-bucket/shards")
+    assert proc.returncode == 2 and "s3://no-such-bucket/shards: the bucket s3://no-such-bucket does not exist" in proc.stderr, proc.stderr
+    proc = _job(repo_root, env, "jobs.curate", "--shards", "s3://no-such-bucket/shards", "--output", str(tmp_path / "curated"))
     assert proc.returncode == 2 and "s3://no-such-bucket/shards: the bucket s3://no-such-bucket does not exist" in proc.stderr, proc.stderr
     assert not _s3().exists("no-such-bucket")  # never created by a job
 
