@@ -38,14 +38,14 @@ import tyro
 
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
 from model.hub import is_hub_id
-from pipeline import evaluation, shards, storage
+from pipeline import evaluation, shards, storage, tracking
 from pipeline.outputs import require_published, write_json
-from schemas import REPORT, predictions_schema, write_table
+from schemas import REPORT, predictions_schema, read_table, write_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the embedding models are local files: never ask the Hugging Face hub
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-PATHS = ("shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights")
+PATHS = ("shards", "labels", "output", "tokenizer", "clip_weights", "llama_params", "clip_text_weights", "log_to")
 
 
 @dataclass
@@ -88,6 +88,10 @@ class EvaluateConfig:
     """Restarts of a dead actor, and retries of the batch it was working on."""
     address: str | None = None
     """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
+    log_to: str | None = None
+    """A training run folder (jobs.train --run-dir): add the figures, the report table and its chart to the run's TensorBoard events and W&B run (those of them it has), at the model's training step."""
+    wandb_mode: Literal["online", "offline"] | None = None
+    """W&B mode for --log-to; default: W&B's own setting ($WANDB_MODE, else online)."""
 
     def __post_init__(self):
         if not self.k or min(self.k) < 1:
@@ -130,6 +134,8 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
         found = shards.find_shards(cfg.shards, labels=cfg.labels)
     with storage.reported(cfg.output):
         evaluation.check_replaceable(cfg.output)
+    if cfg.log_to is not None and not tracking.run_reporters(cfg.log_to):
+        raise FileNotFoundError(f"--log-to {cfg.log_to}: no training run there (neither a tensorboard/ folder nor a W&B run id: train with --report-to)")
     for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):
@@ -311,10 +317,29 @@ def main(argv: list[str] | None = None) -> int:
                     reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True)
                 )
                 summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(found))
+                report = read_table(storage.join(staging, "report.parquet"), REPORT)
+                chart = storage.read_bytes(storage.join(staging, "report.png"))
     except (FileExistsError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_summary(summary, report_text, cfg.output)
+    if cfg.log_to is not None:
+        return log_to_run(cfg, report, chart)
+    return 0
+
+
+def log_to_run(cfg: EvaluateConfig, report, chart: bytes) -> int:
+    """--log-to: the report into the training run's TensorBoard / W&B run; 1 when that fails (the output stays)."""
+    step = report.column("step")[0].as_py()
+    try:
+        with tracking.RunLog(cfg.log_to, tracking.run_reporters(cfg.log_to), job_type="eval", wandb_mode=cfg.wandb_mode) as log:
+            logged = log.evaluation(report, step=step or 0, chart=chart)
+    except Exception as err:  # noqa: BLE001 - W&B and TensorBoard raise their own kinds
+        print(f"error: logging to {cfg.log_to} failed ({type(err).__name__}: {err}); the report in {cfg.output} is complete", file=sys.stderr)
+        return 1
+    where = " and ".join(tracking.run_reporters(cfg.log_to))
+    print(f"logged {len(logged)} figures, the report and its chart to {cfg.log_to} ({where}) at step {step or 0}"
+          + ("" if step is not None else " (the model records no step)"))  # fmt: skip
     return 0
 
 

@@ -50,7 +50,7 @@ from pipeline import storage
 from pipeline.dedup import clusters, colour_close, colour_thumbnail, from_hex, near_pairs, thumbnails
 from pipeline.outputs import atomic_file, write_json
 from pipeline.shards import Shard, TarReader
-from schemas import CURATION, SHARD_MANIFEST, validate
+from schemas import CURATION, SHARD_MANIFEST, reason_rows, validate
 
 WORK = "_curate"
 STATS_SUFFIX = "_stats.json"
@@ -601,7 +601,7 @@ def build_manifest(table: pa.Table, shards: Sequence[Shard], output: str) -> pa.
                 "samples": part.num_rows,
                 "successes": int(stats["successes"]),
                 "failures": part.num_rows - int(stats["successes"]),
-                "failures_by_reason": sorted(reasons.items()),
+                "failures_by_reason": reason_rows(reasons),
                 "attempts": 1,
                 "seconds": float(stats["duration"]),
             }

@@ -67,7 +67,7 @@ from img2dataset.writer import WebDatasetSampleWriter
 from pipeline import storage
 from pipeline.images import DEFAULT_MAX_IMAGE_AREA, RESIZE_MODES, ImageResizer, image_format  # noqa: F401 - image_format re-exported
 from pipeline.outputs import atomic_file, write_json
-from schemas import SHARD_MANIFEST, URL_TABLE, validate, write_table
+from schemas import SHARD_MANIFEST, URL_TABLE, reason_counts, reason_rows, validate, write_table
 
 log = logging.getLogger(__name__)
 
@@ -700,7 +700,7 @@ def build_manifest(output: str, shard_ids, attempts: dict[int, int], digits: int
                 "samples": int(stats["count"]),
                 "successes": int(stats["successes"]),
                 "failures": int(stats["count"]) - int(stats["successes"]),
-                "failures_by_reason": sorted(reasons.items()),
+                "failures_by_reason": reason_rows(reasons),
                 "attempts": max(1, attempts.get(shard_id, 1)),
                 "seconds": float(stats["duration"]),
             }
@@ -1017,7 +1017,7 @@ def summarize(
     retried = result.retried or {"rounds": 0, "rows": 0, "rows_done": 0, "superseded": {}, "retry_shards": []}
     failed: Counter = Counter()
     for reasons in manifest.column("failures_by_reason").to_pylist():
-        failed.update(dict(reasons))
+        failed.update(reason_counts(reasons))
     failed.subtract(retried["superseded"])
     failed = +failed
     downloaded = sum(manifest.column("successes").to_pylist())

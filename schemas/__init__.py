@@ -12,6 +12,8 @@ from schemas.tables import (
     VOCAB,
     per_k_columns,
     predictions_schema,
+    reason_counts,
+    reason_rows,
 )
 from schemas.validate import SchemaError, conform, read_table, validate, write_table
 
@@ -30,6 +32,8 @@ __all__ = [
     "per_k_columns",
     "predictions_schema",
     "read_table",
+    "reason_counts",
+    "reason_rows",
     "validate",
     "write_table",
 ]

@@ -35,6 +35,8 @@ __all__ = [
     "VOCAB",
     "per_k_columns",
     "predictions_schema",
+    "reason_counts",
+    "reason_rows",
 ]
 
 
@@ -56,16 +58,20 @@ URL_TABLE = _schema(
     ],
 )
 
+# a manifest's failure counts: one struct per reason, so that every reader sees named fields
+# (a Parquet map reads as a list of tuples in pandas); DuckDB: unnest(failures_by_reason)
+REASON_COUNT = pa.struct([pa.field("reason", pa.string(), nullable=False), pa.field("count", pa.int64(), nullable=False)])
+
 SHARD_MANIFEST = _schema(
     "shard_manifest",
-    1,
+    2,
     [
         pa.field("shard", pa.string(), nullable=False),  # path of the .tar
         pa.field("samples", pa.int64(), nullable=False),  # url rows assigned to the shard
         pa.field("successes", pa.int64(), nullable=False),  # samples written into the tar
         pa.field("failures", pa.int64(), nullable=False),
-        # failure reason (http_404, not_an_image, decode_error, timeout, ...) -> count
-        pa.field("failures_by_reason", pa.map_(pa.string(), pa.int64()), nullable=False),
+        # [{reason, count}] sorted by reason (http_404, not_an_image, decode_error, timeout, ...)
+        pa.field("failures_by_reason", pa.list_(REASON_COUNT), nullable=False),
         pa.field("attempts", pa.int64(), nullable=False),  # 1 + retries the job spent on it
         pa.field("seconds", pa.float64(), nullable=False),
     ],
@@ -111,6 +117,16 @@ PREDICTIONS = pa.schema(
     ],
     metadata={"schema_name": "predictions", "schema_version": "2", "extra_columns": PER_K_COLUMN},
 )
+
+
+def reason_rows(counts) -> list[dict]:
+    """A manifest's ``failures_by_reason`` value from {reason: count} (zero counts left out)."""
+    return [{"reason": r, "count": int(n)} for r, n in sorted(dict(counts).items()) if n]
+
+
+def reason_counts(rows) -> dict[str, int]:
+    """{reason: count} from a manifest's ``failures_by_reason`` value (as ``to_pylist`` gives it)."""
+    return {row["reason"]: row["count"] for row in rows or ()}
 
 
 def per_k_columns(ks) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -26,6 +27,7 @@ from model.vision import preprocess
 from pipeline import evaluation
 from pipeline.evaluation import PREDICTED, SAMPLES, SCORED, error_code
 from pipeline.shards import Shard, find_shards, index_tar
+from pipeline.tracking import RunLog
 from schemas import LABEL_TABLE, PREDICTIONS, REPORT, per_k_columns, read_table, write_table
 from tests.test_model import _tiny_model
 from tests.test_shards import write_tar
@@ -381,12 +383,19 @@ def job_inputs(labelled_shards, world, tmp_path_factory):
     return str(shards), str(labels), export
 
 
+def _train_run(out: str) -> str:
+    return os.path.join(os.path.dirname(out), "train_run")
+
+
 @pytest.fixture(scope="module")
 def job_run(ray_head, repo_root, job_inputs, tmp_path_factory):
     shards, labels, export = job_inputs
     out = str(tmp_path_factory.mktemp("eval_run") / "report")
+    # a training run's folder with TensorBoard events and an offline W&B run, as jobs.train --report-to writes it
+    with RunLog(_train_run(out), ["tensorboard", "wandb"], wandb_mode="offline") as run_log:
+        run_log.scalars({"loss": 2.5}, 1)
     cmd = ["python", "-m", "jobs.evaluate", *_argv(export, shards, labels, out), "--dataset", "synthetic",
-           "--k", "5", "10", "--batch-size", "8", "--cpus-per-actor", "0.5"]  # fmt: skip
+           "--k", "5", "10", "--batch-size", "8", "--cpus-per-actor", "0.5", "--log-to", _train_run(out), "--wandb-mode", "offline"]  # fmt: skip
     result = ray_head.submit(cmd, working_dir=repo_root, timeout=240)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
@@ -408,6 +417,28 @@ def test_job_writes_every_sample_once_with_valid_schemas(job_run, job_inputs):
     assert [(r["dataset"], r["k"], r["embedding"]) for r in rows] == [("synthetic", 5, "all-MiniLM-L6-v2"), ("synthetic", 10, "all-MiniLM-L6-v2")]
     assert open(os.path.join(out, "report.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "synthetic" in log and "exact R" in log and "wrote " + out in log  # the table is printed at the end
+
+
+@pytest.mark.cluster
+def test_evaluation_is_logged_into_the_training_run(job_run):
+    """--log-to: the report's figures in the run's TensorBoard events and its W&B run, beside training's."""
+    from tests.test_tracking import tensorboard_scalars
+    from tests.wandb_records import history
+
+    out, log = job_run
+    run_dir = _train_run(out)
+    report = {(r["k"], r["embedding"]): r for r in read_table(os.path.join(out, "report.parquet"), REPORT).to_pylist()}
+    recall = {k: r["recall"] for (k, _), r in report.items()}
+    board = tensorboard_scalars(run_dir)
+    assert board["train/loss"] == [(1, 2.5)]
+    assert {k: board[f"eval/synthetic/recall@{k}"] for k in (5, 10)} == {k: [(0, pytest.approx(recall[k]))] for k in (5, 10)}
+    folders = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")))
+    with open(os.path.join(run_dir, "wandb_run_id.txt")) as f:
+        run_id = f.read().strip()
+    assert len(folders) == 2 and all(f.endswith("-" + run_id) for f in folders)  # one W&B run, resumed
+    (row,) = [r for folder in folders for r in history(folder) if "eval/step" in r]
+    assert row["eval/synthetic/recall@10"] == pytest.approx(recall[10]) and row["eval/synthetic/report/nrows"] == 2
+    assert f"logged 10 figures, the report and its chart to {run_dir} (tensorboard and wandb) at step 0" in log
 
 
 @pytest.mark.cluster

@@ -30,7 +30,7 @@ from jobs import ingest as ingest_job
 from jobs._cli import SUBMITTED
 from pipeline import ingest, synthetic
 from pipeline.images import ImageResizer
-from schemas import SHARD_MANIFEST, URL_TABLE, read_table
+from schemas import SHARD_MANIFEST, URL_TABLE, read_table, reason_counts
 
 EXPECTED_REASON = {"dead_url": "http_404", "not_image": "not_an_image", "truncated_jpeg": "decode_error"}
 TEST_LIMIT_S = 150  # a bound, not a target: the runs take 10-40 s, more when the machine is busy
@@ -123,6 +123,10 @@ def check_against_world(out: str, samples: list[dict], uid, caption) -> None:
     assert summary["pending"] == 0
     manifest = read_table(os.path.join(out, "manifest.parquet"), SHARD_MANIFEST)
     assert sum(manifest.column("successes").to_pylist()) == kinds["good"]
+    from_manifest: Counter = Counter()
+    for rows in manifest.column("failures_by_reason").to_pylist():
+        from_manifest.update(reason_counts(rows))
+    assert dict(from_manifest) == summary["failed"]
     assert all(os.path.exists(p) for p in manifest.column("shard").to_pylist())
     assert not os.path.exists(os.path.join(out, ingest.TMP))
 

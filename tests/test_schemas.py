@@ -15,6 +15,8 @@ from schemas import (
     per_k_columns,
     predictions_schema,
     read_table,
+    reason_counts,
+    reason_rows,
     validate,
     write_table,
 )
@@ -70,6 +72,32 @@ def test_conform_round_trip(tmp_path):
     assert table.column("labels").to_pylist() == [["star", "table"], []]
     assert table.schema.metadata[b"schema_version"] == b"1"
     assert not list(tmp_path.glob("*.tmp-*")), "atomic write left its temporary file"
+
+
+def test_manifest_failure_reasons_read_as_named_fields(tmp_path):
+    """The README's one-liners: DuckDB unnests the reasons, pandas and polars see named fields."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    from pipeline.ingest import failures_by_reason
+
+    path = str(tmp_path / "manifest.parquet")
+    status = [{"success": 3, "HTTP Error 404: Not Found": 2, "<urlopen error timed out>": 1}, {"success": 4}]
+    rows = [
+        {"shard": f"/s/{i:05d}.tar", "samples": sum(d.values()), "successes": d["success"], "failures": sum(d.values()) - d["success"],
+         "failures_by_reason": reason_rows(failures_by_reason(d)), "attempts": 1, "seconds": 1.0}
+        for i, d in enumerate(status)
+    ]
+    write_table(pa.Table.from_pylist(rows, schema=SHARD_MANIFEST), path, SHARD_MANIFEST)
+    assert read_table(path, SHARD_MANIFEST).schema.metadata[b"schema_version"] == b"2"
+    sql = f"SELECT r.reason, sum(r.count) AS n FROM (SELECT unnest(failures_by_reason) AS r FROM '{path}') GROUP BY 1 ORDER BY 1"
+    assert duckdb.sql(sql).fetchall() == [("http_404", 2), ("timeout", 1)]
+    assert pd.read_parquet(path)["failures_by_reason"].map(list).map(len).tolist() == [2, 0]
+    assert list(pd.read_parquet(path)["failures_by_reason"][0][0]) == ["reason", "count"]
+    frame = pl.read_parquet(path).explode("failures_by_reason").unnest("failures_by_reason").drop_nulls("reason")
+    assert sorted(zip(frame["reason"], frame["count"])) == [("http_404", 2), ("timeout", 1)]
+    assert reason_counts(read_table(path, SHARD_MANIFEST).column("failures_by_reason")[0].as_py()) == {"http_404": 2, "timeout": 1}
 
 
 def test_missing_column_is_named():

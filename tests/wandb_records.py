@@ -1,0 +1,66 @@
+"""Reads the history of an offline W&B run (``run-<id>.wandb``) back, for the tests.
+
+The file is W&B's transaction log: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then
+LevelDB log blocks of 32 KiB, each record a 7-byte header (crc32, length, type: full,
+first, middle, last) and a piece of a serialized ``wandb_internal_pb2.Record``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+
+BLOCK = 32768
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: str):
+    """Every protobuf Record in ``path``, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B" and struct.unpack("<HB", data[4:7]) == (0xBEE1, 0), f"{path} is not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if kind == 0 and length == 0:  # zero padding up to the block's end
+            pos += left
+            continue
+        piece = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == FULL:
+            pending = piece
+        elif kind == FIRST:
+            pending = piece
+            continue
+        elif kind == MIDDLE:
+            pending += piece
+            continue
+        elif kind == LAST:
+            pending += piece
+        record = pb.Record()
+        record.ParseFromString(pending)
+        yield record
+        pending = b""
+
+
+def history(run_folder: str) -> list[dict]:
+    """The rows logged in one run folder (``offline-run-*``): {key: value, "_step": step}."""
+    (path,) = glob.glob(os.path.join(run_folder, "run-*.wandb"))
+    rows = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {"_step": record.history.step.num}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            rows.append(row)
+    return rows
