@@ -31,6 +31,8 @@ import typing
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
+from pipeline.storage import is_url
+
 T = TypeVar("T")
 SUBMITTED = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set in the driver of a job started by `ray job submit`
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -125,11 +127,6 @@ def _usage_error(message: str) -> typing.NoReturn:
 
 
 # ----------------------------------------------------------------------------- paths
-
-
-def is_url(path: str) -> bool:
-    """True for a URL of a storage system (``s3://bucket/x``); a local path or ``file://`` is not one."""
-    return "://" in path and not path.startswith("file://")
 
 
 def resolve_paths(cfg: Any, names: Sequence[str]) -> None:

@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 import tyro
 
 from jobs._cli import is_url, parse, print_path_error, ray_session, resolve_paths
+from pipeline import storage
 
 
 @dataclass
@@ -36,7 +37,7 @@ class CurateConfig:
     shards: str
     """Input shards (jobs.ingest's output): a folder, a glob or a brace pattern, local or a URL."""
     output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
-    """Folder for the curated shards and tables; re-running on it completes what is missing."""
+    """Folder or URL prefix (s3://bucket/shards/laion_curated) for the curated shards and tables; re-running on it completes what is missing."""
     dedup: Literal["phash", "dhash", "exact", "none"] = "phash"
     """phash / dhash: exact (content hash) and near duplicates (256-bit perceptual hash); exact: content hash only; none."""
     dedup_distance: int = 50
@@ -108,11 +109,10 @@ def check_files(cfg: CurateConfig) -> None:
 
 def check_resume(cfg: CurateConfig, settings) -> None:
     """A re-run on an output must decide by the same rules (else the cached tables would mix two runs)."""
-    path = os.path.join(cfg.output, "curate_config.json")
-    if not os.path.exists(path):
+    path = storage.join(cfg.output, "curate_config.json")
+    if not storage.exists(path):
         return
-    with open(path) as f:
-        before = json.load(f)
+    before = storage.read_json(path)
     now = {"shards": cfg.shards, "exclude_near": cfg.exclude_near, **settings.decision_fields()}
     changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
     if changed:
@@ -128,13 +128,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         resolve_paths(cfg, PATHS)
-        found = shards.find_shards(cfg.shards)
-        exclude = shards.find_shards(cfg.exclude_near) if cfg.exclude_near else []
+        for path in (cfg.shards, cfg.output, cfg.exclude_near):
+            if path is not None:
+                storage.check_reachable(path)
+        with storage.reported(cfg.shards):
+            found = shards.find_shards(cfg.shards)
+        exclude = []
+        if cfg.exclude_near:
+            with storage.reported(cfg.exclude_near):
+                exclude = shards.find_shards(cfg.exclude_near)
         check_files(cfg)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, storage.StorageError) as err:
         print_path_error(err)
         return 2
     import ray
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrency = cfg.concurrency or (int(gpus) if gpus >= 1 else max(1, int(cpus) // 2))
             settings = cfg.settings(concurrency, 1.0 if gpus >= 1 else 0.0)
             check_resume(cfg, settings)
-            os.makedirs(cfg.output, exist_ok=True) if not is_url(cfg.output) else None
+            storage.makedirs(cfg.output)
             record = {**dataclasses.asdict(cfg), **settings.decision_fields()}
             write_json(curate.join(cfg.output, "curate_config.json"), record)
             bars: dict = {}
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 for bar in bars.values():
                     bar.close()
-    except FileNotFoundError as err:
+    except (FileNotFoundError, storage.StorageError) as err:
         print_path_error(err)
         return 2
     except ValueError as err:

@@ -56,8 +56,8 @@ import tyro
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
 from model.hub import is_hub_id
 from model.precision import PRECISIONS
-from pipeline import evaluation, shards, tracking
-from pipeline.outputs import write_json
+from pipeline import evaluation, shards, storage, tracking
+from pipeline.outputs import require_published, write_json
 from schemas import (
     CAPTION_REPORT,
     CAPTIONS,
@@ -78,13 +78,13 @@ PATHS = ("shards", "labels", "output", "tokenizer", "clip_weights", "llama_param
 @dataclass
 class EvaluateConfig:
     checkpoint: str
-    """Exported model folder, hub id (owner/name) of one in the local Hugging Face cache, or a released NxTP .pth."""
+    """Exported model folder (local, or a URL jobs.train --export-to wrote), hub id (owner/name) of one in the local Hugging Face cache, or a released NxTP .pth."""
     shards: str
-    """Validation webdataset shards (<name>.tar), as jobs.ingest writes them: a folder, a glob or a brace pattern."""
+    """Validation webdataset shards (<name>.tar), as jobs.ingest writes them: a folder, a glob or a brace pattern, local or a URL."""
     labels: str
-    """jobs.labels output for those shards (holding labels/<name>.parquet)."""
+    """jobs.labels output for those shards (holding labels/<name>.parquet), local or a URL."""
     output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
-    """Output folder; replaced when it holds a previous evaluation output, refused when it holds anything else."""
+    """Output folder or URL prefix; replaced when it holds a previous evaluation output, refused when it holds anything else."""
     dataset: str = ""
     """Dataset name in the report; default: the shards folder's name."""
     k: Annotated[list[int], tyro.conf.arg(aliases=("--num-labels",))] = field(default_factory=lambda: [10])
@@ -190,15 +190,23 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     from model.convert import vision_config_from_openai
     from model.hub import resolve
 
-    found = shards.find_shards(cfg.shards, labels=cfg.labels)
-    evaluation.check_replaceable(cfg.output)
+    for path in (cfg.shards, cfg.labels, cfg.output, cfg.checkpoint):
+        storage.check_reachable(path)
+    with storage.reported(cfg.labels):
+        require_published(cfg.labels, "labels output")
+        found = shards.find_shards(cfg.shards, labels=cfg.labels)
+    with storage.reported(cfg.output):
+        evaluation.check_replaceable(cfg.output)
     if cfg.log_to is not None and not tracking.run_reporters(cfg.log_to):
         raise FileNotFoundError(f"--log-to {cfg.log_to}: no training run there (neither a tensorboard/ folder nor a W&B run id: train with --report-to)")
     for name in ("tokenizer", "clip_weights", "llama_params", "clip_text_weights"):
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
-    checkpoint = resolve(cfg.checkpoint, local_files_only=True) if is_hub_id(cfg.checkpoint) else cfg.checkpoint
+    if storage.is_url(cfg.checkpoint):  # an export published by jobs.train --export-to: fetched once per node
+        checkpoint = evaluation.model_copy(cfg.checkpoint)
+    else:
+        checkpoint = resolve(cfg.checkpoint, local_files_only=True) if is_hub_id(cfg.checkpoint) else cfg.checkpoint
     if os.path.isdir(checkpoint):
         model_cfg = check_pretrained(checkpoint)
         image_size = model_cfg.vision.image_size
@@ -206,7 +214,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     elif os.path.isfile(checkpoint):
         if not cfg.tokenizer:
             raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
-        sd = load_tensors(cfg.checkpoint)
+        sd = load_tensors(checkpoint)
         if "vision_encoder.conv1.weight" in sd:
             image_size = vision_config_from_openai(sd, "vision_encoder.").image_size
         elif cfg.clip_weights:
@@ -336,17 +344,17 @@ def write_outputs(
             images_per_s=images_per_s,
             classified=classes is not None,
         )
-        write_table(evaluation.predictions_table(run.table, cfg.k), os.path.join(staging, "predictions.parquet"), predictions_schema(cfg.k))
-        write_table(report, os.path.join(staging, "report.parquet"), REPORT)
-        evaluation.plot_report(report, os.path.join(staging, "report.png"))
+        write_table(evaluation.predictions_table(run.table, cfg.k), storage.join(staging, "predictions.parquet"), predictions_schema(cfg.k))
+        write_table(report, storage.join(staging, "report.parquet"), REPORT)
+        evaluation.plot_report(report, storage.join(staging, "report.png"))
         texts.append(evaluation.format_report(report))
         first = report.slice(0, 1).to_pylist()[0]
         tasks["labels"] = {"scored": first["samples"], "failed": first["failed"], "no_targets": first["no_targets"]}
         if classes is not None:
             closed = evaluation.closed_set_table(run.table, classes, cfg.k)
             confusion = evaluation.confusion_table(run.table, classes, cfg.k)
-            write_table(closed, os.path.join(staging, "closed_set.parquet"), closed_set_schema(cfg.k))
-            write_table(confusion, os.path.join(staging, "confusion.parquet"), CONFUSION)
+            write_table(closed, storage.join(staging, "closed_set.parquet"), closed_set_schema(cfg.k))
+            write_table(confusion, storage.join(staging, "confusion.parquet"), CONFUSION)
             class_errors = Counter(evaluation.error_code(e) for e, ids in zip(closed.column("error").to_pylist(), closed.column("class_ids").to_pylist()) if ids is None and e)
             tasks["closed_set"] = {
                 "classes": len(classes),
@@ -365,8 +373,8 @@ def write_outputs(
             run.table, dataset=cfg.dataset, search=caption_search(cfg), checkpoint=checkpoint, code_version=version,
             wall_time_s=wall, images_per_s=images_per_s,
         )  # fmt: skip
-        write_table(captions, os.path.join(staging, "captions.parquet"), CAPTIONS)
-        write_table(caption_report, os.path.join(staging, "caption_report.parquet"), CAPTION_REPORT)
+        write_table(captions, storage.join(staging, "captions.parquet"), CAPTIONS)
+        write_table(caption_report, storage.join(staging, "caption_report.parquet"), CAPTION_REPORT)
         texts.append(evaluation.format_caption_report(caption_report))
         r = caption_report.to_pylist()[0]
         tasks["caption"] = {k: r[k] for k in ("samples", "failed", "no_references", "cider", "bleu1", "bleu4", "search", "beams", "max_length")}
@@ -394,7 +402,7 @@ def write_outputs(
             "arrivals": [[round(t, 3), rows] for t, rows in run.arrivals],  # scored samples at the driver over time
         },
     }
-    write_json(os.path.join(staging, "summary.json"), summary)
+    write_json(storage.join(staging, "summary.json"), summary)
     return summary, "\n\n".join(texts)
 
 
@@ -428,7 +436,7 @@ def write_gallery(staging: str, cfg: EvaluateConfig, scored, reads: list[dict], 
         shown.append(row)
     summary = (f"{len(shown)} of {len(candidates)} validation images (a fixed sample, seed 0) of {cfg.dataset}: targets (green: found "
                f"among the predictions), top-{k} predictions with their probabilities (bold, ticked: a target). Model: {cfg.checkpoint}")  # fmt: skip
-    gallery.write_gallery(os.path.join(staging, "gallery.html"), shown, images, title=f"{cfg.dataset}: top-{k} labels of {'/'.join(cfg.checkpoint.rstrip('/').split('/')[-2:])}", summary=summary)
+    gallery.write_gallery(storage.join(staging, "gallery.html"), shown, images, title=f"{cfg.dataset}: top-{k} labels of {'/'.join(cfg.checkpoint.rstrip('/').split('/')[-2:])}", summary=summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     print("evaluate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
     try:
         found, reads, image_size, model_path, classes = check_inputs(cfg)
-    except (FileNotFoundError, FileExistsError) as err:
+    except (FileNotFoundError, FileExistsError, storage.StorageError) as err:
         print_path_error(err)
         return 2
     except ValueError as err:  # WeightError included (a checkpoint that does not match its config)
@@ -469,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n_samples} sample(s) in {len(found)} shard(s), top-{max(cfg.k)} at {image_size}px: {plan.concurrency} predictor "
                   f"actor(s) on {device}, batches of {plan.batch_size}", flush=True)  # fmt: skip
             predictor = {
-                "checkpoint": model_path,
+                "checkpoint": cfg.checkpoint if storage.is_url(cfg.checkpoint) else model_path,  # each node fetches a URL's
                 "k": max(cfg.k),
                 "tokenizer": cfg.tokenizer,
                 "clip_weights": cfg.clip_weights,
@@ -485,16 +493,15 @@ def main(argv: list[str] | None = None) -> int:
                       "score_labels": "labels" in cfg.task, "classes": classes, "protocol": cfg.protocol}  # fmt: skip
             read = {"class_source": cfg.class_source if classes is not None else None, "class_field": cfg.class_field, "references": "caption" in cfg.task}
             with evaluation.staged_output(cfg.output) as staging:
-                write_json(os.path.join(staging, "config.json"), dataclasses.asdict(cfg))
+                write_json(storage.join(staging, "config.json"), dataclasses.asdict(cfg))
                 run = evaluation.run_evaluation(
                     reads, image_size=image_size, predictor=predictor, scorer=scorer, plan=plan, log=lambda m: print(m, flush=True), read=read
                 )
                 summary, report_text = write_outputs(staging, cfg, run, checkpoint, version, time.perf_counter() - started, len(found), classes, reads)
                 if cfg.log_to is not None:  # --log-to needs the labels task (checked in EvaluateConfig)
-                    report = read_table(os.path.join(staging, "report.parquet"), REPORT)
-                    with open(os.path.join(staging, "report.png"), "rb") as f:
-                        chart = f.read()
-    except FileExistsError as err:
+                    report = read_table(storage.join(staging, "report.parquet"), REPORT)
+                    chart = storage.read_bytes(storage.join(staging, "report.png"))
+    except (FileExistsError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_summary(summary, report_text, cfg.output)

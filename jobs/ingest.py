@@ -5,7 +5,9 @@
             --limit 500000 --seed 0 --image-size 512
 
 or directly, ``python -m jobs.ingest ...``, which connects to ``--ray-address`` (default:
-$RAY_ADDRESS) or starts a local Ray instance. Writes into ``--output``: the shards
+$RAY_ADDRESS) or starts a local Ray instance. ``--input`` takes several files, globs and
+brace patterns, ``--input`` and ``--output`` local paths or URLs (``s3://bucket/laion/part-*.parquet``).
+Writes into ``--output``: the shards
 (``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` ...), ``manifest.parquet``,
 ``urls.parquet`` (the URL table that was sharded), ``ingest_config.json``,
 ``ingest_summary.json`` and ``ingest_attempts.json`` (attempts per shard, across runs). Re-running the same command completes the missing shards.
@@ -26,14 +28,14 @@ from typing import Annotated, Literal
 
 import tyro
 
-from jobs._cli import SUBMITTED, parse, ray_session, resolve_paths
+from jobs._cli import SUBMITTED, parse, print_path_error, ray_session, resolve_paths
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
 
 import pyarrow as pa  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline import ingest, sources  # noqa: E402
+from pipeline import ingest, sources, storage  # noqa: E402
 from pipeline.outputs import write_json  # noqa: E402
 from schemas import URL_TABLE, read_table, write_table  # noqa: E402
 
@@ -50,11 +52,15 @@ class IngestConfig:
     """Everything one ingestion run depends on; saved as ``<output>/ingest_config.json``."""
 
     source: Literal[sources.SOURCES]
-    """Format of --input: cc3m | cc12m (tsv), coco (captions json), laion (parquet), openimages (narratives jsonl)."""
-    input: str
-    """The URL list: a .tsv, a COCO captions .json, a LAION .parquet or an OpenImages narratives .jsonl."""
+    """Format of --input: cc3m | cc12m (tsv or csv), coco (captions json), laion (parquet; also DataComp's), openimages (narratives jsonl)."""
+    input: list[str]
+    """The URL list(s): files, globs or brace patterns ('s3://b/laion/part-*.parquet', 'part-{00000..00127}.parquet'), local or URLs."""
     output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
-    """Folder for shards, manifest and URL table; re-running on it completes missing shards."""
+    """Folder or bucket prefix for shards, manifest and URL table; re-running on it completes missing shards."""
+    url_col: str | None = None
+    """The URL column of a tsv / csv / parquet list whose name differs (a header name; a 0-based number for a list without header)."""
+    caption_col: str | None = None
+    """The caption column of a tsv / csv / parquet list whose name differs (as --url-col)."""
     split: str = "train"
     """Written into the split column of every row (and each sample's json)."""
     limit: int | None = None
@@ -107,6 +113,11 @@ class IngestConfig:
     """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
 
     def __post_init__(self):
+        self.input = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not self.input:
+            raise ValueError("--input: give at least one file, glob or brace pattern")
+        if (self.url_col or self.caption_col) and self.source not in ("cc3m", "cc12m", "laion"):
+            raise ValueError("--url-col / --caption-col apply to tsv / csv (cc3m, cc12m) and parquet (laion) lists")
         if self.source not in sources.SOURCES:
             raise ValueError(f"--source {self.source!r}: expected one of {', '.join(sources.SOURCES)}")
         if self.limit is not None and self.limit < 1:
@@ -145,55 +156,68 @@ class IngestConfig:
 
     def paths(self) -> dict[str, str]:
         """The path options that are set, by flag."""
-        names = ("input", "output", "images_dir", "url_map", "blocklist")
-        return {f"--{n.replace('_', '-')}": getattr(self, n) for n in names if getattr(self, n) is not None}
+        names = ("output", "images_dir", "url_map", "blocklist")
+        found = {f"--{n.replace('_', '-')}": getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {"--input": " ".join(self.input), **found}
 
 
 # fields that decide which rows go into which shard and how they look: a re-run must keep them
 DATASET_FIELDS = (
-    "source", "input", "split", "limit", "fraction", "seed", "images_dir", "url_map", "blocklist",
-    "min_width", "min_height", "min_similarity", "image_size", "resize_mode", "samples_per_shard",
+    "source", "input", "url_col", "caption_col", "split", "limit", "fraction", "seed", "images_dir", "url_map",
+    "blocklist", "min_width", "min_height", "min_similarity", "image_size", "resize_mode", "samples_per_shard",
 )  # fmt: skip
 
 
-def check_paths(cfg: IngestConfig) -> None:
-    """Absolute paths, and clear errors for paths the job cannot use (they are resolved where the job runs)."""
+def check_paths(cfg: IngestConfig) -> list[str]:
+    """The input files; absolute paths, and clear errors for paths the job cannot use (they are resolved where the job runs)."""
     names = ("input", "output", "images_dir", "url_map", "blocklist")
     resolve_paths(cfg, names)
     where = "on the cluster (under `ray job submit` the job runs on the head node)" if SUBMITTED in os.environ else "on this machine"
+    for path in [*cfg.input, cfg.output, cfg.url_map, cfg.blocklist]:
+        if path is not None:
+            storage.check_reachable(path)
+    try:
+        files = storage.expand(cfg.input, what="file")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--input {err} (paths are resolved {where})") from None
     for flag, path in cfg.paths().items():
-        if flag != "--output" and not os.path.exists(path):
+        if flag not in ("--output", "--input") and not storage.exists(path):
             raise FileNotFoundError(f"{flag} {path}: no such file or folder (paths are resolved {where})")
     if cfg.images_dir is not None and not os.path.isdir(cfg.images_dir):
-        raise FileNotFoundError(f"--images-dir {cfg.images_dir}: not a folder")
+        raise FileNotFoundError(f"--images-dir {cfg.images_dir}: not a folder (a local folder of every Ray node)")
+    return files
 
 
-def read_source(cfg: IngestConfig) -> sources.SourceRows:
-    if cfg.source in ("cc3m", "cc12m"):
-        return sources.read_tsv(cfg.input, cfg.split, source=cfg.source)
-    if cfg.source == "coco":
-        return sources.read_coco(cfg.input, cfg.split, images_dir=cfg.images_dir)
-    if cfg.source == "laion":
-        return sources.read_laion(cfg.input, cfg.split, cfg.min_width, cfg.min_height, cfg.min_similarity)
-    return sources.read_openimages(cfg.input, cfg.url_map, cfg.split)
+def read_source(cfg: IngestConfig, files: list[str]) -> sources.SourceRows:
+    def read_one(path: str, part: str | None) -> sources.SourceRows:
+        if cfg.source in ("cc3m", "cc12m"):
+            return sources.read_tsv(path, cfg.split, source=cfg.source, url_col=cfg.url_col, caption_col=cfg.caption_col, part=part)
+        if cfg.source == "coco":
+            return sources.read_coco(path, cfg.split, images_dir=cfg.images_dir, part=part)
+        if cfg.source == "laion":
+            return sources.read_laion(path, cfg.split, cfg.min_width, cfg.min_height, cfg.min_similarity, cfg.url_col, cfg.caption_col, part=part)
+        return sources.read_openimages(path, cfg.url_map, cfg.split, part=part)
+
+    return sources.read_many(files, read_one)
 
 
 def check_resume(cfg: IngestConfig, urls: pa.Table) -> None:
     """A re-run must describe the same shards as the run that wrote the output."""
-    config_path = os.path.join(cfg.output, "ingest_config.json")
-    if not os.path.exists(config_path) and ingest.done_shards(cfg.output):
+    config_path = storage.join(cfg.output, "ingest_config.json")
+    if not storage.exists(config_path) and ingest.done_shards(cfg.output):
         raise ValueError(f"{cfg.output} holds shards that jobs.ingest did not write (no ingest_config.json): use a new --output")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            before = json.load(f)
+    if storage.exists(config_path):
+        before = storage.read_json(config_path)
+        if isinstance(before.get("input"), str):  # written when --input took one file
+            before["input"] = [before["input"]]
         changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in DATASET_FIELDS if before.get(k) != getattr(cfg, k)]
         if changed:
             raise ValueError(
                 f"{cfg.output} holds an ingestion made with other settings ({'; '.join(changed)}): "
                 "use a new --output, or delete this one to start over"
             )
-    urls_path = os.path.join(cfg.output, "urls.parquet")
-    if os.path.exists(urls_path):
+    urls_path = storage.join(cfg.output, "urls.parquet")
+    if storage.exists(urls_path):
         before = read_table(urls_path, URL_TABLE)
         same = before.num_rows == urls.num_rows and all(before.column(c).equals(urls.column(c)) for c in ("key", "url"))
         if not same:
@@ -204,11 +228,13 @@ def check_resume(cfg: IngestConfig, urls: pa.Table) -> None:
             )
 
 
-def run(cfg: IngestConfig) -> int:
-    os.makedirs(cfg.output, exist_ok=True)
+def run(cfg: IngestConfig, files: list[str]) -> int:
+    storage.makedirs(cfg.output)
     with ingest.output_lock(cfg.output):
         t0 = time.time()
-        rows = read_source(cfg)
+        rows = read_source(cfg, files)
+        for note in rows.notes:
+            print(f"note: {note}", flush=True)
         local_root = cfg.images_dir
         blocklist = sources.Blocklist.from_file(cfg.blocklist)
         filtered = sources.filter_urls(rows.table, blocklist, local_root=local_root)
@@ -219,8 +245,8 @@ def run(cfg: IngestConfig) -> int:
             flush=True,
         )
         check_resume(cfg, urls)
-        write_table(urls, os.path.join(cfg.output, "urls.parquet"), URL_TABLE)
-        write_json(os.path.join(cfg.output, "ingest_config.json"), dataclasses.asdict(cfg))
+        write_table(urls, storage.join(cfg.output, "urls.parquet"), URL_TABLE)
+        write_json(storage.join(cfg.output, "ingest_config.json"), dataclasses.asdict(cfg))
 
         bar = tqdm(total=urls.num_rows, unit="img", desc="ingest", mininterval=1.0 if sys.stderr.isatty() else 10.0)
 
@@ -251,7 +277,7 @@ def run(cfg: IngestConfig) -> int:
             bar.close()
         summary = ingest.summarize(
             source=cfg.source,
-            input_path=cfg.input,
+            input_path=" ".join(cfg.input) if len(files) == 1 else f"{' '.join(cfg.input)} ({len(files)} files)",
             output=cfg.output,
             rows_read=rows.rows_read,
             url_rows=rows.table.num_rows,
@@ -261,7 +287,7 @@ def run(cfg: IngestConfig) -> int:
             selected=urls.num_rows,
             result=result,
         )
-        write_json(os.path.join(cfg.output, "ingest_summary.json"), summary)
+        write_json(storage.join(cfg.output, "ingest_summary.json"), summary)
         print(ingest.format_summary(summary), flush=True)
         if result.shards_failed:
             print(f"{len(result.shards_failed)} shard(s) failed after {cfg.max_shard_retries} retries: re-run the same command to retry them", file=sys.stderr)
@@ -274,9 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(IngestConfig, argv, prog="python -m jobs.ingest", description=__doc__)
     print("ingest config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
     try:
-        check_paths(cfg)
-        return run(cfg)
-    except (FileNotFoundError, ValueError, ingest.OutputBusyError) as e:
+        files = check_paths(cfg)
+    except (FileNotFoundError, storage.StorageError) as e:
+        print_path_error(e)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(cfg, files)
+    except (FileNotFoundError, ValueError, ingest.OutputBusyError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 import tyro
 
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
-from pipeline import labels, shards
+from pipeline import labels, shards, storage
 from pipeline.nouns import ExtractorUnavailable
 from pipeline.outputs import write_json
 
@@ -35,9 +35,9 @@ from pipeline.outputs import write_json
 @dataclass
 class LabelsConfig:
     shards: str
-    """Webdataset shards as img2dataset writes them (<name>.tar, and <name>.parquet when present): a folder, a glob or a brace pattern ({00000..00329}.tar), local or a URL."""
+    """Webdataset shards as img2dataset writes them (<name>.tar, and <name>.parquet when present): a folder, a glob or a brace pattern ({00000..00329}.tar), local or a URL (s3://...)."""
     output: Annotated[str, tyro.conf.arg(aliases=("--out",))]
-    """Output folder; replaced when it holds a previous labels output, refused when it holds anything else."""
+    """Output folder or URL prefix; replaced when it holds a previous labels output, refused when it holds anything else (or a half-published one)."""
     extractor: Literal["spacy", "nltk"] = "spacy"
     """Noun extractor backend: spacy, or nltk (needs NLTK's averaged_perceptron_tagger_eng)."""
     keep_numbers: bool = False
@@ -98,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         resolve_paths(cfg, ["shards", "output", "nltk_data"])
-        found = shards.find_shards(cfg.shards)
-        labels.check_replaceable(cfg.output)
+        for path in (cfg.shards, cfg.output):
+            storage.check_reachable(path)
+        with storage.reported(cfg.shards):
+            found = shards.find_shards(cfg.shards)
+        with storage.reported(cfg.output):
+            labels.check_replaceable(cfg.output)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as err:
+    except (FileNotFoundError, FileExistsError, storage.StorageError) as err:
         print_path_error(err)
         return 2
     try:
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = cfg.settings(int(ray.cluster_resources().get("CPU", 1)))
             print("labels config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
             with labels.staged_output(cfg.output) as staging, tqdm(total=len(found), unit="shard", desc="labels", mininterval=1.0 if sys.stderr.isatty() else 10.0) as bar:
-                write_json(os.path.join(staging, labels.CONFIG_FILE), dataclasses.asdict(cfg))
+                write_json(storage.join(staging, labels.CONFIG_FILE), dataclasses.asdict(cfg))
 
                 def progress(p: labels.LabelProgress) -> None:
                     bar.set_postfix_str(f"{p.captions:,} captions", refresh=False)
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except labels.BadShardsError as err:
         print(f"error: {err}\n(fix or remove them, or rerun with --skip-bad-shards to label the other shards)", file=sys.stderr)
         return 1
-    except (ExtractorUnavailable, FileExistsError) as err:
+    except (ExtractorUnavailable, FileExistsError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_summary(summary, cfg.output, time.time() - started)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -26,6 +27,7 @@ from typing import Annotated, Literal
 import tyro
 
 from jobs._cli import parse
+from pipeline import storage
 from pipeline.ds_config import PRECISIONS, DeepSpeedConfigError, gradient_accumulation
 from pipeline.loader import DatasetSpec
 from pipeline.outputs import write_json
@@ -60,9 +62,11 @@ class TrainConfig:
     config: str | None = None
     """YAML preset (jobs/configs/*.yaml) whose values are the defaults; flags override them (a --data flag replaces the preset's datasets)"""
     run_dir: str = "runs/demo"
-    """folder for checkpoints, logs, TensorBoard events and the exported model"""
+    """folder for checkpoints, logs, TensorBoard events and the exported model: a POSIX path (local disk or a shared file system), DeepSpeed's checkpoints need one"""
+    export_to: str | None = None
+    """also copy the exported model here at the end, published whole: a URL (s3://bucket/models/g3m) or a path"""
     data: Annotated[list[DatasetFlag], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """a dataset: its name, shards (folder, glob or brace pattern), labels folder (jobs.labels output) and mixture weight"""
+    """a dataset: its name, shards (folder, glob or brace pattern, local or a URL), labels folder (jobs.labels output) and mixture weight"""
     model: str = "tiny"
     """tiny (random, sized for the synthetic world), pretrained (CLIP + LLaMA from local files), or an exported model folder to continue from"""
     tokenizer: str | None = None
@@ -142,8 +146,10 @@ class TrainConfig:
             raise ValueError("no datasets: give --data NAME=SHARDS,LABELS[,WEIGHT] or a data: list in the YAML")
         for d in self.data:
             for path in (d.shards, d.labels):
-                if not os.path.exists(path.split("*")[0].rstrip("/") or "/"):
+                if not storage.exists(re.split(r"[*?\[{]", path)[0].rstrip("/") or "/"):
                     raise ValueError(f"dataset {d.name}: {path} does not exist")
+        if storage.is_url(self.run_dir):
+            raise ValueError(f"run_dir {self.run_dir}: DeepSpeed checkpoints need a POSIX path (local or a shared file system); use --export-to for a URL")
         if self.model == "pretrained" and not self.llama:
             raise ValueError("model: pretrained needs llama: a Hugging Face folder or Meta params.json")
         if self.model in ("tiny", "pretrained") and not self.tokenizer:
@@ -196,6 +202,14 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, ds_raw = parse_args(argv)
+    if cfg.export_to:
+        from pipeline.training import check_export_to
+
+        try:
+            check_export_to(cfg.export_to)  # before hours of training, not after
+        except (OSError, ValueError) as err:
+            print(f"error: --export-to {err}", file=sys.stderr)
+            return 2
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import deepspeed
     import torch

@@ -22,7 +22,11 @@ Resumable and exactly once: every per-shard file (hash table, score table, outpu
 is written whole under a temporary name and renamed, an output shard's ``_stats.json``
 last, as ingestion marks a shard done. A re-run (or Ray's retry of a task whose worker
 died) redoes only what is missing, and every decision is a pure function of the cached
-tables, so the result is the same however often a worker dies. Paths may be fsspec URLs.
+tables, so the result is the same however often a worker dies.
+
+Paths may be URLs (``s3://bucket/shards/laion_curated``): everything is read and written
+through ``pipeline.storage`` as ingestion does, so the workers of any node reach it, and on
+object storage each per-shard file appears whole when its upload completes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import hashlib
 import io
 import json
 import math
-import posixpath
 import tarfile
 import time
 from collections import Counter
@@ -43,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.dedup import clusters, colour_close, colour_thumbnail, from_hex, near_pairs, thumbnails
 from pipeline.outputs import atomic_file, write_json
 from pipeline.shards import Shard, TarReader
@@ -114,19 +118,12 @@ class CurateProgress:
     total: int
 
 
-def join(base: str, *parts: str) -> str:
-    """A path under ``base``, for local folders and fsspec URLs alike."""
-    return posixpath.join(base.rstrip("/"), *parts)
-
-
-def _fs(path: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(path)
+join = storage.join  # a path under a folder or URL prefix
 
 
 def exists(path: str) -> bool:
-    fs, p = _fs(path)
+    """Whether ``path`` exists now (other processes' writes included: no cached listing is trusted)."""
+    fs, p = storage.fresh(path)
     return fs.exists(p)
 
 
@@ -136,8 +133,7 @@ def write_parquet(table: pa.Table, path: str) -> None:
 
 
 def read_parquet(path: str) -> pa.Table:
-    fs, p = _fs(path)
-    with fs.open(p, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         return pq.read_table(f)
 
 
@@ -559,8 +555,7 @@ def curate(
 
 
 def _damage(path: str) -> str | None:
-    fs, p = _fs(path)
-    with fs.open(p, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         meta = pq.read_schema(f).metadata or {}
     return meta.get(b"damage", b"").decode() or None
 
@@ -597,10 +592,7 @@ def build_manifest(table: pa.Table, shards: Sequence[Shard], output: str) -> pa.
     """One SHARD_MANIFEST row per output shard: samples in, kept (successes), dropped by reason (failures)."""
     rows = []
     for s in shards:
-        stats_path = join(output, f"{s.name}{STATS_SUFFIX}")
-        fs, p = _fs(stats_path)
-        with fs.open(p) as f:
-            stats = json.load(f)
+        stats = storage.read_json(join(output, f"{s.name}{STATS_SUFFIX}"))
         part = table.filter(pc.equal(table["shard"], s.name))
         reasons = Counter(r for r in part["reason"].to_pylist() if r is not None)
         rows.append(

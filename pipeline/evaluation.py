@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import outputs
+from pipeline import outputs, storage
 from pipeline.shards import Shard, index_tar, label_table_path
 from schemas import (
     CAPTION_REPORT,
@@ -141,10 +141,15 @@ SCORED = pa.schema(
 # ----------------------------------------------------------------------------- inputs
 
 
+def _read_parquet(path: str, columns: list[str]) -> pa.Table:
+    fs, fs_path = storage.filesystem(path)
+    return pq.read_table(fs_path, columns=columns, filesystem=fs)
+
+
 def read_label_rows(path: str, columns: Sequence[str] = ()) -> dict[str, dict]:
     """key -> {"labels": [...], column: value, ...} of one shard's label table, with ``columns`` besides the labels."""
     names = list(dict.fromkeys(["key", "labels", *columns]))
-    table = pq.read_table(path, columns=names)
+    table = _read_parquet(path, names)
     keys = table.column("key").to_pylist()
     values = {name: table.column(name).to_pylist() for name in names[1:]}
     return {key: {name: values[name][i] for name in names[1:]} for i, key in enumerate(keys)}
@@ -152,7 +157,8 @@ def read_label_rows(path: str, columns: Sequence[str] = ()) -> dict[str, dict]:
 
 def label_table_columns(path: str) -> list[str]:
     """The column names of a label table (its Parquet schema; no row is read)."""
-    return pq.read_schema(path).names
+    fs, fs_path = storage.filesystem(path)
+    return pq.read_schema(fs_path, filesystem=fs).names
 
 
 # ----------------------------------------------------------------------------- stage 1: read and join
@@ -171,10 +177,10 @@ def plan_reads(found: Sequence[Shard], labels: str, samples_per_task: int) -> li
     for shard in found:
         index = index_tar(shard.tar)
         label_file = label_table_path(labels, shard.name)
-        name = os.path.basename(shard.tar)
+        name = storage.basename(shard.tar)
         missing = f"not among the intact samples of {name}, which is damaged: {index.damage}" if index.damage else f"not in {name}"
         intact = set(index.keys)
-        label_keys = pq.read_table(label_file, columns=["key"]).column("key").to_pylist()
+        label_keys = _read_parquet(label_file, ["key"]).column("key").to_pylist()
         unread = [key for key in label_keys if key not in intact]
         base = {"shard": shard.name, "tar": shard.tar, "labels": label_file}
         images = [(s.key, *(s.members[ext] if (ext := s.first(IMAGE_EXTENSIONS)) else (-1, 0)), *s.members.get("json", (-1, 0))) for s in index.samples]
@@ -190,8 +196,15 @@ def plan_reads(found: Sequence[Shard], labels: str, samples_per_task: int) -> li
 
 
 @functools.lru_cache(maxsize=16)
-def _label_rows(path: str, mtime_ns: int, columns: tuple[str, ...]) -> dict[str, dict]:
+def _label_rows(path: str, version: str, columns: tuple[str, ...]) -> dict[str, dict]:
     return read_label_rows(path, columns)
+
+
+def _version(path: str) -> str:
+    """What changes when the file at ``path`` is rewritten: its modification time (and ETag on object storage)."""
+    fs, p = storage.filesystem(path)
+    info = fs.info(p)
+    return f"{info.get('mtime') or info.get('LastModified')}:{info.get('ETag') or info.get('size')}"
 
 
 def _sample_row(key: str, shard: str, image: bytes | None, labels: list[str] | None, label_file: str) -> dict:
@@ -238,7 +251,7 @@ def read_samples_batch(batch: pa.Table, class_source: str | None = None, class_f
 
     rows = []
     for spec in batch.to_pylist():
-        table = _label_rows(spec["labels"], os.stat(spec["labels"]).st_mtime_ns, columns)
+        table = _label_rows(spec["labels"], _version(spec["labels"]), columns)
 
         with fsspec.open(spec["tar"], "rb") as f:
             json_offsets = spec.get("json_offsets") or [-1] * len(spec["keys"])
@@ -348,6 +361,7 @@ class Predict:
         from model.checkpoint import load_model
         from model.precision import place, resolve_dtype
 
+        checkpoint = model_copy(checkpoint)
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -956,7 +970,15 @@ CAPTION_OUTPUT_FILES = ("captions.parquet", "caption_report.parquet")  # the cap
 
 
 def is_evaluation_output(path: str) -> bool:
-    return any(all(os.path.isfile(os.path.join(path, name)) for name in files) for files in (OUTPUT_FILES, CAPTION_OUTPUT_FILES))
+    return any(all(storage.isfile(storage.join(path, name)) for name in files) for files in (OUTPUT_FILES, CAPTION_OUTPUT_FILES))
+
+
+def model_copy(checkpoint: str) -> str:
+    """``checkpoint`` itself when local; for an exported model at a URL (``jobs.train --export-to``) a local
+    copy, fetched once per node into the temporary folder."""
+    import tempfile
+
+    return outputs.local_copy(checkpoint, os.path.join(tempfile.gettempdir(), "nxtp-models"), "exported model")
 
 
 def check_replaceable(output: str) -> None:

@@ -19,6 +19,13 @@ sample keys come from (shard id, row in shard) and the rows of a shard are fixed
 URL table, a key never appears twice. Folder mode (``local_root``) packs image files that
 are already on disk with the same writer, resizer and stats instead of downloading.
 
+The output may be a folder or a URL prefix (``s3://bucket/shards/laion``): every file goes
+through fsspec (``pipeline.storage``), img2dataset's own parts included; the per-shard arrow
+files of ``_tmp/`` then live in the bucket too, so that workers on any node read them. On
+object storage each object appears whole when its upload completes; a shard's parquet is
+moved into place before its tar, its stats file after both. The output is guarded by
+:func:`output_lock` (an flock, or a lease object on a bucket).
+
 Failure reasons (manifest ``failures_by_reason``, summary): ``http_<code>``,
 ``not_an_image``, ``decode_error``, ``timeout``, ``connection_error``, ``ssl_error``,
 ``disallowed_by_robots``, ``image_too_small``, ``image_area_too_large``,
@@ -32,15 +39,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import hashlib
 import io
 import json
 import logging
 import math
 import os
+import posixpath
 import re
-import shutil
+import secrets
+import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -55,6 +64,7 @@ from img2dataset.logger import CappedCounter
 from img2dataset.reader import Reader
 from img2dataset.writer import WebDatasetSampleWriter
 
+from pipeline import storage
 from pipeline.images import DEFAULT_MAX_IMAGE_AREA, RESIZE_MODES, ImageResizer, image_format  # noqa: F401 - image_format re-exported
 from pipeline.outputs import atomic_file, write_json
 from schemas import SHARD_MANIFEST, URL_TABLE, reason_counts, reason_rows, validate, write_table
@@ -245,22 +255,29 @@ class AtomicWebDatasetWriter(WebDatasetSampleWriter):
     """img2dataset's webdataset writer, writing under ``<output>/_tmp`` and renaming on close.
 
     A crash leaves no half-written ``<id>.tar`` that looks whole; the stats file that
-    marks a shard done is written by the shard worker after ``close``.
+    marks a shard done is written by the shard worker after ``close``. On object storage
+    the files are moved into place by server-side copies (each object appears whole),
+    the parquet before the tar.
     """
 
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
         self.final_folder = output_folder
         self.shard_name = f"{shard_id:0{oom_shard_count}d}"
-        self.work_folder = os.path.join(output_folder, TMP, f"writing-{self.shard_name}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(self.work_folder, exist_ok=True)
+        self.work_folder = storage.join(output_folder, TMP, f"writing-{self.shard_name}-{uuid.uuid4().hex[:8]}")
+        storage.makedirs(self.work_folder)
         super().__init__(shard_id, self.work_folder, save_caption, oom_shard_count, schema, encode_format)
 
     def close(self):
         super().close()
+        fs, work = storage.filesystem(self.work_folder)
+        _, final = storage.filesystem(self.final_folder)
         for ext in ("parquet", "tar"):  # the tar last: it never appears without its parquet
             name = f"{self.shard_name}.{ext}"
-            os.replace(os.path.join(self.work_folder, name), os.path.join(self.final_folder, name))
-        shutil.rmtree(self.work_folder, ignore_errors=True)
+            if storage.is_url(self.final_folder):
+                fs.mv(posixpath.join(work, name), posixpath.join(final, name))
+            else:
+                os.replace(os.path.join(work, name), os.path.join(final, name))
+        storage.remove(self.work_folder, recursive=True)
 
 
 class ShardWorker:
@@ -307,12 +324,9 @@ class ShardWorker:
         from multiprocessing.pool import ThreadPool
         from threading import Event, Semaphore
 
-        import fsspec
-
         shard_id, shard_file = row
         start = time.time()
-        fs, shard_path = fsspec.core.url_to_fs(shard_file)
-        with fs.open(shard_path, "rb") as f:
+        with storage.open_file(shard_file, "rb") as f:
             df = pa.ipc.open_file(f).read_all()
         columns = df.select(self.column_list).to_pydict()
         rows = list(zip(*(columns[c] for c in self.column_list)))
@@ -376,8 +390,8 @@ class ShardWorker:
             "end_time": time.time(),
             "status_dict": dict(status.dump()),
         }
-        write_json(f"{self.output_folder}/{name}{STATS_SUFFIX}", stats, indent=4)  # marks the shard done
-        fs.rm(shard_path)
+        write_json(storage.join(self.output_folder, f"{name}{STATS_SUFFIX}"), stats, indent=4)  # marks the shard done
+        storage.remove(shard_file)
 
 
 @contextlib.contextmanager
@@ -405,7 +419,7 @@ class LocalImagePacker(ShardWorker):
 
     def __init__(self, *args, root: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES, **kwargs):
         super().__init__(*args, **kwargs)
-        self.root = os.path.abspath(root) + os.sep
+        self.root = os.path.abspath(root) + os.sep  # the images are local files; the output may be a URL
         self.max_bytes = max_bytes
 
     def fetch(self, path: str) -> Fetched:
@@ -474,22 +488,24 @@ def shard_digits(shards: int) -> int:
     return max(5, len(str(max(shards - 1, 0))))
 
 
+def _stats_files(output: str) -> list[str]:
+    """The ``<id>_stats.json`` files in ``output`` (a folder or URL prefix), as paths or URLs, sorted."""
+    fs, root = storage.fresh(output)
+    if not fs.isdir(root):
+        return []
+    names = [posixpath.basename(p) for p in fs.ls(root, detail=False)]
+    return sorted(storage.join(output, n) for n in names if n.endswith(STATS_SUFFIX) and n[: -len(STATS_SUFFIX)].isdigit())
+
+
 def done_shards(output: str) -> set[int]:
     """Shard ids whose ``<id>_stats.json`` exists: img2dataset's rule for a finished shard."""
-    ids = set()
-    for path in glob.glob(os.path.join(glob.escape(output), f"*{STATS_SUFFIX}")):
-        name = os.path.basename(path)[: -len(STATS_SUFFIX)]
-        if name.isdigit():
-            ids.add(int(name))
-    return ids
+    return {int(storage.basename(path)[: -len(STATS_SUFFIX)]) for path in _stats_files(output)}
 
 
 def read_stats(output: str, shard_id: int, digits: int) -> dict | None:
     """A done shard's stats, or None when it is not done."""
-    path = os.path.join(output, f"{shard_id:0{digits}d}{STATS_SUFFIX}")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return storage.read_json(storage.join(output, f"{shard_id:0{digits}d}{STATS_SUFFIX}"))
     except FileNotFoundError:
         return None
 
@@ -497,15 +513,14 @@ def read_stats(output: str, shard_id: int, digits: int) -> dict | None:
 def drop_unreadable_stats(output: str) -> list[str]:
     """Remove stats files cut short by a crash (img2dataset writes them in place): their shards are redone."""
     dropped = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(output), f"*{STATS_SUFFIX}"))):
+    for path in _stats_files(output):
         try:
-            with open(path) as f:
-                stats = json.load(f)
+            stats = storage.read_json(path)
             if not {"count", "successes", "duration", "status_dict"} <= set(stats):
                 raise ValueError("fields missing")
         except (ValueError, OSError) as e:
             log.warning("%s: unreadable shard stats (%s): the shard will be redone", path, e)
-            os.remove(path)
+            storage.remove(path)
             dropped.append(path)
     return dropped
 
@@ -568,28 +583,105 @@ class OutputBusyError(RuntimeError):
     """Another run holds the output's lock."""
 
 
+LOCK_FILE = ".ingest.lock"
+LEASE_S = 120.0  # a bucket lock not renewed for this long was left by a killed run
+RENEW_S = 20.0
+
+
 @contextlib.contextmanager
-def output_lock(output: str) -> Iterator[None]:
+def output_lock(output: str, lease_s: float = LEASE_S, renew_s: float = RENEW_S) -> Iterator[None]:
     """Hold ``<output>/.ingest.lock``: two runs never write one output at once.
 
-    An flock, so a killed run releases it with its process.
+    On a local or shared file system an flock, so a killed run releases it with its
+    process. On object storage, which has no locks, a lease object: created with a
+    conditional write (S3's ``If-None-Match: *``, which fails when the object exists),
+    renewed every ``renew_s`` seconds by a thread of the holder (which checks that the
+    object is still its own), removed at the end. A lease not renewed for ``lease_s``
+    seconds (by the object's modification time) was left by a killed run and is taken over.
     """
+    if storage.is_url(output):
+        with _lease(storage.join(output, LOCK_FILE), output, lease_s, renew_s):
+            yield
+        return
     os.makedirs(output, exist_ok=True)
-    fd = os.open(os.path.join(output, ".ingest.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(os.path.join(output, LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputBusyError(f"{output}: another ingestion is writing to this output (lock {output}/.ingest.lock)") from None
+            raise OutputBusyError(f"{output}: another ingestion is writing to this output (lock {output}/{LOCK_FILE})") from None
         yield
     finally:
         os.close(fd)
 
 
+def _create(fs, path: str, body: bytes) -> None:
+    """Write ``path`` only if it does not exist (``FileExistsError`` otherwise): a conditional write where the
+    filesystem has one (s3fs), else a check then a write, which two runs starting at the same instant can both pass."""
+    try:
+        fs.pipe_file(path, body, mode="create")
+    except TypeError:  # a filesystem whose pipe_file takes no mode
+        if fs.exists(path):
+            raise FileExistsError(path) from None
+        fs.pipe_file(path, body)
+
+
+def _lease_age(fs, path: str) -> float:
+    modified = fs.modified(path)
+    return time.time() - modified.timestamp()
+
+
+@contextlib.contextmanager
+def _lease(url: str, output: str, lease_s: float, renew_s: float) -> Iterator[None]:
+    fs, path = storage.filesystem(url)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "run": secrets.token_hex(8)}
+    body = json.dumps(owner).encode()
+    with storage.reported(output):
+        try:
+            _create(fs, path, body)
+        except FileExistsError:
+            fs.invalidate_cache(path)
+            age = _lease_age(fs, path)
+            if age < lease_s:
+                held = fs.cat_file(path).decode(errors="replace")
+                raise OutputBusyError(
+                    f"{output}: another ingestion is writing to this output (lease {url}, renewed {age:.0f} s ago by "
+                    f"{held}); a lease not renewed for {lease_s:.0f} s is taken over"
+                ) from None
+            log.warning("%s: taking over a lease not renewed for %.0f s (a killed run's)", url, age)
+            fs.rm_file(path)
+            _create(fs, path, body)  # a second run taking it over at the same moment fails here
+    stop = threading.Event()
+    lost: list[str] = []
+
+    def renew() -> None:
+        while not stop.wait(renew_s):
+            try:
+                fs.invalidate_cache(path)
+                if fs.cat_file(path) != body:
+                    lost.append(fs.cat_file(path).decode(errors="replace"))
+                    return
+                fs.pipe_file(path, body)
+            except Exception as err:  # noqa: BLE001 - a renewal that fails is retried at the next period
+                log.warning("%s: could not renew the lease: %s", url, err)
+
+    thread = threading.Thread(target=renew, name="ingest-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+        if lost:
+            raise OutputBusyError(f"{output}: the lease {url} was taken over by {lost[0]} while this run held it")
+    finally:
+        stop.set()
+        thread.join()
+        if not lost:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+
+
 def _load_attempts(path: str) -> dict[int, int]:
     try:
-        with open(path) as f:
-            return {int(k): int(v) for k, v in json.load(f).items()}
+        return {int(k): int(v) for k, v in storage.read_json(path).items()}
     except FileNotFoundError:
         return {}
 
@@ -604,7 +696,7 @@ def build_manifest(output: str, shard_ids, attempts: dict[int, int], digits: int
         reasons = failures_by_reason(stats.get("status_dict", {}))
         rows.append(
             {
-                "shard": os.path.join(output, f"{shard_id:0{digits}d}.tar"),
+                "shard": storage.join(output, f"{shard_id:0{digits}d}.tar"),
                 "samples": int(stats["count"]),
                 "successes": int(stats["successes"]),
                 "failures": int(stats["count"]) - int(stats["successes"]),
@@ -659,12 +751,13 @@ def run_ingest(
 
     check_urls(urls, local_root)
     retry_failed = check_reasons(retry_failed)
-    output = os.path.abspath(output)
-    tmp = os.path.join(output, TMP)
-    os.makedirs(tmp, exist_ok=True)
-    urls_path = os.path.join(tmp, "download_list.parquet")
+    output = output if storage.is_url(output) else os.path.abspath(output)
+    tmp = storage.join(output, TMP)
+    storage.makedirs(tmp)
+    urls_path = storage.join(tmp, "download_list.parquet")
     download = urls.rename_columns(["uid" if n == "key" else n for n in urls.column_names])
-    pq.write_table(download, urls_path)
+    with storage.open_file(urls_path, "wb") as f:
+        pq.write_table(download, f)
 
     shards = shard_count(urls.num_rows, settings.samples_per_shard)
     digits = shard_digits(shards)
@@ -672,10 +765,10 @@ def run_ingest(
     batches = [ShardBatch(urls_path, 0, shards, urls.num_rows)] + load_retry_rounds(output)
     planned = {s for b in batches for s in b.ids}
     done = {s for s in done_shards(output) if s in planned}
-    attempts_path = os.path.join(output, "ingest_attempts.json")
+    attempts_path = storage.join(output, "ingest_attempts.json")
     attempts = _load_attempts(attempts_path)
     result = IngestResult(output, build_manifest(output, planned, attempts, digits), shards, len(done & set(range(shards))))
-    manifest_path = os.path.join(output, "manifest.parquet")
+    manifest_path = storage.join(output, "manifest.parquet")
     samples_done = sum(result.manifest.column("samples").to_pylist())
     successes = sum(result.manifest.column("successes").to_pylist())
 
@@ -695,9 +788,9 @@ def run_ingest(
     files: dict[int, str] = {}
 
     def arrow_file(shard_id: int) -> str:
-        if not os.path.exists(files.get(shard_id, "")):
+        if shard_id not in files or not storage.exists(files[shard_id]):
             batch = next(b for b in batches if shard_id in b.ids)
-            files.update(batch.arrow_files(settings, {shard_id}, os.path.join(tmp, f"batch-{batch.first}")))
+            files.update(batch.arrow_files(settings, {shard_id}, storage.join(tmp, f"batch-{batch.first}")))
         return files[shard_id]
 
     in_flight: dict = {}
@@ -765,7 +858,7 @@ def run_ingest(
         result.retried = retry_accounting(batches, done, settings.samples_per_shard)
         write_table(result.manifest, manifest_path, SHARD_MANIFEST)
         if not in_flight:
-            shutil.rmtree(tmp, ignore_errors=True)
+            storage.remove(tmp, recursive=True)
     return result
 
 
@@ -797,7 +890,7 @@ class ShardBatch:
     def arrow_files(self, settings: ShardSettings, wanted: set[int], tmp: str) -> dict[int, str]:
         """The arrow file of each wanted shard (img2dataset's Reader; its chatter goes to the log)."""
         local = {s - self.first for s in wanted}
-        os.makedirs(tmp, exist_ok=True)
+        storage.makedirs(tmp)
         chatter = io.StringIO()
         with contextlib.redirect_stdout(chatter):
             files = dict(_reader(self.table, settings, set(range(self.shards)) - local, tmp))
@@ -807,18 +900,18 @@ class ShardBatch:
 
     def rows_of(self, shard_id: int, samples_per_shard: int) -> pa.Table:
         k = shard_id - self.first
-        return pq.read_table(self.table).slice(k * samples_per_shard, samples_per_shard)
+        with storage.open_file(self.table, "rb") as f:
+            return pq.read_table(f).slice(k * samples_per_shard, samples_per_shard)
 
 
 def load_retry_rounds(output: str) -> list[ShardBatch]:
     """The retry rounds planned in ``output`` so far (``ingest_retries.json``), in order."""
     try:
-        with open(os.path.join(output, RETRY_ROUNDS)) as f:
-            rounds = json.load(f)
+        rounds = storage.read_json(storage.join(output, RETRY_ROUNDS))
     except FileNotFoundError:
         return []
     return [
-        ShardBatch(os.path.join(output, r["urls"]), r["first_shard"], r["shards"], r["rows"], r["round"], tuple(r["reasons"]))
+        ShardBatch(storage.join(output, r["urls"]), r["first_shard"], r["shards"], r["rows"], r["round"], tuple(r["reasons"]))
         for r in rounds
     ]
 
@@ -828,7 +921,8 @@ def latest_outcomes(output: str, shard_ids, digits: int) -> dict[str, dict]:
     latest: dict[str, dict] = {}
     columns = ["uid", "key", "url", "caption", "source", "split", "status", "error_message"]
     for shard_id in sorted(shard_ids):
-        table = pq.read_table(os.path.join(output, f"{shard_id:0{digits}d}.parquet"), columns=columns)
+        with storage.open_file(storage.join(output, f"{shard_id:0{digits}d}.parquet"), "rb") as f:
+            table = pq.read_table(f, columns=columns)
         for row in table.to_pylist():
             row["shard"] = shard_id
             latest[row["uid"]] = row
@@ -858,18 +952,24 @@ def plan_retry_round(output: str, batches: list[ShardBatch], done: set[int], rea
     rows.sort(key=lambda r: (r["previous_shard"], r["uid"]))
     number = len(batches)  # the main batch is round 0
     first = max(s for b in batches for s in b.ids) + 1
-    name = os.path.join(RETRY_DIR, f"round-{number:05d}.parquet")
+    name = posixpath.join(RETRY_DIR, f"round-{number:05d}.parquet")  # relative to the output, "/" on every system
     table = pa.Table.from_pylist(rows)
-    os.makedirs(os.path.join(output, RETRY_DIR), exist_ok=True)
-    with atomic_file(os.path.join(output, name)) as f:
+    with atomic_file(storage.join(output, name)) as f:
         pq.write_table(table, f)
-    batch = ShardBatch(os.path.join(output, name), first, shard_count(len(rows), samples_per_shard), len(rows), number, tuple(reasons))
+    batch = ShardBatch(storage.join(output, name), first, shard_count(len(rows), samples_per_shard), len(rows), number, tuple(reasons))
     rounds = [
-        {"round": b.round, "reasons": list(b.reasons), "first_shard": b.first, "shards": b.shards, "rows": b.rows, "urls": os.path.relpath(b.table, output)}
+        {"round": b.round, "reasons": list(b.reasons), "first_shard": b.first, "shards": b.shards, "rows": b.rows, "urls": name_in(output, b.table)}
         for b in [*batches[1:], batch]
     ]
-    write_json(os.path.join(output, RETRY_ROUNDS), rounds)
+    write_json(storage.join(output, RETRY_ROUNDS), rounds)
     return batch
+
+
+def name_in(output: str, path: str) -> str:
+    """``path`` relative to ``output`` (both local paths or both URLs), with "/" separators."""
+    if storage.is_url(output):
+        return posixpath.relpath(path, output.rstrip("/"))
+    return os.path.relpath(path, output).replace(os.sep, "/")
 
 
 def retry_accounting(batches: list[ShardBatch], done: set[int], samples_per_shard: int) -> dict:

@@ -24,14 +24,15 @@ tasks), and :class:`BadShardsError` lists them all; with it, they are counted sk
 Every output is a pure function of the shards and the extractor settings: rows are
 sorted by key, files carry no timestamp, so a re-run writes byte-identical Parquet.
 ``staged_output`` makes the whole output folder appear at once: everything is written
-under a hidden temporary sibling that is renamed onto the output when complete.
-The output folder, like the shards folder, must be on storage every Ray node sees.
+under a hidden temporary sibling that is published when complete (renamed on a file
+system; copied into place and marked with ``_SUCCESS`` on object storage, see
+``pipeline.outputs``). The output, like the shards, must be on storage every Ray node
+sees: a shared file system or a bucket (``s3://...``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from model.protocol import check_protocol
-from pipeline import outputs
+from pipeline import outputs, storage
 from pipeline.nouns import (
     BAD_KINDS,
     MAX_CAPTION_CHARS,
@@ -140,7 +141,8 @@ def _member_caption(members: Mapping[str, bytes], path: str, key: str) -> str | 
 def read_parquet_captions(path: str) -> tuple[list[str], list[str | None]]:
     """(keys, captions) of the rows of img2dataset's per-shard parquet whose status is success, sorted by key."""
     try:
-        table = pq.read_table(path)
+        fs, fs_path = storage.filesystem(path)
+        table = pq.read_table(fs_path, filesystem=fs)
     except (pa.ArrowException, OSError) as err:
         raise ShardReadError(f"{path}: cannot read parquet ({err})") from None
     missing = [c for c in ("key", "caption", "status") if c not in table.column_names]
@@ -295,7 +297,7 @@ def write_shard(table: pa.Table, folder: str, name: str) -> dict:
     if others:
         raise ValueError(f"write_shard for shard {name} got rows of shard(s) {others[:3]}")
     table = conform(table.sort_by("key").combine_chunks(), LABEL_TABLE)
-    write_table(table, os.path.join(folder, f"{name}.parquet"), LABEL_TABLE)
+    write_table(table, storage.join(folder, f"{name}.parquet"), LABEL_TABLE)
     return shard_stats(table)
 
 
@@ -359,8 +361,8 @@ def label_shards(
     progress = progress or (lambda p: None)
     check_extractor(settings.extractor, settings.spacy_model, settings.nltk_data)  # fails here, in the driver
 
-    labels_dir = os.path.join(out_dir, LABELS_DIR)
-    os.makedirs(labels_dir, exist_ok=True)
+    labels_dir = storage.join(out_dir, LABELS_DIR)
+    storage.makedirs(labels_dir)
     specs = [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in shards]
     actors = max(1, min(settings.concurrency, len(specs)))
     log(f"labelling the captions of {len(specs)} shard(s) with {actors} {settings.extractor} actor(s), batches of {settings.batch_size}")
@@ -403,7 +405,7 @@ def label_shards(
         raise RuntimeError(f"no label table came back for shard(s) {missing[:5]}")
 
     vocab, summary = merge_stats(per_shard)
-    write_table(vocab, os.path.join(out_dir, VOCAB_FILE), VOCAB)
+    write_table(vocab, storage.join(out_dir, VOCAB_FILE), VOCAB)
     summary = {
         "extractor": settings.extractor,
         "keep_numbers": settings.keep_numbers,
@@ -414,7 +416,7 @@ def label_shards(
         "skipped_shards": [{"shard": name, "reason": reason} for name, reason in sorted(bad.items())],
         **summary,
     }
-    outputs.write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
+    outputs.write_json(storage.join(out_dir, SUMMARY_FILE), summary)
     return summary
 
 
@@ -430,7 +432,7 @@ def _close(rows) -> None:
 
 def is_labels_output(path: str) -> bool:
     """True when ``path`` holds what :func:`label_shards` writes (so a re-run may replace it)."""
-    return os.path.isfile(os.path.join(path, SUMMARY_FILE)) and os.path.isdir(os.path.join(path, LABELS_DIR))
+    return storage.isfile(storage.join(path, SUMMARY_FILE)) and storage.isdir(storage.join(path, LABELS_DIR))
 
 
 def staged_output(output: str):

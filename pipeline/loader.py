@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import random
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
@@ -43,6 +42,8 @@ from model.prompt import IGNORE, caption_text, label_segments, pad_batch, traini
 from model.protocol import check_protocol
 from model.tokenizer import Tokenizer
 from model.vision import preprocess
+from pipeline import storage
+from pipeline.outputs import require_published
 from pipeline.shards import Shard, TarReader, find_shards, label_table_path
 
 
@@ -89,7 +90,8 @@ class TrainStream(IterableDataset):
         self.datasets = list(datasets)
         self.shards = [d.find() for d in self.datasets]
         for d in self.datasets:
-            if not os.path.isdir(os.path.join(d.labels, "labels")):
+            require_published(d.labels, "labels output")  # on object storage: only a whole one
+            if not storage.isdir(storage.join(d.labels, "labels")):
                 raise FileNotFoundError(f"dataset {d.name}: no label tables in {d.labels}/labels (run jobs.labels)")
         total = sum(d.weight for d in self.datasets)
         if total <= 0:
@@ -202,7 +204,8 @@ def _shard_labels(spec: DatasetSpec, shard: Shard, stats: Counter, cache: Ordere
     entry = (spec.name, shard.name)
     if entry not in cache:
         try:
-            table = pq.read_table(label_table_path(spec.labels, shard.name), columns=["key", "labels"])
+            fs, path = storage.filesystem(label_table_path(spec.labels, shard.name))
+            table = pq.read_table(path, columns=["key", "labels"], filesystem=fs)
             cache[entry] = dict(zip(table.column("key").to_pylist(), table.column("labels").to_pylist()))
         except (OSError, ValueError):
             stats["missing_label_tables"] += 1

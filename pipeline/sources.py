@@ -1,15 +1,19 @@
 """Source adapters: each real url-list format normalized into ``schemas.URL_TABLE``.
 
-    read_tsv         CC3M / CC12M: caption<TAB>url (or url<TAB>caption), header line optional
+    read_tsv         CC3M / CC12M and any delimited list (.tsv, .csv): caption and url columns,
+                     header row optional, spreadsheet quoting, any common encoding
     read_coco        COCO captions json: images[].coco_url, all captions of an image "\\n"-joined;
                      or, with ``images_dir``, the local image files (packed without download)
     read_laion       LAION parquet: URL / TEXT, optional min width / height / similarity filters
     read_openimages  OpenImages localized narratives jsonl + image id -> OriginalURL csv
 
 Keys are stable: the same input always gives the same keys ("cc3m-000000042" from the
-data line, "coco-<image id>", "laion-<row>", "openimages-<image id>"). An adapter never
-drops a row in silence: rows it cannot use are counted in ``SourceRows.skipped`` under a
-reason, with one example each in ``SourceRows.examples``.
+data row, "coco-<image id>", "laion-<row>", "openimages-<image id>"). An input of several
+files (:func:`read_many`: LAION's parquet parts, DataComp's shards, a glob or a brace
+pattern, local or URLs) keys each row by its file too: "laion-part-00003-000000042". An
+adapter never drops a row in silence: rows it cannot use are counted in
+``SourceRows.skipped`` under a reason, with one example each in ``SourceRows.examples``.
+Every file is opened through fsspec (``pipeline.storage``): local paths and URLs alike.
 
 Then, for every source:
 
@@ -24,11 +28,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from schemas import URL_TABLE, conform
 
 SOURCES = ("cc3m", "cc12m", "coco", "laion", "openimages")
@@ -58,24 +64,30 @@ class SourceRows:
     rows_read: int  # data rows (lines, images, narratives) seen in the input
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # reason -> one example, naming file and row
+    notes: list[str] = field(default_factory=list)  # how the input was read, where it was not plain (encoding)
 
     def skip(self, reason: str, example: str, n: int = 1) -> None:
         self.skipped[reason] += n
         self.examples.setdefault(reason, example)
 
 
+def _key(source: str, part: str | None, ident: str) -> str:
+    return f"{source}-{part}-{ident}" if part else f"{source}-{ident}"
+
+
 class _TableBuilder:
     """Accumulates rows in bounded Python lists and turns them into Arrow chunks."""
 
-    def __init__(self, source: str, split: str):
-        self.source, self.split = source, split
+    def __init__(self, source: str, split: str, part: str | None = None):
+        self.source, self.split, self.part = source, split, part
         self.chunks: list[pa.Table] = []
         self.keys: list[str] = []
         self.urls: list[str] = []
         self.captions: list[str] = []
 
-    def add(self, key: str, url: str, caption: str) -> None:
-        self.keys.append(key)
+    def add(self, ident: str, url: str, caption: str) -> None:
+        """A row keyed ``<source>[-<part>]-<ident>``."""
+        self.keys.append(_key(self.source, self.part, ident))
         self.urls.append(url)
         self.captions.append(caption)
         if len(self.keys) >= _CHUNK:
@@ -105,8 +117,136 @@ class _TableBuilder:
 
 
 def _require_file(path: str, what: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: {what} not found")
+    with storage.reported(path):
+        if not storage.isfile(path):
+            raise FileNotFoundError(f"{path}: {what} not found")
+
+
+# ----------------------------------------------------------------------------- several files
+
+
+def part_name(path: str) -> str:
+    """The name that keys the rows of one file among several: its file name without the last extension."""
+    name = storage.basename(path)
+    for ext in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(ext)
+    stem, dot, _ = name.rpartition(".")
+    return stem if dot and stem else name
+
+
+def read_many(paths: Sequence[str], read_one: Callable[[str, str | None], SourceRows]) -> SourceRows:
+    """The rows of every file in ``paths``, in order, read by ``read_one(path, part)``, as one table.
+
+    One file: ``part`` is None and keys are as the adapter makes them. Several: ``part`` is
+    each file's :func:`part_name`, so keys stay unique and stable when files are added;
+    two files with the same part name are refused.
+    """
+    if len(paths) == 1:
+        return read_one(paths[0], None)
+    seen: dict[str, str] = {}
+    for path in paths:
+        name = part_name(path)
+        if name in seen:
+            raise SourceError(f"{seen[name]} and {path} have the same name ({name}), which keys their rows: rename one")
+        seen[name] = path
+    parts = [read_one(path, part_name(path)) for path in paths]
+    merged = SourceRows(conform(pa.concat_tables([p.table for p in parts]), URL_TABLE), sum(p.rows_read for p in parts))
+    for p in parts:
+        for reason, n in p.skipped.items():
+            merged.skip(reason, p.examples[reason], n)
+        merged.notes += p.notes
+    return merged
+
+
+# ----------------------------------------------------------------------------- delimited text
+
+_URL_NAMES = ("url", "image_url", "imageurl", "link", "originalurl", "original_url")
+_CAPTION_NAMES = ("caption", "text", "title", "alt", "alt_text", "description")
+_ENCODINGS = (("utf-8-sig", "UTF-8"), ("cp1252", "Windows-1252 (Latin-1)"), ("latin-1", "Latin-1"))
+
+
+def _delimiter(path: str, first_line: str) -> str:
+    name = storage.basename(path).lower()
+    for ext in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(ext)
+    if name.endswith(".csv"):
+        return ","
+    if name.endswith((".tsv", ".tab")) or "\t" in first_line or "," not in first_line:
+        return "\t"
+    return ","
+
+
+class _Lines:
+    """Lines of a text stream, with the lines of the record being read kept, and a way to push lines back."""
+
+    def __init__(self, lines: Iterable[str]):
+        self.lines = iter(lines)
+        self.back: list[str] = []
+        self.taken: list[str] = []
+        self.number = 0  # physical lines handed out (the last one's 1-based number)
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.back.pop() if self.back else next(self.lines)
+        self.taken.append(line)
+        self.number += 1
+        return line
+
+    def push_back(self, lines: list[str]) -> None:
+        self.back.extend(reversed(lines))
+        self.number -= len(lines)
+
+
+def _records(lines: Iterable[str], delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(first physical line number, fields) of each record of a delimited text, as a person reads it.
+
+    A field wholly in double quotes is a spreadsheet's quoting: it may hold the delimiter,
+    line breaks and doubled quotes (``""``). Quotes anywhere else are text: a line whose
+    quoting does not parse that way (``"the cat" said``, an opening quote never closed) is
+    split at its delimiters as written.
+    """
+    src = _Lines(lines)
+    while True:
+        src.taken = []
+        start = src.number + 1
+        reader = csv.reader(src, delimiter=delimiter, quotechar='"', doublequote=True, strict=True)
+        try:
+            for row in reader:
+                yield start, row
+                src.taken = []
+                start = src.number + 1
+            return
+        except csv.Error:
+            first, rest = src.taken[0], src.taken[1:]
+            src.push_back(rest)
+            yield start, first.rstrip("\r\n").split(delimiter)
+
+
+def _open_text(path: str, encoding: str):
+    raw = storage.open_file(path, "rb", compression="infer")
+    head = raw.read(4)
+    raw.seek(0)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # spreadsheets' "Unicode text" export
+        encoding = "utf-16"
+    return io.TextIOWrapper(raw, encoding=encoding, errors="strict", newline="")
+
+
+def _column_index(spec: str | None, names: list[str] | None, defaults: tuple[str, ...], what: str, flag: str, path: str) -> int | None:
+    """The index of column ``spec`` (a header name, or a 0-based number) or of the first of ``defaults``."""
+    if spec is not None and spec.isdigit():
+        return int(spec)
+    if names is None:
+        if spec is not None:
+            raise SourceError(f"{path}: {flag} {spec!r} names a column, but the file has no header row (give a 0-based column number)")
+        return None
+    lower = [n.strip().lower() for n in names]
+    wanted = (spec.lower(),) if spec is not None else defaults
+    for w in wanted:
+        if w in lower:
+            return lower.index(w)
+    raise SourceError(f"{path}:1: header {names!r} names no {what} column (looked for {'/'.join(wanted)}; set {flag})")
 
 
 # ----------------------------------------------------------------------------- CC3M / CC12M
@@ -116,56 +256,94 @@ def _looks_like_url(text: str) -> bool:
     return "://" in text
 
 
-def read_tsv(path: str, split: str, source: str = "cc3m") -> SourceRows:
-    """A CC3M / CC12M tsv: two tab-separated fields per line, a caption and a URL.
+def read_tsv(
+    path: str,
+    split: str,
+    source: str = "cc3m",
+    url_col: str | None = None,
+    caption_col: str | None = None,
+    part: str | None = None,
+) -> SourceRows:
+    """A delimited URL list: CC3M / CC12M tsv, or any .tsv / .csv with a url and a caption column.
 
-    The column order comes from a header line when there is one (a field named url /
-    image_url and one named caption / text), else from the first line: the field holding
-    "://" is the URL (CC3M writes caption<TAB>url, CC12M url<TAB>caption). The key is the
-    0-based data line (header excluded): "<source>-000000042". Lines without exactly two
-    fields are counted as ``malformed_row``.
+    Read as a person reading the file would: the delimiter is a tab (a comma for .csv);
+    a UTF-8 byte-order mark is dropped, UTF-16 with a BOM is decoded, and a file that is
+    not UTF-8 is read as Windows-1252 / Latin-1 (said in ``notes``); CRLF and LF line ends
+    alike; fields wholly in double quotes may hold tabs, commas, line breaks and doubled
+    quotes (spreadsheet exports), quotes elsewhere are text; blank lines are no rows;
+    ``.gz`` / ``.bz2`` / ``.xz`` / ``.zst`` files are decompressed.
+
+    Columns: a first row in which no field holds "://" is a header; ``url_col`` /
+    ``caption_col`` name its columns (default: url / image_url / link ..., caption / text /
+    title / alt ...). Without a header they are 0-based column numbers; by default the
+    field holding "://" in the first row is the URL and, with two columns, the other one
+    the caption (CC3M writes caption<TAB>url, CC12M url<TAB>caption). The key is the
+    0-based data row (header excluded, blank lines counted): "<source>-000000042". Rows
+    with too few fields are counted as ``malformed_row``.
     """
-    _require_file(path, f"{source} tsv")
-    out = _TableBuilder(source, split)
-    skipped: list[tuple[str, str]] = []
-    rows = 0
-    with open(path, encoding="utf-8", newline="") as f:
-        first = f.readline()
-        if not first:
-            return SourceRows(out.table(), 0)
-        fields = first.rstrip("\r\n").split("\t")
-        names = [x.strip().lower() for x in fields]
-        header = len(fields) == 2 and not any(_looks_like_url(x) for x in fields)
-        if header:
-            url_names, caption_names = {"url", "image_url", "imageurl", "link"}, {"caption", "text", "title", "alt"}
-            try:
-                url_col = next(i for i, n in enumerate(names) if n in url_names)
-                caption_col = next(i for i, n in enumerate(names) if n in caption_names)
-            except StopIteration:
-                raise SourceError(
-                    f"{path}:1: header {fields!r} names no url column ({'/'.join(sorted(url_names))}) "
-                    f"and caption column ({'/'.join(sorted(caption_names))})"
-                ) from None
-            lines: Iterable[str] = f
-        else:
-            url_col = 0 if len(fields) == 2 and _looks_like_url(fields[0]) and not _looks_like_url(fields[1]) else 1
-            caption_col = 1 - url_col
-            lines = _chain_first(first, f)
-        line_offset = 2 if header else 1  # 1-based file line of data row 0
-        for index, line in enumerate(lines):
-            rows += 1
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) != 2:
-                skipped.append((f"{path}:{index + line_offset}: {len(parts)} tab-separated field(s), expected 2", ""))
-                continue
-            out.add(f"{source}-{index:09d}", parts[url_col].strip(), parts[caption_col])
-    result = SourceRows(out.table(), rows)
-    for example, _ in skipped:
-        result.skip("malformed_row", example)
+    _require_file(path, f"{source} list")
+    errors: list[UnicodeDecodeError] = []
+    for encoding, label in _ENCODINGS:
+        try:
+            with storage.reported(path), _open_text(path, encoding) as text:
+                result = _read_delimited(text, path, split, source, url_col, caption_col, part)
+        except UnicodeDecodeError as err:
+            errors.append(err)
+            continue
+        if encoding != "utf-8-sig":
+            result.notes.append(f"{path}: not UTF-8 ({errors[0].reason} at byte {errors[0].start}), read as {label}")
+        return result
+    raise SourceError(f"{path}: cannot decode the text ({errors[-1]})")
+
+
+def _read_delimited(text, path: str, split: str, source: str, url_col: str | None, caption_col: str | None, part: str | None) -> SourceRows:
+    out = _TableBuilder(source, split, part)
+    result = SourceRows(URL_TABLE.empty_table(), 0)
+    first_line = text.readline()
+    if not first_line:
+        return result
+    delimiter = _delimiter(path, first_line)
+    records = _records(_chain_first(first_line, text), delimiter)
+    header: list[str] | None = None
+    first: tuple[int, list[str]] | None = None
+    for number, fields in records:
+        if any(f.strip() for f in fields):
+            first = (number, fields)
+            break
+    if first is None:
+        return result
+    if not any(_looks_like_url(f) for f in first[1]):
+        header = first[1]
+    url_i = _column_index(url_col, header, _URL_NAMES, "url", "--url-col", path)
+    caption_i = _column_index(caption_col, header, _CAPTION_NAMES, "caption", "--caption-col", path)
+    if header is None:
+        fields = first[1]
+        if url_i is None:
+            holding = [i for i, f in enumerate(fields) if _looks_like_url(f)]
+            url_i = holding[0] if len(holding) == 1 or (holding and caption_i is not None) else None
+            if url_i is None:
+                url_i = 0 if len(fields) == 2 and _looks_like_url(fields[0]) else 1
+        if caption_i is None:
+            if len(fields) != 2:
+                raise SourceError(f"{path}:{first[0]}: {len(fields)} columns and no header row: say which is the caption with --caption-col N (0-based)")
+            caption_i = 1 - url_i
+    need = max(url_i, caption_i) + 1
+    data = records if header is not None else _chain_first(first, records)
+    index = -1
+    for number, fields in data:
+        index += 1
+        if not any(f.strip() for f in fields):
+            continue  # a blank line: no row (its index is kept, so keys never shift)
+        result.rows_read += 1
+        if len(fields) < need:
+            result.skip("malformed_row", f"{path}:{number}: {len(fields)} field(s), expected {len(header or first[1])}")
+            continue
+        out.add(f"{index:09d}", fields[url_i].strip(), fields[caption_i])
+    result.table = out.table()
     return result
 
 
-def _chain_first(first: str, rest: Iterable[str]) -> Iterable[str]:
+def _chain_first(first, rest: Iterable) -> Iterable:
     yield first
     yield from rest
 
@@ -173,7 +351,7 @@ def _chain_first(first: str, rest: Iterable[str]) -> Iterable[str]:
 # ----------------------------------------------------------------------------- COCO
 
 
-def read_coco(path: str, split: str, images_dir: str | None = None) -> SourceRows:
+def read_coco(path: str, split: str, images_dir: str | None = None, part: str | None = None) -> SourceRows:
     """COCO captions json (``captions_train2017.json`` layout): one row per image.
 
     The captions of an image are joined by "\\n" in annotation id order. The URL is the
@@ -183,9 +361,9 @@ def read_coco(path: str, split: str, images_dir: str | None = None) -> SourceRow
     """
     _require_file(path, "COCO captions json")
     try:
-        with open(path, encoding="utf-8") as f:
+        with storage.reported(path), storage.open_file(path, "rb", compression="infer") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SourceError(f"{path}: not valid json: {e}") from None
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise SourceError(f"{path}: not a COCO captions file (expected top-level 'images' and 'annotations')")
@@ -196,13 +374,12 @@ def read_coco(path: str, split: str, images_dir: str | None = None) -> SourceRow
         except (KeyError, TypeError):
             raise SourceError(f"{path}: annotations[{i}] has no image_id / caption") from None
     root = os.path.abspath(images_dir) if images_dir is not None else None
-    out = _TableBuilder("coco", split)
+    out = _TableBuilder("coco", split, part)
     result_skips: list[tuple[str, str]] = []
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image:
             raise SourceError(f"{path}: images[{i}] has no id")
         image_id = image["id"]
-        key = f"coco-{image_id}"
         if root is not None:
             name = image.get("file_name") or ""
             url = os.path.abspath(os.path.join(root, name))
@@ -215,7 +392,7 @@ def read_coco(path: str, split: str, images_dir: str | None = None) -> SourceRow
                 result_skips.append(("no_url", f"{path}: images[{i}] (id {image_id}) has no coco_url / flickr_url"))
                 continue
         texts = [c for _, c in sorted(captions.get(image_id, []), key=lambda t: t[0])]
-        out.add(key, url, "\n".join(t for t in texts if isinstance(t, str)))
+        out.add(str(image_id), url, "\n".join(t for t in texts if isinstance(t, str)))
     result = SourceRows(out.table(), len(data["images"]))
     for reason, example in result_skips:
         result.skip(reason, example)
@@ -240,21 +417,28 @@ def read_laion(
     min_width: int = 0,
     min_height: int = 0,
     min_similarity: float = 0.0,
+    url_col: str | None = None,
+    caption_col: str | None = None,
+    part: str | None = None,
 ) -> SourceRows:
     """A LAION metadata parquet (URL, TEXT, WIDTH, HEIGHT, similarity): one row per row.
 
+    Also DataComp's (url, text) and any parquet whose columns ``url_col`` / ``caption_col``
+    name (default: URL or url, TEXT, caption or text; names match case-insensitively).
     The key is the row number: "laion-000000042". ``min_width`` / ``min_height`` drop rows
     whose WIDTH / HEIGHT is known and smaller (``too_small``); ``min_similarity`` drops
     rows whose CLIP similarity is below it (``low_similarity``). A filter asked for on a
     file without its column is an error, not a silent pass.
     """
     _require_file(path, "LAION parquet")
+    fs, fs_path = storage.filesystem(path)
     try:
-        names = pq.read_schema(path).names
+        with storage.reported(path):
+            names = pq.read_schema(fs_path, filesystem=fs).names
     except pa.ArrowInvalid as e:
         raise SourceError(f"{path}: not a parquet file: {e}") from None
-    url_col = _column(names, ("URL", "url"), path)
-    text_col = _column(names, ("TEXT", "caption"), path)
+    url_col = _column(names, (url_col,) if url_col else ("URL", "url"), path, "--url-col" if url_col else "")
+    text_col = _column(names, (caption_col,) if caption_col else ("TEXT", "caption", "text"), path, "--caption-col" if caption_col else "")
     columns = [url_col, text_col]
     width_col = height_col = sim_col = None
     if min_width > 0 or min_height > 0:
@@ -264,9 +448,10 @@ def read_laion(
     if min_similarity > 0:
         sim_col = _column(names, ("similarity",), path, "--min-similarity")
         columns.append(sim_col)
-    raw = pq.read_table(path, columns=list(dict.fromkeys(columns)))
+    with storage.reported(path):
+        raw = pq.read_table(fs_path, columns=list(dict.fromkeys(columns)), filesystem=fs)
     n = raw.num_rows
-    keys = pa.array([f"laion-{i:09d}" for i in range(n)], pa.string())
+    keys = pa.array([_key("laion", part, f"{i:09d}") for i in range(n)], pa.string())
     table = pa.table(
         {
             "key": keys,
@@ -303,7 +488,7 @@ def read_laion(
 # ----------------------------------------------------------------------------- OpenImages
 
 
-def read_openimages(path: str, url_map: str, split: str) -> SourceRows:
+def read_openimages(path: str, url_map: str, split: str, part: str | None = None) -> SourceRows:
     """OpenImages localized narratives (jsonl) with an image id -> URL map (csv).
 
     ``url_map`` is a csv with ImageID and OriginalURL columns (OpenImages'
@@ -315,7 +500,7 @@ def read_openimages(path: str, url_map: str, split: str) -> SourceRows:
     _require_file(path, "OpenImages narratives jsonl")
     _require_file(url_map, "OpenImages image id -> URL csv (--url-map)")
     urls: dict[str, str] = {}
-    with open(url_map, encoding="utf-8", newline="") as f:
+    with storage.reported(url_map), _open_text(url_map, "utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         if "ImageID" not in fields or "OriginalURL" not in fields:
@@ -325,7 +510,7 @@ def read_openimages(path: str, url_map: str, split: str) -> SourceRows:
                 urls[row["ImageID"]] = row["OriginalURL"]
     narratives: dict[str, list[str]] = {}
     result = SourceRows(URL_TABLE.empty_table(), 0)
-    with open(path, encoding="utf-8") as f:
+    with storage.reported(path), _open_text(path, "utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -340,9 +525,9 @@ def read_openimages(path: str, url_map: str, split: str) -> SourceRows:
                 result.skip("no_url", f"{path}:{number}: image {image_id} is not in {url_map}")
                 continue
             narratives.setdefault(image_id, []).append(caption if isinstance(caption, str) else "")
-    out = _TableBuilder("openimages", split)
+    out = _TableBuilder("openimages", split, part)
     for image_id, texts in narratives.items():
-        out.add(f"openimages-{image_id}", urls[image_id], "\n".join(texts))
+        out.add(image_id, urls[image_id], "\n".join(texts))
     result.table = out.table()
     return result
 
@@ -404,7 +589,7 @@ class Blocklist:
         if path is None:
             return cls()
         _require_file(path, "blocklist")
-        with open(path, encoding="utf-8") as f:
+        with storage.reported(path), _open_text(path, "utf-8-sig") as f:
             return cls.parse(f)
 
     def patterns(self) -> list[str]:

@@ -443,6 +443,8 @@ class Trainer:
         load_state_strict(model, state_dict_from_checkpoint(self.save_dir, tag), os.path.join(self.save_dir, tag))
         card = {"train_config": dataclasses.asdict(self.cfg), "step": step, "data_stats": data_stats}  # for the model card
         out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag}, card=card)
+        if getattr(self.cfg, "export_to", None):
+            self.on_message(f"copied the exported model to {export_copy(out, self.cfg.export_to)}")
         plot_loss(os.path.join(self.cfg.run_dir, "metrics.jsonl"), os.path.join(self.cfg.run_dir, "loss.png"))
         self.on_message(f"exported {out} (step {step}); loss curve {os.path.join(self.cfg.run_dir, 'loss.png')}")
 
@@ -482,6 +484,22 @@ class _Window:
         }
         self._reset()
         return out
+
+
+def check_export_to(dest: str) -> None:
+    """Raise when ``dest`` cannot take an exported model: unreachable storage, or something else already there."""
+    from pipeline import outputs, storage
+
+    storage.check_reachable(dest)
+    with storage.reported(dest):
+        outputs.check_replaceable(dest, lambda p: storage.isfile(storage.join(p, "config.json")), "is not an exported model (no config.json)")
+
+
+def export_copy(export: str, dest: str) -> str:
+    """Copy an exported model folder to ``dest`` (a URL or path), published whole; refuses to replace anything but a model."""
+    from pipeline import outputs
+
+    return outputs.copy_folder(export, dest, check_export_to)
 
 
 def _sum_stats(base: dict, per_worker: dict[int, dict]) -> dict:

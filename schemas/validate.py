@@ -78,10 +78,13 @@ def write_table(table: pa.Table, path: str | os.PathLike, schema: pa.Schema) -> 
 
 
 def read_table(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
-    """Read a Parquet file or folder and validate it; the error names the file."""
+    """Read a Parquet file or folder (a local path or a URL) and validate it; the error names the file."""
+    from pipeline import storage
+
     path = os.fspath(path)
-    if not os.path.exists(path):
+    fs, p = storage.fresh(path)
+    if not fs.exists(p):
         raise FileNotFoundError(f"{path}: no such table")
-    table = pq.read_table(path, schema=None)
+    table = pq.read_table(p, schema=None, filesystem=fs)
     validate(table, schema, where=path)
     return table

@@ -41,6 +41,28 @@ def served_world(world):
 
 
 @pytest.fixture(scope="session")
+def s3():
+    """(endpoint, env) of an S3 server on 127.0.0.1 (moto), with the bucket ``nxtp`` made; for the
+    session, ``env`` (endpoint and credentials) is also in this process's environment, so every
+    process started after it inherits it."""
+    from tests import s3_server
+
+    with s3_server.serve() as endpoint:
+        env = s3_server.client_env(endpoint)
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            s3_server.make_bucket("nxtp")
+            yield endpoint, env
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
 def ray_head():
     """A real Ray head (`ray start --head --node-ip-address=127.0.0.1`), shared by the session."""
     head = ray_local.start_head(num_cpus=2)

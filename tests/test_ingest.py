@@ -234,7 +234,7 @@ def test_submit_cc3m_every_row_lands_once_or_is_counted(served_world, ray_head, 
     manifest = read_table(os.path.join(out, "manifest.parquet"), SHARD_MANIFEST)
     assert manifest.num_rows == -(-urls.num_rows // 16) and set(manifest.column("attempts").to_pylist()) == {1}
     with open(os.path.join(out, "ingest_config.json")) as f:
-        assert json.load(f)["input"] == paths["train"]["cc3m"]
+        assert json.load(f)["input"] == [paths["train"]["cc3m"]]
 
 
 @pytest.mark.cluster

@@ -58,9 +58,9 @@ def test_tsv_header_cc12m_layout_and_malformed_rows(served_world, tmp_path):
     broken = tmp_path / "broken.tsv"
     broken.write_text(lines[0] + "\n" + "no tab on this line\n" + "\n" + lines[3] + "\n")
     rows = sources.read_tsv(str(broken), "train")
-    assert rows.skipped == {"malformed_row": 2}
+    assert rows.skipped == {"malformed_row": 1} and rows.rows_read == 3  # a blank line is no row
     assert f"{broken}:2:" in rows.examples["malformed_row"]
-    # keys come from the data line, so a bad line never shifts the keys after it
+    # keys come from the data line, so a bad or blank line never shifts the keys after it
     assert rows.table.column("key").to_pylist() == ["cc3m-000000000", "cc3m-000000003"]
 
     bad_header = tmp_path / "bad_header.tsv"
@@ -209,3 +209,117 @@ def test_select_subset_is_reproducible_and_nested():
     assert both.num_rows == 10
     assert set(both.column("key").to_pylist()) <= set(sources.select_subset(table, fraction=0.5, seed=0).column("key").to_pylist())
     assert sources.select_subset(table).equals(table)
+
+
+# ----------------------------------------------------------------------------- lists as tools export them
+
+U1, U2, U3 = "http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg", "http://127.0.0.1/c.jpg"
+
+
+def _rows(rows: sources.SourceRows) -> list[tuple[str, str, str]]:
+    return [(r["key"], r["url"], r["caption"]) for r in rows.table.to_pylist()]
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("plain.tsv", f"caption\turl\na red cup\t{U1}\na star\t{U2}\n".encode()),
+        ("bom_crlf.tsv", f"\ufeffcaption\turl\r\na red cup\t{U1}\r\na star\t{U2}\r\n\r\n\r\n".encode()),
+        ("no_header_trailing_blank.tsv", f"a red cup\t{U1}\na star\t{U2}\n\n  \n".encode()),
+        ("excel.csv", f'\ufeffURL,Caption\r\n{U1},a red cup\r\n{U2},a star\r\n'.encode()),
+        ("utf16.txt", f"caption\turl\r\na red cup\t{U1}\r\na star\t{U2}\r\n".encode("utf-16")),
+        ("data.tsv.gz", __import__("gzip").compress(f"caption\turl\na red cup\t{U1}\na star\t{U2}\n".encode())),
+    ],
+)
+def test_delimited_lists_read_as_a_person_reads_them(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    rows = sources.read_tsv(str(path), "train")
+    assert _rows(rows) == [("cc3m-000000000", U1, "a red cup"), ("cc3m-000000001", U2, "a star")]
+    assert rows.rows_read == 2 and not rows.skipped and not rows.notes
+
+
+def test_quoted_fields_hold_tabs_newlines_and_quotes_and_quotes_elsewhere_are_text(tmp_path):
+    tsv = tmp_path / "quoted.tsv"
+    tsv.write_text(
+        "caption\turl\n"
+        f'"a cup\twith a tab"\t{U1}\n'  # a quoted field holding the delimiter
+        f'"two\nlines, ""quoted"""\t{U2}\n'  # a line break and doubled quotes inside quotes
+        f'"the cat" said hi\t{U3}\n'  # quotes that are text: the field is not quoted whole
+        f'"never closed\t{U1}x\n'  # an opening quote never closed: text as written
+        f'last\t{U2}x\n'
+    )
+    rows = sources.read_tsv(str(tsv), "train")
+    assert _rows(rows) == [
+        ("cc3m-000000000", U1, "a cup\twith a tab"),
+        ("cc3m-000000001", U2, 'two\nlines, "quoted"'),
+        ("cc3m-000000002", U3, '"the cat" said hi'),
+        ("cc3m-000000003", U1 + "x", '"never closed'),
+        ("cc3m-000000004", U2 + "x", "last"),
+    ]
+    assert not rows.skipped
+
+    csv_file = tmp_path / "sheet.csv"  # more columns than two, in another order, commas inside quotes
+    csv_file.write_text(f'id,Image URL,alt text,width\n1,{U1},"a cup, red",10\n2,{U2},"say ""hi""",20\n3,,empty url,30\n4\n')
+    with pytest.raises(sources.SourceError, match=r"sheet.csv:1: header .* names no url column .*--url-col"):
+        sources.read_tsv(str(csv_file), "train")
+    rows = sources.read_tsv(str(csv_file), "train", url_col="image url", caption_col="ALT TEXT")
+    assert _rows(rows) == [("cc3m-000000000", U1, "a cup, red"), ("cc3m-000000001", U2, 'say "hi"'), ("cc3m-000000002", "", "empty url")]
+    assert rows.skipped == {"malformed_row": 1} and f"{csv_file}:5: 1 field(s), expected 4" == rows.examples["malformed_row"]
+
+    headerless = tmp_path / "headerless.tsv"  # no header, three columns: numbers say which is which
+    headerless.write_text(f"x\t{U1}\tcup\ny\t{U2}\tstar\n")
+    with pytest.raises(sources.SourceError, match="3 columns and no header row.*--caption-col"):
+        sources.read_tsv(str(headerless), "train")
+    assert _rows(sources.read_tsv(str(headerless), "train", caption_col="2")) == [("cc3m-000000000", U1, "cup"), ("cc3m-000000001", U2, "star")]
+    with pytest.raises(sources.SourceError, match="no header row"):
+        sources.read_tsv(str(headerless), "train", url_col="url")
+
+
+def test_latin1_and_windows_1252_lists_are_decoded_and_said(tmp_path):
+    path = tmp_path / "latin1.tsv"
+    path.write_bytes(f"caf\xe9 au lait \x96 cr\xe8me\t{U1}\nna\xefve\t{U2}\n".encode("latin-1"))
+    rows = sources.read_tsv(str(path), "train")
+    assert [r[2] for r in _rows(rows)] == ["café au lait – crème", "naïve"]  # 0x96 is an en dash in Windows-1252
+    assert len(rows.notes) == 1 and "not UTF-8" in rows.notes[0] and "Windows-1252" in rows.notes[0]
+    utf8 = tmp_path / "utf8.tsv"
+    utf8.write_text(f"café au lait – crème\t{U1}\n", encoding="utf-8")
+    assert [r[2] for r in _rows(sources.read_tsv(str(utf8), "train"))] == ["café au lait – crème"]
+
+
+def test_several_parts_globs_and_braces_key_each_row_by_its_file(tmp_path):
+    from pipeline import storage
+
+    for i in range(3):
+        pq.write_table(pa.table({"url": [f"http://127.0.0.1/{i}/{j}.jpg" for j in range(2)], "text": [f"p{i} r{j}" for j in range(2)]}), tmp_path / f"part-{i:05d}.parquet")
+    files = storage.expand([str(tmp_path / "part-*.parquet")])
+    assert files == storage.expand(str(tmp_path / "part-{00000..00002}.parquet"))
+    assert files == [str(tmp_path / f"part-{i:05d}.parquet") for i in range(3)]
+    rows = sources.read_many(files, lambda path, part: sources.read_laion(path, "train", part=part))
+    keys = rows.table.column("key").to_pylist()
+    assert keys == [f"laion-part-{i:05d}-{j:09d}" for i in range(3) for j in range(2)]
+    assert rows.table.column("caption").to_pylist()[-1] == "p2 r1" and rows.rows_read == 6  # DataComp's url / text
+    one = sources.read_many(files[:1], lambda path, part: sources.read_laion(path, "train", part=part))
+    assert one.table.column("key").to_pylist() == ["laion-000000000", "laion-000000001"]  # one file: keys as before
+    with pytest.raises(FileNotFoundError, match=r"part-9\*.parquet: matches no file"):
+        storage.expand([str(tmp_path / "part-9*.parquet")])
+    with pytest.raises(FileNotFoundError, match=r"part-00003.parquet: no such file"):
+        storage.expand(str(tmp_path / "part-{00002..00003}.parquet"))
+    (tmp_path / "b").mkdir()
+    pq.write_table(pa.table({"url": [U1], "text": ["x"]}), tmp_path / "b" / "part-00000.parquet")
+    with pytest.raises(sources.SourceError, match="have the same name"):
+        sources.read_many([files[0], str(tmp_path / "b" / "part-00000.parquet")], lambda p, part: sources.read_laion(p, "train", part=part))
+    with pytest.raises(sources.SourceError, match="no Caption column.*--caption-col"):
+        sources.read_laion(files[0], "train", caption_col="Caption")
+
+
+def test_lists_are_read_from_urls(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/lists/cc.tsv", f"a red cup\t{U1}\n".encode())
+    pq.write_table(pa.table({"URL": [U2], "TEXT": ["a star"]}), "/lists/l.parquet", filesystem=fs)
+    assert _rows(sources.read_tsv("memory://lists/cc.tsv", "train")) == [("cc3m-000000000", U1, "a red cup")]
+    assert _rows(sources.read_laion("memory://lists/l.parquet", "train")) == [("laion-000000000", U2, "a star")]
+    with pytest.raises(FileNotFoundError, match="memory://lists/none.tsv"):
+        sources.read_tsv("memory://lists/none.tsv", "train")
