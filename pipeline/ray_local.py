@@ -81,17 +81,17 @@ class RayWorker:
 
     name: str  # the custom resource {name: 1} it was started with: pins work to it, finds it among the nodes
     node_id: str
-    temp_dir: str
+    log_dir: str  # the output of its ray start (Ray's own logs are under the head's temp dir)
     pgid: int
 
     def kill(self) -> None:
         """SIGKILL every process of the node at once: to the cluster, a machine that is lost."""
         _end_group(self.pgid, graceful_s=0.0)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def stop(self) -> None:
         _end_group(self.pgid)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 def _end_group(pgid: int, graceful_s: float = 3.0) -> None:
@@ -167,41 +167,51 @@ def start_head(num_cpus: int = 2, timeout: float = 90.0, log=None, object_store_
     return head
 
 
+# ``ray start``, except that the head's address stays 127.0.0.1: with several nodes allowed,
+# Ray swaps a loopback address for the machine's routable one, where this head does not listen
+_JOIN_ON_LOOPBACK = (
+    "import sys, ray._private.services as services, ray.scripts.scripts as scripts\n"
+    "services.resolve_ip_for_localhost = lambda host: host\n"
+    "sys.argv[0] = 'ray'\n"
+    "sys.exit(scripts.main())\n"
+)
+
+
 def start_worker(
     head: RayHead, name: str, num_cpus: int = 1, object_store_mb: int = 256, timeout: float = 90.0
 ) -> RayWorker:
     """Add a worker node to ``head`` (``ray start --address``) and wait until the cluster lists it alive.
 
-    The node has ``num_cpus`` CPUs and the custom resource ``{name: 1}``. Its own temp dir
-    and ports keep it apart from the head and the other nodes on this machine.
+    The node has ``num_cpus`` CPUs and the custom resource ``{name: 1}``; its own ports keep
+    it apart from the head and the other nodes on this machine (it shares the head's temp
+    dir, as every node of a one-machine cluster does).
     """
     env = dict(head.env)
-    env[CLUSTER_SWITCH] = "1"  # a node joining a head; every address stays 127.0.0.1 as given
-    temp_dir = tempfile.mkdtemp(prefix="rayw", dir="/tmp")
+    env[CLUSTER_SWITCH] = "1"  # else ray start refuses to add a node
+    log_dir = tempfile.mkdtemp(prefix="rayw", dir="/tmp")  # this helper's log; Ray's files go under the head's temp dir
     cmd = [
-        "ray", "start",
+        sys.executable, "-c", _JOIN_ON_LOOPBACK, "start",
         f"--address={head.gcs_address}",
         f"--node-ip-address={LOOPBACK}",
         f"--num-cpus={num_cpus}",
         f"--resources={json.dumps({name: 1})}",
         f"--object-store-memory={object_store_mb * 2**20}",
         f"--dashboard-agent-listen-port={free_port()}",
-        f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]  # fmt: skip
-    log_path = os.path.join(temp_dir, "ray_start.log")
+    log_path = os.path.join(log_dir, "ray_start.log")
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    worker = RayWorker(name, "", temp_dir, proc.pid)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    worker = RayWorker(name, "", log_dir, proc.pid)
     try:
-        if proc.wait(timeout=timeout) != 0:
-            raise RuntimeError(f"ray start --address {head.gcs_address} failed:\n{open(log_path).read()[-2000:]}")
         deadline = time.time() + timeout
         while not worker.node_id:
+            if proc.poll() not in (None, 0):
+                raise RuntimeError(f"ray start --address {head.gcs_address} failed:\n{open(log_path).read()[-2000:]}")
             worker.node_id = next((n["node_id"] for n in alive_nodes(head) if n["resources"].get(name)), "")
             if not worker.node_id:
                 if time.time() > deadline:
-                    raise RuntimeError(f"node {name} did not join {head.gcs_address} within {timeout:.0f}s")
+                    raise RuntimeError(f"node {name} did not join {head.gcs_address} within {timeout:.0f}s:\n{open(log_path).read()[-2000:]}")
                 time.sleep(0.2)
     except BaseException:
         worker.kill()
