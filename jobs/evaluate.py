@@ -116,7 +116,7 @@ class EvaluateConfig:
     max_steps: int | None = None
     """One-shot sampling step limit (default: the model config's, 20)."""
     max_retries: int = 3
-    """Restarts of a dead actor, and retries of the batch it was working on."""
+    """Restarts of a dead actor; the batch it was working on waits for the restart and is retried (on a lost node's replacement too)."""
     address: str | None = None
     """Ray cluster to join; default: $RAY_ADDRESS (set by ray job submit), else a new local instance."""
     task: list[Literal["labels", "caption"]] = field(default_factory=lambda: ["labels"])

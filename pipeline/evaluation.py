@@ -33,7 +33,8 @@ Every sample appears exactly once in the output:
   does not hold, as ``unread`` rows: nothing is dropped without a trace;
 - rows that cannot be scored carry the reason in ``error`` (see ``ERROR_CODES``), and are
   counted in the report instead of vanishing;
-- the actor pools restart dead actors and retry their batches (``max_retries``); a
+- the actor pools restart dead actors (up to ``max_retries`` times) and retry their batches
+  on the restarted actor, however long a lost node's actors wait for room; a
   retried batch replaces its lost output, and the driver refuses to write a result
   holding a (shard, key) twice.
 """
@@ -514,7 +515,7 @@ class StagePlan:
     scorer_cpus: float = 0.5
     read_cpus: float = 0.25
     decode_cpus: float = 0.5
-    max_retries: int = 3  # restarts of a dead actor, and retries of the batch it held
+    max_retries: int = 3  # restarts of a dead actor (the batch it held waits for the restart)
     worker_env: dict[str, str] = field(default_factory=dict)  # environment of the actor stages
 
     def cpus_needed(self) -> float:
@@ -557,7 +558,9 @@ def build_dataset(reads: Sequence[dict], *, image_size: int, predictor: Mapping,
     """
     import ray.data
 
-    actor_args = {"max_restarts": plan.max_retries, "max_task_retries": plan.max_retries}
+    # restarts bounded (an actor that keeps dying ends the job); a batch waits for its actor's restart however
+    # long that takes: a lost node's actors restart only once the cluster has room, and each try meanwhile counts
+    actor_args = {"max_restarts": plan.max_retries, "max_task_retries": -1}
     if plan.worker_env:
         actor_args["runtime_env"] = {"env_vars": dict(plan.worker_env)}
     return (

@@ -345,6 +345,7 @@ def label_shards(
     *,
     log: Callable[[str], None] | None = None,
     progress: Callable[[LabelProgress], None] | None = None,
+    stage_cls: type | None = None,
 ) -> dict:
     """Label every sample of ``shards`` into ``out_dir`` (labels/, vocab.parquet, summary.json); return the summary.
 
@@ -354,6 +355,7 @@ def label_shards(
     shard that cannot be read, as soon as one is found, unless ``settings.skip_bad_shards``
     (then they are skipped, named in the summary, and every readable shard is written).
     ``log`` gets notes, ``progress`` a :class:`LabelProgress` after each shard.
+    ``stage_cls``: the actors' class (default :class:`LabelShards`; a subclass may add behaviour).
     """
     import ray.data
 
@@ -367,7 +369,7 @@ def label_shards(
     actors = max(1, min(settings.concurrency, len(specs)))
     log(f"labelling the captions of {len(specs)} shard(s) with {actors} {settings.extractor} actor(s), batches of {settings.batch_size}")
     labelled = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
-        LabelShards,
+        stage_cls or LabelShards,
         fn_constructor_kwargs={"folder": labels_dir, "settings": settings},
         # one shard per call; at most 2 queued per actor, so the last shards do not wait behind a busy one
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
