@@ -512,7 +512,9 @@ def curate(
         log(f"CLIP scores of {sum(len(v) for v in candidates.values())} sample(s) in {len(todo)} shard(s) with {settings.clip_model} "
             f"({settings.concurrency} actor(s){', GPU' if settings.gpus_per_actor else ''})")  # fmt: skip
         t_score = time.time()
-        actor_args = {"max_restarts": settings.max_retries, "max_task_retries": settings.max_retries}
+        # as in evaluation: restarts bounded, a shard waits for its actor's restart (a lost node's actors come back
+        # only once the cluster has room, and every try meanwhile would count)
+        actor_args = {"max_restarts": settings.max_retries, "max_task_retries": -1}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             _run(todo, scorer_cls or ClipScorer, progress=progress, stage="score", total=len(score_specs),
