@@ -31,6 +31,7 @@ from pipeline import storage
 from pipeline.ds_config import PRECISIONS, DeepSpeedConfigError, gradient_accumulation
 from pipeline.loader import DatasetSpec
 from pipeline.outputs import write_json
+from pipeline.tracking import check_reporters
 
 
 def _dataset(args: list[str]) -> DatasetSpec:
@@ -114,7 +115,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """newest checkpoints kept on disk"""
     log_every: int = 10
-    """steps between metric lines (metrics.jsonl, TensorBoard)"""
+    """steps between metric lines (metrics.jsonl, TensorBoard, W&B)"""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """where the metrics also go: tensorboard (<run_dir>/tensorboard), wandb (a W&B run in <run_dir>/wandb), both, or none"""
+    wandb_project: str = "nxtp"
+    """W&B project of the run (--report-to wandb)"""
+    wandb_mode: Literal["online", "offline"] | None = None
+    """W&B mode; default: W&B's own setting ($WANDB_MODE, else online after `wandb login`)"""
     num_workers: int = 4
     """data-loader worker processes per rank"""
     shuffle_buffer: int = 1000
@@ -141,6 +148,7 @@ class TrainConfig:
     """torch.compile each ViT and decoder block (compiles at the first steps)"""
 
     def __post_init__(self):
+        self.report_to = list(check_reporters(self.report_to))
         self.data = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.data]
         if not self.data:
             raise ValueError("no datasets: give --data NAME=SHARDS,LABELS[,WEIGHT] or a data: list in the YAML")
@@ -213,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import deepspeed
     import torch
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    from pipeline.tracking import RunLog
     from pipeline.training import Trainer
 
     deepspeed.init_distributed()
@@ -237,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json(os.path.join(cfg.run_dir, "ds_config.json"), ds)
             print(json.dumps(info, indent=2), flush=True)
             bar = tqdm(total=info["total_steps"], initial=info["start_step"], desc="train", unit="step", dynamic_ncols=True)
-            board = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"), purge_step=info["start_step"] + 1)
+            board = RunLog(cfg.run_dir, cfg.report_to, config=dataclasses.asdict(cfg), project=cfg.wandb_project,
+                           wandb_mode=cfg.wandb_mode, purge_from=info["start_step"] + 1)  # fmt: skip
 
     def on_step(m: dict) -> None:
         if bar is not None:
@@ -245,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             if m["logged"]:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", samples_s=f"{m['samples_per_s']:.1f}", wait=f"{m['data_wait']:.0%}", refresh=False)
         if board is not None and m["logged"]:
-            for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "data_wait"):
-                board.add_scalar(f"train/{key}", m[key], m["step"])
+            board.scalars({key: m[key] for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "data_wait", "loss_scale") if key in m}, m["step"])
 
     def on_message(text: str) -> None:
         if rank == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -127,7 +128,7 @@ def test_stream_counts_each_kind_of_bad_data(train_setup, world):
 def zero2_run(train_setup, repo_root):
     root, config = train_setup
     run = str(root / "zero2")
-    output = _launch(repo_root, config, "zero2", run)
+    output = _launch(repo_root, dict(config, report_to=["tensorboard", "wandb"], wandb_mode="offline"), "zero2", run)
     return run, output
 
 
@@ -145,10 +146,26 @@ def test_zero2_loss_falls_and_bad_data_is_counted(zero2_run):
     assert {"latest", f"step{STEPS}"} <= checkpoints
     assert not os.path.exists(os.path.join(run, "checkpoints", "step8")), "keep_checkpoints: 1 pruned the older one"
     assert os.path.getsize(os.path.join(run, "loss.png")) > 1000
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run, "tensorboard")))
     assert json.load(open(os.path.join(run, "train_config.json")))["steps"] == STEPS
     filled = json.load(open(os.path.join(run, "ds_config.json")))
     assert "auto" not in json.dumps(filled) and filled["train_batch_size"] == 2 * 8, "jobs/configs/zero2.json's autos, filled"
+
+
+def test_metrics_reach_tensorboard_and_an_offline_wandb_run(zero2_run):
+    """--report-to tensorboard,wandb: every logged step's loss in both, equal to metrics.jsonl's."""
+    from tests.test_tracking import tensorboard_scalars
+    from tests.wandb_records import history
+
+    run, _ = zero2_run
+    losses = [(r["step"], r["loss"]) for r in MetricsLog.read(os.path.join(run, "metrics.jsonl"))]
+    board = tensorboard_scalars(run)["train/loss"]
+    assert [s for s, _ in board] == [s for s, _ in losses]
+    assert [v for _, v in board] == pytest.approx([v for _, v in losses], rel=1e-6)  # float32 in the event file
+    (folder,) = glob.glob(os.path.join(run, "wandb", "offline-run-*"))
+    with open(os.path.join(run, "wandb_run_id.txt")) as f:
+        assert folder.endswith("-" + f.read().strip())
+    logged = [(row["_step"], row["train/loss"]) for row in history(folder) if "train/loss" in row]
+    assert logged == [(s, pytest.approx(v)) for s, v in losses]
 
 
 def test_exported_model_loads_in_infer(zero2_run, world, capsys):
