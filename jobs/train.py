@@ -29,7 +29,7 @@ import tyro
 from jobs._cli import parse
 from pipeline import storage
 from pipeline.ds_config import PRECISIONS, DeepSpeedConfigError, gradient_accumulation
-from pipeline.loader import DatasetSpec
+from pipeline.loader import DatasetSpec, Mixture, parse_weight, resolve_mixture
 from pipeline.outputs import write_json
 from pipeline.tracking import check_reporters
 
@@ -40,7 +40,7 @@ def _dataset(args: list[str]) -> DatasetSpec:
     parts = rest.split(",")
     if not name or len(parts) not in (2, 3):
         raise ValueError(f"--data {spec!r}: expected NAME=SHARDS,LABELS[,WEIGHT]")
-    return DatasetSpec(name, parts[0], parts[1], float(parts[2]) if len(parts) == 3 else 1.0)
+    return DatasetSpec(name, parts[0], parts[1], parse_weight(parts[2]) if len(parts) == 3 else 1.0)
 
 
 # one flag per dataset: --data NAME=SHARDS,LABELS[,WEIGHT], repeatable
@@ -51,7 +51,7 @@ DatasetFlag = Annotated[
         metavar="NAME=SHARDS,LABELS[,WEIGHT]",
         instance_from_str=_dataset,
         is_instance=lambda x: isinstance(x, DatasetSpec),
-        str_from_instance=lambda d: [f"{d.name}={d.shards},{d.labels},{d.weight:g}"],
+        str_from_instance=lambda d: [f"{d.name}={d.shards},{d.labels},{d.weight}"],
     ),
 ]
 
@@ -67,7 +67,7 @@ class TrainConfig:
     export_to: str | None = None
     """also copy the exported model here at the end, published whole: a URL (s3://bucket/models/g3m) or a path"""
     data: Annotated[list[DatasetFlag], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """a dataset: its name, shards (folder, glob or brace pattern, local or a URL), labels folder (jobs.labels output) and mixture weight"""
+    """a dataset: its name, shards (folder, glob or brace pattern, local or a URL), labels folder (jobs.labels output) and mixture weight (a number, or auto: proportional to the samples ingested, read from the shards' manifest)"""
     model: str = "tiny"
     """tiny (random, sized for the synthetic world), pretrained (CLIP + LLaMA from local files), or an exported model folder to continue from"""
     tokenizer: str | None = None
@@ -107,7 +107,7 @@ class TrainConfig:
     epochs: float = 3.0
     """passes over samples_per_epoch samples (ignored when steps > 0)"""
     samples_per_epoch: int = 0
-    """samples in one epoch of the mixture (the data is resampled, so this sets the length)"""
+    """samples in one epoch of the mixture (the data is resampled, so this sets the length); 0: the datasets' ingested samples summed (their manifests)"""
     steps: int = 0
     """optimizer steps in all; 0: epochs x ceil(samples_per_epoch / global batch)"""
     save_every: int = 1000
@@ -150,6 +150,8 @@ class TrainConfig:
     def __post_init__(self):
         self.report_to = list(check_reporters(self.report_to))
         self.data = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.data]
+        for d in self.data:
+            d.weight = parse_weight(d.weight)
         if not self.data:
             raise ValueError("no datasets: give --data NAME=SHARDS,LABELS[,WEIGHT] or a data: list in the YAML")
         for d in self.data:
@@ -168,8 +170,8 @@ class TrainConfig:
             raise ValueError("train_embeddings must be special, all or none")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-        if self.steps <= 0 and (self.samples_per_epoch <= 0 or self.epochs <= 0):
-            raise ValueError("set steps, or epochs and samples_per_epoch")
+        if self.steps <= 0 and self.epochs <= 0:
+            raise ValueError("set steps, or epochs (over samples_per_epoch, default the datasets' ingested samples)")
         for name in ("batch_size", "grad_accum", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -195,8 +197,18 @@ class TrainConfig:
         reference's loader: 3 x ceil(3,645,221 / 512) = 21,360 steps for G3M)."""
         if self.steps > 0:
             return self.steps
+        if self.samples_per_epoch <= 0:
+            raise ValueError("samples_per_epoch is not known yet: resolve the mixture first (pipeline.loader.resolve_mixture)")
         global_batch = self.batch_size * self.gradient_accumulation(world_size) * world_size
         return math.ceil(self.epochs * math.ceil(self.samples_per_epoch / global_batch))
+
+    def resolve_data(self) -> Mixture:
+        """Auto weights and an auto epoch length from the datasets' manifests, in place; the mixture."""
+        mixture = resolve_mixture(self.data, self.samples_per_epoch if self.steps <= 0 else None)
+        self.data = mixture.datasets
+        if self.steps <= 0:
+            self.samples_per_epoch = mixture.samples_per_epoch
+        return mixture
 
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
@@ -231,9 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.distributed.get_world_size()))
     if not torch.cuda.is_available():  # ranks share this machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    try:
+        mixture = cfg.resolve_data()  # every rank reads the same manifests: the same weights everywhere
+    except (FileNotFoundError, ValueError) as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        torch.distributed.destroy_process_group()
+        return 2
     bar = board = None
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
+        print("mixture:\n  " + "\n  ".join(mixture.describe())
+              + (f"\n  an epoch: {cfg.samples_per_epoch:,} samples" if cfg.steps <= 0 else ""), flush=True)  # fmt: skip
         print(f"train config: {json.dumps(dataclasses.asdict(cfg), indent=2)}", flush=True)
         write_json(os.path.join(cfg.run_dir, "train_config.json"), dataclasses.asdict(cfg))
 

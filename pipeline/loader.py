@@ -52,7 +52,7 @@ class DatasetSpec:
     name: str
     shards: str  # webdataset shards: a folder, a glob or a brace pattern, local or a URL (pipeline.shards)
     labels: str  # jobs.labels output folder (holding labels/<shard>.parquet)
-    weight: float = 1.0
+    weight: float | str = 1.0  # mixture weight, or "auto": proportional to the samples ingested (resolve_mixture)
 
     def find(self) -> list[Shard]:
         """The dataset's shards that have a tar (a parquet without its tar is not a shard to train on)."""
@@ -60,6 +60,60 @@ class DatasetSpec:
         if not found:
             raise FileNotFoundError(f"dataset {self.name}: no shards at {self.shards}")
         return found
+
+
+def parse_weight(value) -> float | str:
+    """A mixture weight as written (a number, or ``auto``); ValueError for anything else."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"mixture weight {value!r}: a number > 0 or auto") from None
+    if not weight > 0 or weight == float("inf"):
+        raise ValueError(f"mixture weight {value!r}: a number > 0 or auto")
+    return weight
+
+
+@dataclass
+class Mixture:
+    """The datasets with their weights resolved, and what an epoch is."""
+
+    datasets: list[DatasetSpec]
+    samples: dict[str, int]  # dataset name -> samples ingested (only counted where something was auto)
+    sources: dict[str, str]  # dataset name -> where the count came from (manifest, label tables)
+    samples_per_epoch: int
+    auto: frozenset[str] = frozenset()  # the datasets whose weight was auto
+
+    def describe(self) -> list[str]:
+        total = sum(d.weight for d in self.datasets)
+        lines = []
+        for d in self.datasets:
+            n = self.samples.get(d.name)
+            have = f"{n:,} samples ({self.sources[d.name]}), " if n is not None else ""
+            weight = "auto" if d.name in self.auto else f"{d.weight:g}"
+            lines.append(f"{d.name}: {have}weight {weight} = {d.weight / total:.1%} of the draws")
+        return lines
+
+
+def resolve_mixture(datasets: Sequence[DatasetSpec], samples_per_epoch: int | None = 0) -> Mixture:
+    """Weights of ``auto`` become the dataset's ingested samples (``pipeline.shards.ingested_samples``),
+    so that a mixture of only auto weights draws as a concatenation of the datasets would; a
+    ``samples_per_epoch`` of 0 becomes the datasets' samples summed (an epoch counts samples);
+    None: no epoch length is needed (a run of fixed steps)."""
+    from pipeline.shards import ingested_samples
+
+    count_all = samples_per_epoch is not None and samples_per_epoch <= 0
+    samples, sources, resolved = {}, {}, []
+    for d in datasets:
+        weight = parse_weight(d.weight)
+        if weight == "auto" or count_all:
+            samples[d.name], sources[d.name] = ingested_samples(d.find(), d.labels)
+            if samples[d.name] == 0 and weight == "auto":
+                raise ValueError(f"dataset {d.name}: no samples ingested at {d.shards}, so its auto weight would be 0")
+        resolved.append(DatasetSpec(d.name, d.shards, d.labels, float(samples[d.name]) if weight == "auto" else weight))
+    auto = frozenset(d.name for d in datasets if parse_weight(d.weight) == "auto")
+    return Mixture(resolved, samples, sources, sum(samples.values()) if count_all else samples_per_epoch or 0, auto)
 
 
 def _seed(*parts) -> int:
@@ -93,6 +147,8 @@ class TrainStream(IterableDataset):
             require_published(d.labels, "labels output")  # on object storage: only a whole one
             if not storage.isdir(storage.join(d.labels, "labels")):
                 raise FileNotFoundError(f"dataset {d.name}: no label tables in {d.labels}/labels (run jobs.labels)")
+        if any(isinstance(d.weight, str) for d in self.datasets):
+            raise ValueError("auto mixture weights must be resolved first (resolve_mixture)")
         total = sum(d.weight for d in self.datasets)
         if total <= 0:
             raise ValueError("dataset weights must sum to a positive number")

@@ -178,6 +178,42 @@ def label_table_path(labels: str, shard: str) -> str:
 # ----------------------------------------------------------------------------- samples
 
 
+def ingested_samples(found: Sequence[Shard], labels: str | None = None) -> tuple[int, str]:
+    """(samples, where the count came from) of the shards ``found``: the samples written into them.
+
+    Read from each folder's ``manifest.parquet`` (jobs.ingest and jobs.curate write one: its
+    ``successes`` per shard); a shard its folder's manifest does not list is counted from its
+    label table's rows under ``labels`` (one row per sample, jobs.labels), else refused.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    by_folder: dict[str, dict[str, int]] = {}
+    total, sources = 0, set()
+    for shard in found:
+        folder = storage.parent(shard.tar)
+        if folder not in by_folder:
+            manifest = storage.join(folder, "manifest.parquet")
+            by_folder[folder] = {}
+            if storage.isfile(manifest):
+                fs, path = storage.filesystem(manifest)
+                table = pq.read_table(path, columns=["shard", "successes"], filesystem=fs)
+                for name, n in zip(table.column("shard").to_pylist(), table.column("successes").to_pylist()):
+                    by_folder[folder][storage.basename(name)] = int(n)
+        count = by_folder[folder].get(storage.basename(shard.tar))
+        if count is not None:
+            sources.add("manifest")
+        elif labels is not None and storage.isfile(label_table_path(labels, shard.name)):
+            fs, path = storage.filesystem(label_table_path(labels, shard.name))
+            count = pq.read_metadata(path, filesystem=fs).num_rows
+            sources.add("label tables")
+        else:
+            raise FileNotFoundError(f"{shard.tar}: not in its folder's manifest.parquet and no label table to count its samples")
+        total += count
+    return total, " and ".join(sorted(sources))
+
+
 def split_member(name: str) -> tuple[str | None, str | None]:
     """(key, extension) of a tar member, as webdataset splits it: ``a/b.seg.txt`` -> (``a/b``, ``seg.txt``)."""
     match = _KEY_EXT.match(name)
