@@ -34,6 +34,24 @@ def world(tmp_path_factory) -> synthetic.World:
 
 
 @pytest.fixture(scope="session")
+def tok(world):
+    """The synthetic world's tokenizer."""
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer(world.tokenizer)
+
+
+@pytest.fixture
+def no_grad():
+    """Gradients off for one test (forward-only modules use it through ``pytestmark``): a module-level
+    ``torch.set_grad_enabled(False)`` would leak into every test collected after it."""
+    import torch
+
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="session")
 def served_world(world):
     """(world, base_url, {split: {format: path}}) while the world is served on 127.0.0.1."""
     with synthetic.serve(world.root) as base_url:

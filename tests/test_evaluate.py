@@ -74,11 +74,6 @@ def _read_all(tar: str, labels_dir, samples_per_task: int = 256) -> list[dict]:
 
 
 @pytest.fixture
-def tok(world) -> Tokenizer:
-    return Tokenizer(world.tokenizer)
-
-
-@pytest.fixture
 def export(tmp_path, tok) -> str:
     return save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
 

@@ -8,13 +8,7 @@ import torch
 from model.config import CAPTION_PROMPT
 from model.generate import beam_search, generate, greedy_search, log_probs
 from model.prompt import prefix_mask
-from model.tokenizer import Tokenizer
 from tests.test_model import _tiny_model
-
-
-@pytest.fixture(scope="module")
-def tok(world) -> Tokenizer:
-    return Tokenizer(world.tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ from model.tokenizer import Tokenizer
 from pipeline.evaluation import CheckpointIdentity, checkpoint_identity
 from tests.test_model import _tiny_model
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """These tests only run the model forward; gradients stay off inside this module only
-    (a module-level switch would leak into every test collected after it)."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")  # forward only: gradients off in this module's tests
 
 
 FILES = [
@@ -58,11 +52,6 @@ CARD = {
     "data_stats": {"samples": 112, "no_labels": 3},
     "evaluation": [{"dataset": "world_val", "k": 10, "R": 0.8125, "P": 0.4375, "F1": 0.5687}],
 }
-
-
-@pytest.fixture(scope="module")
-def tok(world) -> Tokenizer:
-    return Tokenizer(world.tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,7 @@ from model.tokenizer import Tokenizer
 from tests.model_fixtures import is_frozen_vision_key, official_state_dict
 from tests.reference_nxtp import llama_logits_last, reference_labels
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """These tests only run the model forward; gradients stay off inside this module only
-    (a module-level switch would leak into every test collected after it)."""
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tok(world) -> Tokenizer:
-    return Tokenizer(world.tokenizer)
+pytestmark = pytest.mark.usefixtures("no_grad")  # forward only: gradients off in this module's tests
 
 
 def _hf_llama(

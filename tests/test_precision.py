@@ -4,7 +4,6 @@ one-shot sampling's label cache (grouped KV heads, finished labels leaving the b
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -17,22 +16,11 @@ from model.decoder import apply_rotary
 from model.nxtp import NxTP
 from model.precision import _matmul_out_fp32, matmul_fp32, model_dtype, place, resolve_dtype
 from model.sampling import one_shot, sample_tokens
-from model.tokenizer import Tokenizer
 from tests.model_fixtures import official_state_dict
 from tests.reference_nxtp import reference_labels
+from tests.test_model import _params
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """These tests only run the model forward; gradients stay off inside this module only
-    (a module-level switch would leak into every test collected after it)."""
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tok(world) -> Tokenizer:
-    return Tokenizer(world.tokenizer)
+pytestmark = pytest.mark.usefixtures("no_grad")  # forward only: gradients off in this module's tests
 
 
 def test_rotary_tables_stay_fp32_after_a_bf16_cast(tok):
@@ -227,24 +215,11 @@ def test_bf16_and_fp16_agree_with_fp32_on_the_trained_demo_model(demo_run):
 def test_released_checkpoint_in_bf16_and_fp16_gives_the_reference_labels(tmp_path, tok):
     sd = official_state_dict(tok.n_base, tok.delimiter_id)
     torch.save({"model": sd}, tmp_path / "nxtp.pth")
-    params = tmp_path / "params.json"
-    params.write_text(
-        json.dumps(
-            {
-                "dim": 64,
-                "n_layers": 32,
-                "n_heads": 2,
-                "multiple_of": 32,
-                "ffn_dim_multiplier": 0.55,
-                "norm_eps": 1e-5,
-                "vocab_size": -1,
-            }
-        )
-    )
+    params = _params(tmp_path)  # Meta's params.json of that tiny decoder
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ref = reference_labels(sd, images, tok.path, k=16, n_heads=2)  # float32, recomputing every step
     for dtype in (torch.float16, torch.bfloat16):
-        model, t, _ = import_nxtp(str(tmp_path / "nxtp.pth"), tok.path, llama_params=str(params))
+        model, t, _ = import_nxtp(str(tmp_path / "nxtp.pth"), tok.path, llama_params=params)
         got = one_shot(place(model, "cpu", dtype), images.to(dtype), t, k=16, max_steps=20)
         for ours, (labels, probs) in zip(got, ref):
             # this random checkpoint's labels are flat (top-1 at 0.6-12%) and long: labels far below the top one
