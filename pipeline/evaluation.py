@@ -731,15 +731,22 @@ def build_report(
                     "top1_accuracy": mean(top1[:, j]) if classified else None,
                     "top5_accuracy": mean(top5[:, j]) if classified else None,
                     "classified": len(top1) if classified else None,
-                    "checkpoint": checkpoint.checkpoint,
-                    "checkpoint_sha256": checkpoint.sha256,
-                    "step": checkpoint.step,
-                    "code_version": code_version,
-                    "wall_time_s": float(wall_time_s),
-                    "images_per_s": float(images_per_s),
+                    **run_columns(checkpoint, code_version, wall_time_s, images_per_s),
                 }
             )
     return pa.Table.from_pylist(rows, schema=REPORT)
+
+
+def run_columns(checkpoint: CheckpointIdentity, code_version: str, wall_time_s: float, images_per_s: float) -> dict:
+    """The columns every report row shares: which model and code, how long, how fast."""
+    return {
+        "checkpoint": checkpoint.checkpoint,
+        "checkpoint_sha256": checkpoint.sha256,
+        "step": checkpoint.step,
+        "code_version": code_version,
+        "wall_time_s": float(wall_time_s),
+        "images_per_s": float(images_per_s),
+    }
 
 
 def closed_set_table(scored: pa.Table, classes, ks: Sequence[int]) -> pa.Table:
@@ -839,12 +846,7 @@ def caption_tables(scored: pa.Table, *, dataset: str, search: Mapping, checkpoin
         "beams": search["beams"],
         "max_length": search["max_length"],
         "length_penalty": float(search["length_penalty"]),
-        "checkpoint": checkpoint.checkpoint,
-        "checkpoint_sha256": checkpoint.sha256,
-        "step": checkpoint.step,
-        "code_version": code_version,
-        "wall_time_s": float(wall_time_s),
-        "images_per_s": float(images_per_s),
+        **run_columns(checkpoint, code_version, wall_time_s, images_per_s),
     }
     return pa.Table.from_pylist(rows, schema=CAPTIONS), pa.Table.from_pylist([report], schema=CAPTION_REPORT)
 

@@ -30,7 +30,7 @@ from schemas import (
     read_table,
     write_table,
 )
-from tests.test_evaluate import _jpeg, _numpy_batch, _predicted, _write_labels, export, tok  # noqa: F401 - fixtures
+from tests.test_evaluate import _jpeg, _numpy_batch, _predicted, _write_labels, export  # noqa: F401 - fixtures
 from tests.test_shards import write_tar
 
 CLASSES = parse_class_list("0: circle, circles\n1: star, stars\n2: cup, cups\n3: table\n4: sky\n", "mini.txt")
