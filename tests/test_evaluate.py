@@ -436,6 +436,7 @@ def test_evaluation_is_logged_into_the_training_run(job_run):
     """--log-to: the report's figures in the run's TensorBoard events and its W&B run, beside training's."""
     from tests.test_tracking import tensorboard_scalars
     from tests.wandb_records import history
+    from tests.wandb_records import run_id as wandb_run_id
 
     out, log = job_run
     run_dir = _train_run(out)
@@ -447,7 +448,7 @@ def test_evaluation_is_logged_into_the_training_run(job_run):
     folders = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")))
     with open(os.path.join(run_dir, "wandb_run_id.txt")) as f:
         run_id = f.read().strip()
-    assert len(folders) == 2 and all(f.endswith("-" + run_id) for f in folders)  # one W&B run, resumed
+    assert len(folders) == 2 and all(wandb_run_id(f) == run_id for f in folders)  # one W&B run, resumed
     (row,) = [r for folder in folders for r in history(folder) if "eval/step" in r]
     assert row["eval/synthetic/recall@10"] == pytest.approx(recall[10]) and row["eval/synthetic/report/nrows"] == 2
     assert f"logged 10 figures, the report and its chart to {run_dir} (tensorboard and wandb) at step 0" in log

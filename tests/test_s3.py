@@ -191,7 +191,7 @@ def test_training_reads_the_bucket_and_exports_to_it(chain):
 def test_evaluation_of_the_exported_model_writes_its_report_to_the_bucket(chain):
     _, logs, _ = chain
     out = f"{ROOT}/reports/tiny"
-    assert set(storage.read_json(f"{out}/{MARKER}")["files"]) == {"config.json", "predictions.parquet", "report.parquet", "report.png", "summary.json"}
+    assert set(storage.read_json(f"{out}/{MARKER}")["files"]) == {"config.json", "gallery.html", "predictions.parquet", "report.parquet", "report.png", "summary.json"}
     predictions = _read_parquet(f"{out}/predictions.parquet", PREDICTIONS)
     manifest = _read_parquet(f"{ROOT}/shards/val/manifest.parquet", SHARD_MANIFEST)
     expected = sorted((os.path.basename(s).removesuffix(".tar"), k) for s in manifest.column("shard").to_pylist() for k in _tar_keys(s))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.tracking import WANDB_ID_FILE, RunLog, check_reporters
-from tests.wandb_records import history
+from tests.wandb_records import history, run_id
 
 
 def tensorboard_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -67,7 +67,7 @@ def test_training_and_its_evaluation_share_one_run(tmp_path):
     assert board["eval/coco/recall@10"] == [(2, pytest.approx(0.57))]
 
     folders = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")))
-    assert len(folders) == 2 and all(f.endswith("-" + train_id) for f in folders)
+    assert len(folders) == 2 and all(run_id(f) == train_id for f in folders)
     rows = [row for folder in folders for row in history(folder)]
     train = [(row["_step"], row["train/loss"]) for row in rows if "train/loss" in row]
     assert train == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]

@@ -154,7 +154,7 @@ def test_zero2_loss_falls_and_bad_data_is_counted(zero2_run):
 def test_metrics_reach_tensorboard_and_an_offline_wandb_run(zero2_run):
     """--report-to tensorboard,wandb: every logged step's loss in both, equal to metrics.jsonl's."""
     from tests.test_tracking import tensorboard_scalars
-    from tests.wandb_records import history
+    from tests.wandb_records import history, run_id
 
     run, _ = zero2_run
     losses = [(r["step"], r["loss"]) for r in MetricsLog.read(os.path.join(run, "metrics.jsonl"))]
@@ -163,7 +163,7 @@ def test_metrics_reach_tensorboard_and_an_offline_wandb_run(zero2_run):
     assert [v for _, v in board] == pytest.approx([v for _, v in losses], rel=1e-6)  # float32 in the event file
     (folder,) = glob.glob(os.path.join(run, "wandb", "offline-run-*"))
     with open(os.path.join(run, "wandb_run_id.txt")) as f:
-        assert folder.endswith("-" + f.read().strip())
+        assert run_id(folder) == f.read().strip()
     logged = [(row["_step"], row["train/loss"]) for row in history(folder) if "train/loss" in row]
     assert logged == [(s, pytest.approx(v)) for s, v in losses]
 

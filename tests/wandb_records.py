@@ -52,6 +52,13 @@ def records(path: str):
         pending = b""
 
 
+def run_id(run_folder: str) -> str:
+    """The W&B run id of a run folder (its ``run-<id>.wandb``; the folder's own name may carry a ``-1``
+    when two runs start within the same second)."""
+    (path,) = glob.glob(os.path.join(run_folder, "run-*.wandb"))
+    return os.path.basename(path)[len("run-") : -len(".wandb")]
+
+
 def history(run_folder: str) -> list[dict]:
     """The rows logged in one run folder (``offline-run-*``): {key: value, "_step": step}."""
     (path,) = glob.glob(os.path.join(run_folder, "run-*.wandb"))
