@@ -271,7 +271,12 @@ def _tiny_model(tok, seed=0) -> NxTP:
     torch.manual_seed(seed)
     model = NxTP(tiny_config(tok.n_base, image_size=32))
     model.init_weights()
-    with torch.no_grad():  # make random labels end: a constant feature read by the delimiter row
+    return _labels_end(model, tok)
+
+
+def _labels_end(model: NxTP, tok: Tokenizer) -> NxTP:
+    """Make a random model's labels end: a constant feature that the delimiter row reads."""
+    with torch.no_grad():
         model.decoder.embed.base.weight[:, 0] = 0.02
         model.decoder.embed.special[:, 0] = 0.02
         model.decoder.lm_head.weight[tok.delimiter_id, 0] = 0.5

@@ -18,7 +18,7 @@ from model.precision import _matmul_out_fp32, matmul_fp32, model_dtype, place, r
 from model.sampling import one_shot, sample_tokens
 from tests.model_fixtures import official_state_dict
 from tests.reference_nxtp import reference_labels
-from tests.test_model import _params
+from tests.test_model import _labels_end, _params
 
 pytestmark = pytest.mark.usefixtures("no_grad")  # forward only: gradients off in this module's tests
 
@@ -100,11 +100,7 @@ def _gqa_model(tok) -> NxTP:
     )
     model = NxTP(cfg)
     model.init_weights()
-    with torch.no_grad():  # random labels end: a constant feature read by the delimiter row
-        model.decoder.embed.base.weight[:, 0] = 0.02
-        model.decoder.embed.special[:, 0] = 0.02
-        model.decoder.lm_head.weight[tok.delimiter_id, 0] = 0.5
-    return model.eval()
+    return _labels_end(model, tok)
 
 
 def test_grouped_kv_heads_and_finished_labels_leave_the_block(tok):
