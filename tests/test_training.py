@@ -22,6 +22,7 @@ from pipeline import ray_local
 from pipeline.ds_config import DeepSpeedConfigError, gradient_accumulation
 from pipeline.loader import DatasetSpec, TrainStream, train_loader
 from pipeline.training import compile_blocks, enable_activation_checkpointing, lr_schedule
+from tests.test_mixture import REFERENCE, dataset
 
 
 def _hand_written_lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -75,16 +76,24 @@ def test_global_batch_that_does_not_divide_is_an_error(global_batch, micro, worl
 
 
 def _g3m_config(tmp_path, **changes) -> TrainConfig:
+    """The G3M preset over three dataset folders whose manifests hold the reference's sample counts,
+    resolved as jobs.train resolves it (auto weights, the epoch's length)."""
     with open(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "g3m.yaml")) as f:
         values = yaml.safe_load(f)
-    for d in values["data"]:  # the preset's paths are examples; any existing folders do
-        d["shards"] = d["labels"] = str(tmp_path)
-    return TrainConfig(**({"deepspeed": "jobs/configs/zero2.json"} | values | changes))
+    for d in values["data"]:  # the preset's paths are examples
+        if not (tmp_path / d["name"]).exists():  # two shards each (empty tars), counted by the manifest
+            n = REFERENCE[d["name"]]
+            dataset(tmp_path, d["name"], [n // 2, n - n // 2])
+        d["shards"], d["labels"] = str(tmp_path / d["name"]), str(tmp_path / (d["name"] + "_labels"))
+    cfg = TrainConfig(**({"deepspeed": "jobs/configs/zero2.json"} | values | changes))
+    cfg.resolve_data()
+    return cfg
 
 
 def test_g3m_preset_is_the_papers_512_x_21360_steps_on_any_number_of_gpus(tmp_path):
     cfg = _g3m_config(tmp_path)
     assert cfg.global_batch == 512 and cfg.batch_size == 16
+    assert cfg.samples_per_epoch == sum(REFERENCE.values()) == 3_645_221
     for world in (1, 8, 32):  # one GPU, the README's 8-GPU command, the paper's 32 GPUs
         assert cfg.batch_size * cfg.gradient_accumulation(world) * world == 512
         assert cfg.total_steps(world) == 21360
@@ -93,13 +102,23 @@ def test_g3m_preset_is_the_papers_512_x_21360_steps_on_any_number_of_gpus(tmp_pa
         cfg.total_steps(3)
 
 
+def test_total_steps_needs_the_epochs_length(tmp_path):
+    unresolved = TrainConfig(**{"deepspeed": "jobs/configs/zero2.json", "run_dir": str(tmp_path / "run"), "model": "tiny",
+                                "tokenizer": str(tmp_path), "data": [DatasetSpec("a", str(tmp_path), str(tmp_path), 1.0)],
+                                "epochs": 1, "samples_per_epoch": 0})  # fmt: skip
+    with pytest.raises(ValueError, match="samples_per_epoch is not known yet"):
+        unresolved.total_steps(1)
+
+
 def test_global_batch_and_grad_accum_together_are_refused(tmp_path):
     with pytest.raises(ValueError, match="set global_batch .* or grad_accum"):
         _g3m_config(tmp_path, grad_accum=2)
     with pytest.raises(ValueError, match="global_batch 500 is not a multiple of batch_size 16"):
         _g3m_config(tmp_path, global_batch=500)
     without = _g3m_config(tmp_path, global_batch=0, grad_accum=2)
-    assert without.gradient_accumulation(8) == 2 and without.total_steps(8) == 3 * math.ceil(3645000 / 256)
+    assert without.gradient_accumulation(8) == 2 and without.total_steps(8) == 3 * math.ceil(3_645_221 / 256)
+    fixed = _g3m_config(tmp_path, samples_per_epoch=3_645_000)  # a fixed epoch length wins over the count
+    assert fixed.total_steps(8) == 3 * math.ceil(3_645_000 / 512)
 
 
 def _batches(stream_args: dict, start_step: int, n: int, workers: int) -> list[torch.Tensor]:
