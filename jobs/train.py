@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             if m["logged"]:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", samples_s=f"{m['samples_per_s']:.1f}", wait=f"{m['data_wait']:.0%}", refresh=False)
         if board is not None and m["logged"]:
-            board.scalars({key: m[key] for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "data_wait", "loss_scale") if key in m}, m["step"])
+            keys = ("loss", "lr", "samples_per_s", "tokens_per_s", "data_wait", "loss_scale")
+            board.scalars({key: v for key, v in m.items() if key in keys or key.startswith("loss/")}, m["step"])
 
     def on_message(text: str) -> None:
         if rank == 0:
