@@ -56,7 +56,6 @@ class ExportOnnxConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(ExportOnnxConfig, argv, prog="python -m jobs.export_onnx", description=__doc__)
-    cfg.output = os.path.abspath(cfg.output)
     print(f"export_onnx config: {json.dumps(asdict(cfg))}", flush=True)
     needed = ["onnx"] + (["onnxruntime"] if cfg.check_images else [])
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
@@ -81,13 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         written = export_onnx(model, tok, staging, cfg.external_data, progress=lambda m: print(m, flush=True), extra={"export": asdict(cfg)})
     print(f"exported in {time.perf_counter() - t0:.1f}s to {cfg.output}:")
     for name in sorted(os.listdir(cfg.output)):
-        print(f"  {name:16s} {os.path.getsize(os.path.join(cfg.output, name)) / 2**20:10.2f} MiB")
+        print(f"  {name:16s} {_size(os.path.getsize(os.path.join(cfg.output, name))):>10s}")
     if written["external_data"]:
         print(f"weights in {written['external_data']} (external data), each tensor once for both graphs")
     if cfg.check_images and not _check(model, tok, cfg):
         return 1
     print(f"run it: python -m jobs.infer --onnx {cfg.output} --image IMAGE.jpg")
     return 0
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def _replaceable(output: str) -> None:

@@ -74,6 +74,19 @@ def test_onnx_graphs_sample_what_pytorch_samples(tmp_path, tok, external):
     assert os.path.getsize(tmp_path / "decode.onnx") < 100_000
 
 
+def test_auto_moves_weights_past_the_limit_to_external_data(tmp_path, tok, monkeypatch):
+    """What "auto" does past protobuf's 2 GiB, with the limit lowered to 1 MB (the tiny graphs hold 3-7 MB)."""
+    from model import onnx_export as onnx_module
+
+    monkeypatch.setattr(onnx_module, "INLINE_LIMIT", 1_000_000)
+    model = _tiny_model(tok)
+    assert write_onnx(model, tok, str(tmp_path), "auto")["external_data"] == WEIGHTS
+    assert _external(str(tmp_path / "decode.onnx"))
+    onnx_model, onnx_tok = load_onnx(str(tmp_path))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    _assert_same_labels(one_shot(model, images, tok, k=4), one_shot(onnx_model, images, onnx_tok, k=4))
+
+
 def test_export_refuses_missing_weights_and_a_foreign_output(tmp_path, tok, capsys):
     from safetensors.torch import load_file, save_file
 
