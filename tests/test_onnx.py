@@ -164,3 +164,20 @@ def test_demo_model_in_onnxruntime_gives_its_pytorch_labels(demo_run, tmp_path):
     expected = one_shot(model, images, tok, k=10)
     assert all(e.probs[0] > 0.2 for e in expected), "a trained model: its labels are not a flat spread"
     _assert_same_labels(expected, one_shot(onnx_model, images, onnx_tok, k=10))
+
+
+def test_onnx_bench_records_both_runtimes_side_by_side(tmp_path, tok):
+    """The benchmark's plumbing on a tiny model (its figures are recorded in benchmarks/results, not asserted)."""
+    from benchmarks import onnx_bench
+
+    export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
+    out = tmp_path / "onnx_cpu_tiny.json"
+    args = ["--checkpoint", export, "--name", "tiny", "--batch", "2", "--ks", "3", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    assert onnx_bench.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny" and result["command"] == "python -m benchmarks.onnx_bench " + " ".join(args)
+    (row,) = result["results"]
+    assert row["k"] == 3 and row["agreement"].startswith("2/2 images with identical labels")
+    for figures in (row, result["prefill"]):
+        assert figures["pytorch_images_per_s"] > 0 and figures["onnxruntime_images_per_s"] > 0
+        assert figures["ratio"] == pytest.approx(figures["onnxruntime_images_per_s"] / figures["pytorch_images_per_s"], rel=0.02)
