@@ -279,6 +279,25 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
         return cfg, json.load(fh)
 
 
+def _release_shm_names() -> None:
+    """On a CPU, DeepSpeed's all-reduce maps one shared-memory segment per rank
+    (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, 66 MB) and never
+    unlinks it, so every run, finished or killed, would leave them behind. Once every rank is past
+    ``init_distributed`` each has mapped all the segments: the names can go, the mappings stay
+    until the processes end."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}"
+    try:
+        os.remove(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, ds_raw = parse_args(argv)
     if cfg.export_to:
@@ -298,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.training import Trainer
 
     deepspeed.init_distributed()
+    _release_shm_names()
     rank = torch.distributed.get_rank()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.distributed.get_world_size()))
     if not torch.cuda.is_available():  # ranks share this machine's cores
