@@ -247,6 +247,21 @@ def test_where_a_run_resumes_from(two_nodes, tmp_path):
 
 
 @pytest.mark.launcher
+def test_a_conversion_is_reused_and_keeps_the_frozen_parameters(two_nodes, tmp_path):
+    run, _ = two_nodes
+    ckpt = resume.read_checkpoint(os.path.join(run, "checkpoints"), "step4")
+    out = resume.convert_to_universal(ckpt, str(tmp_path))
+    assert out == str(tmp_path / "universal" / "step4") and sorted(os.listdir(tmp_path / "universal")) == ["step4"]
+    stamp = os.path.getmtime(os.path.join(out, resume.SOURCE))
+    assert resume.convert_to_universal(ckpt, str(tmp_path)) == out and os.path.getmtime(os.path.join(out, resume.SOURCE)) == stamp
+    frozen = torch.load(os.path.join(out, resume.FROZEN), weights_only=True)
+    weights = _consolidated(os.path.join(run, "checkpoints"), "step4")
+    assert frozen and all(name.startswith(("vision.", "decoder.embed.base")) for name in frozen)  # the ViT but its last block, the embedding table
+    for name, value in frozen.items():
+        assert torch.equal(value, weights[name]), name
+
+
+@pytest.mark.launcher
 def test_a_two_rank_checkpoint_resumes_on_one_rank_in_another_run(two_nodes, elastic_setup, repo_root):
     """From step4 of the 2-rank run (32 samples, global batch 8) on 1 rank (global batch 4): step 32 / 4 = 8 of
     40 / 4 = 10. DeepSpeed alone refuses this ("Automatic adjustment of ZeRO's optimizer state partitioning with
