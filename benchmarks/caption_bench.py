@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from model.config import CAPTION_PROMPT, g3m_config
 from model.generate import beam_search, generate, greedy_search
 from model.nxtp import NxTP
 from model.tokenizer import Tokenizer
+from pipeline.outputs import write_json
 
 
 def _trained(checkpoint: str, images_glob: str, batch: int, max_length: int, repeats: int, device) -> dict:
@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         t = result["trained"]
         print(f"trained {args.checkpoint}: {t['greedy_images_per_s']} images/s greedy, {t['mean_generated_tokens']} tokens per caption: {t['example']!r}")
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"caption_{device.type}_{args.config}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

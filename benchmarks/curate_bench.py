@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from pipeline import dedup, synthetic  # noqa: E402
 from pipeline.curate import perceptual_hash  # noqa: E402
 from pipeline.images import ImageResizer  # noqa: E402
+from pipeline.outputs import write_json  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 DISTANCES = (0, 8, 16, 24, 32, 40, 44, 48, 50, 52, 56, 64)
@@ -217,9 +218,7 @@ def main() -> int:
         "memory": memory,
         "seconds": time.time() - t0,
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "curate.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(RESULTS, "curate.json"), result)
     print(json.dumps({k: v for k, v in result.items() if k != "dedup_quality"}, indent=2))
     for name, q in quality["by_size"].items():
         print(name, json.dumps(q["copy_distance"]), json.dumps(q["distinct_nearest"]))

@@ -49,6 +49,7 @@ import torch
 
 from benchmarks.sampling_bench import device_name, find_tokenizer, small_config
 from model.precision import PRECISIONS, resolve_dtype
+from pipeline.outputs import write_json, write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_SHARD = 100
@@ -280,12 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "goal": "end to end >= 0.85 x model only (the job is bound by the model, not by Ray or decoding)",
         "results": rows,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(result))
+    write_json(args.out + ".json", result)
+    write_text(args.out + ".md", markdown(result))
     print(f"wrote {args.out}.json and {args.out}.md")
     return 0
 

@@ -44,6 +44,7 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline import ray_local, synthetic  # noqa: E402
+from pipeline.outputs import write_json, write_text  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
@@ -239,12 +240,8 @@ def main(argv=None) -> int:
     )
     summary["goal"] = "ratio >= 0.9"
     results["summary"] = summary
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ingest.json"), "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(args.out, "ingest.md"), "w") as f:
-        f.write(render_markdown(results))
+    write_json(os.path.join(args.out, "ingest.json"), results)
+    write_text(os.path.join(args.out, "ingest.md"), render_markdown(results))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -42,6 +42,7 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("NLTK_DATA", os.path.join(REPO, ".cache", "nltk_data"))
 
 from pipeline import nouns, synthetic  # noqa: E402
+from pipeline.outputs import write_json, write_text  # noqa: E402
 
 BATCH = 1024
 CC3M_CAPTIONS = 3_300_000
@@ -320,12 +321,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(results: dict, out: str) -> int:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "labels.json"), "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(out, "labels.md"), "w") as f:
-        f.write(markdown(results))
+    write_json(os.path.join(out, "labels.json"), results)
+    write_text(os.path.join(out, "labels.md"), markdown(results))
     print(json.dumps(results["cc3m"], indent=2))
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ from model.nxtp import NxTP
 from model.precision import PRECISIONS, place, resolve_dtype
 from model.sampling import sample_tokens
 from model.tokenizer import Tokenizer
+from pipeline.outputs import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,16 +127,6 @@ def build_model(cfg: NxTPConfig, tok: Tokenizer, seed: int = 0) -> NxTP:
         model.decoder.embed.special[:, 0] = 0.05
         model.decoder.lm_head.weight[tok.delimiter_id, 0] = 2.0
     return model
-
-
-def write_json(path: str, result: dict) -> None:
-    """``result`` to ``path`` atomically (written beside it, then renamed)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

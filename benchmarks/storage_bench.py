@@ -47,6 +47,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from benchmarks.ingest_bench import device, served  # noqa: E402
 from pipeline import ray_local, storage, synthetic  # noqa: E402
+from pipeline.outputs import write_json, write_text  # noqa: E402
 from tests import s3_server  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -163,12 +164,8 @@ def main(argv=None) -> int:
         summary[key] = {"local": round(local, 2), "s3": round(s3, 2), "ratio": round(s3 / local, 3)}
     results["summary"] = summary
     results["note"] = args.note
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "storage.json"), "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(args.out, "storage.md"), "w") as f:
-        f.write(render_markdown(results))
+    write_json(os.path.join(args.out, "storage.json"), results)
+    write_text(os.path.join(args.out, "storage.md"), render_markdown(results))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from pipeline.outputs import write_text
+
 SAMPLING_GOALS = {10: 500.0, 100: 150.0}  # images/s on one H100 at g3m shapes, batch 64
 SPEEDUP_GOAL_GPU, SPEEDUP_GOAL_CPU = 10.0, 5.0  # KV-cached over recompute, top-10
 EVAL_RATIO_GOAL = 0.9  # end to end within 10% of model only
@@ -87,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.folder, "summary.md"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(args.folder, "summary.md"), text)
     print(text)
     return 0
 

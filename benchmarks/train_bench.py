@@ -42,6 +42,7 @@ import yaml
 from benchmarks.evaluate_bench import write_shards
 from benchmarks.flops import sample_flops
 from benchmarks.sampling_bench import device_name, find_tokenizer, small_config
+from pipeline.outputs import atomic_file, write_json
 from pipeline.ray_local import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,11 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     tag = "cuda" if cuda else "cpu"
     name = os.path.splitext(os.path.basename(args.preset))[0] if not shaped else args.shapes
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"train_{tag}_{name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(args.out, f"train_{tag}_{name}.md"), "w") as f:
+    write_json(os.path.join(args.out, f"train_{tag}_{name}.json"), result)
+    with atomic_file(os.path.join(args.out, f"train_{tag}_{name}.md"), "w") as f:
         f.write(f"# Training throughput ({name})\n\n")
         f.write(f"- date: {result['date']}\n- device: {device}, {args.ranks} rank(s)\n- command: `{result['command']}`\n")
         f.write(f"- recipe: {args.preset}, {precision}, gradient clipping {train_cfg['grad_clip']}; metrics every {args.log_every} step(s)\n")

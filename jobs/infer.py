@@ -8,6 +8,10 @@ holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the refere
 "| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA when present,
 else the CPU; ``--precision auto`` runs bf16 on a GPU and fp32 on a CPU (see model/precision.py).
 
+``--onnx DIR`` runs the same one-shot sampling with the ONNX graphs that
+``jobs.export_onnx`` writes, in onnxruntime on the CPU, instead of a PyTorch checkpoint:
+the same labels and probabilities (within 1e-4), float32.
+
 ``--caption`` writes a caption of each image instead (the text the model continues the
 caption prompt with, greedy or ``--beams N`` beam search, at most ``--max-length``
 tokens; see model/generate.py): a model trained with ``caption_weight > 0`` has learned it.
@@ -17,6 +21,7 @@ the job once for each.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -34,10 +39,12 @@ from model.precision import PRECISIONS
 
 @dataclass
 class InferConfig:
-    checkpoint: str
-    """exported model folder, its hub id (owner/name) in the local Hugging Face cache, or a released NxTP .pth"""
     images: Annotated[list[str], tyro.conf.arg(name="image", aliases=("--images",))]
     """image file(s) to label"""
+    checkpoint: str | None = None
+    """exported model folder, its hub id (owner/name) in the local Hugging Face cache, or a released NxTP .pth"""
+    onnx: str | None = None
+    """instead of --checkpoint: a folder of ONNX graphs from jobs.export_onnx, run by onnxruntime on the CPU"""
     num_labels: Annotated[int, tyro.conf.arg(aliases=("--k",))] = 10
     """k of one-shot sampling: labels per image (after merging duplicates, possibly fewer)"""
     format: Literal["text", "json"] = "text"
@@ -74,6 +81,12 @@ class InferConfig:
     def __post_init__(self):
         if not self.images:
             raise ValueError("--image needs at least one file")
+        if (self.checkpoint is None) == (self.onnx is None):
+            raise ValueError("give the model as --checkpoint (PyTorch) or --onnx (ONNX graphs), one of them")
+        if self.onnx and (self.caption or self.attention_map):
+            raise ValueError("--onnx runs one-shot labels only: --caption and --attention-map need the PyTorch model (--checkpoint)")
+        if self.onnx and (self.device == "cuda" or self.precision not in ("auto", "fp32")):
+            raise ValueError("--onnx runs on the CPU in float32: --device cuda and --precision bf16/fp16 need --checkpoint")
         if self.num_labels < 1:
             raise ValueError("--num-labels must be >= 1")
         if self.precision not in PRECISIONS:
@@ -98,18 +111,30 @@ def main(argv: list[str] | None = None) -> int:
     from model.sampling import one_shot
     from model.vision import preprocess
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() and not cfg.onnx else "cpu" if cfg.device == "auto" else cfg.device)
     try:
-        model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
+        if cfg.onnx:
+            if importlib.util.find_spec("onnxruntime") is None:
+                print("error: --onnx needs onnxruntime: pip install 'nxtp[onnx]'", file=sys.stderr)
+                return 2
+            from model.onnx_runtime import load_onnx
+
+            model, tok = load_onnx(cfg.onnx)
+            notes = []
+        else:
+            model, tok, notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
     except (FileNotFoundError, ValueError) as err:  # WeightError included: a damaged export names its file and key
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}", file=log)
     dtype = resolve_dtype(cfg.precision, device)
-    model = place(model, device, dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters on {device} in {str(dtype).removeprefix('torch.')}", file=log)
+    if cfg.onnx:
+        print(f"model: {model.n_parameters / 1e6:.1f}M parameters, ONNX graphs in onnxruntime on the CPU in float32", file=log)
+    else:
+        model = place(model, device, dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model: {n_params / 1e6:.1f}M parameters on {device} in {str(dtype).removeprefix('torch.')}", file=log)
     transform = preprocess(model.cfg.vision.image_size)
     if cfg.attention_map:
         from model.attention import check_layer_head

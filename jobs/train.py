@@ -41,29 +41,69 @@ import tyro
 from jobs._cli import parse
 from pipeline import storage
 from pipeline.ds_config import PRECISIONS, DeepSpeedConfigError, gradient_accumulation
-from pipeline.loader import DatasetSpec, Mixture, parse_weight, resolve_mixture
+from pipeline.loader import DatasetSpec, Mixture, batch_composition, parse_weight, resolve_mixture
 from pipeline.outputs import write_json
 from pipeline.tracking import check_reporters
 
+DATA_FLAG = "NAME=SHARDS,LABELS[,WEIGHT[,BATCH]]"
+
 
 def _dataset(args: list[str]) -> DatasetSpec:
+    """One --data value; an empty WEIGHT is the default 1 (``coco=SHARDS,LABELS,,8``: a batch size, no weight)."""
     (spec,) = args
     name, _, rest = spec.partition("=")
     parts = rest.split(",")
-    if not name or len(parts) not in (2, 3):
-        raise ValueError(f"--data {spec!r}: expected NAME=SHARDS,LABELS[,WEIGHT]")
-    return DatasetSpec(name, parts[0], parts[1], parse_weight(parts[2]) if len(parts) == 3 else 1.0)
+    if not name or len(parts) not in (2, 3, 4) or not all(parts[:2]):
+        raise ValueError(f"--data {spec!r}: expected {DATA_FLAG}")
+    weight = parse_weight(parts[2]) if len(parts) > 2 and parts[2].strip() else 1.0
+    batch = None
+    if len(parts) == 4:
+        try:
+            batch = int(parts[3])
+        except ValueError:
+            raise ValueError(f"--data {spec!r}: BATCH {parts[3]!r} is not a whole number (samples of {name} in each micro-batch)") from None
+    return DatasetSpec(name, parts[0], parts[1], weight, batch)
 
 
-# one flag per dataset: --data NAME=SHARDS,LABELS[,WEIGHT], repeatable
+def _dataset_str(d: DatasetSpec) -> list[str]:
+    return [f"{d.name}={d.shards},{d.labels},{d.weight}" + (f",{d.batch_size}" if d.batch_size is not None else "")]
+
+
+# one flag per dataset: --data NAME=SHARDS,LABELS[,WEIGHT[,BATCH]], repeatable
 DatasetFlag = Annotated[
     DatasetSpec,
     tyro.constructors.PrimitiveConstructorSpec(
         nargs=1,
-        metavar="NAME=SHARDS,LABELS[,WEIGHT]",
+        metavar=DATA_FLAG,
         instance_from_str=_dataset,
         is_instance=lambda x: isinstance(x, DatasetSpec),
-        str_from_instance=lambda d: [f"{d.name}={d.shards},{d.labels},{d.weight}"],
+        str_from_instance=_dataset_str,
+    ),
+]
+
+
+def _batch_sizes(args: list[str]) -> dict[str, int]:
+    out = {}
+    for arg in args:
+        name, eq, size = arg.partition("=")
+        try:
+            out[name] = int(size)
+        except ValueError:
+            raise ValueError(f"--batch-sizes {arg!r}: expected NAME=N, N a whole number (samples of NAME in each micro-batch)") from None
+        if not name or not eq:
+            raise ValueError(f"--batch-sizes {arg!r}: expected NAME=N")
+    return out
+
+
+# --batch-sizes coco=8 lvis=16
+BatchSizesFlag = Annotated[
+    dict[str, int],
+    tyro.constructors.PrimitiveConstructorSpec(
+        nargs="*",
+        metavar="NAME=N [NAME=N ...]",
+        instance_from_str=_batch_sizes,
+        is_instance=lambda x: isinstance(x, dict),
+        str_from_instance=lambda d: [f"{k}={v}" for k, v in d.items()],
     ),
 ]
 
@@ -79,7 +119,9 @@ class TrainConfig:
     export_to: str | None = None
     """also copy the exported model here at the end, published whole: a URL (s3://bucket/models/g3m) or a path"""
     data: Annotated[list[DatasetFlag], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """a dataset: its name, shards (folder, glob or brace pattern, local or a URL), labels folder (jobs.labels output) and mixture weight (a number, or auto: proportional to the samples ingested, read from the shards' manifest)"""
+    """a dataset: its name, shards (folder, glob or brace pattern, local or a URL), labels folder (jobs.labels output), mixture weight (a number, or auto: proportional to the samples ingested, read from the shards' manifest; may be left empty) and optionally its batch size (see batch_sizes)"""
+    batch_sizes: BatchSizesFlag = field(default_factory=dict)
+    """per-dataset batch sizes (OSM's --batch_size_coco 8 --batch_size_lvis 16), name -> samples of that dataset in every micro-batch of every rank, for every dataset or none; they sum to batch_size, and replace the weights (which must be left out); also the 4th part of --data"""
     model: str = "tiny"
     """tiny (random, sized for the synthetic world), pretrained (CLIP + LLaMA from local files), or an exported model folder to continue from"""
     tokenizer: str | None = None
@@ -167,7 +209,8 @@ class TrainConfig:
         for d in self.data:
             d.weight = parse_weight(d.weight)
         if not self.data:
-            raise ValueError("no datasets: give --data NAME=SHARDS,LABELS[,WEIGHT] or a data: list in the YAML")
+            raise ValueError(f"no datasets: give --data {DATA_FLAG} or a data: list in the YAML")
+        self._merge_batch_sizes()
         for d in self.data:
             for path in (d.shards, d.labels):
                 if not storage.exists(re.split(r"[*?\[{]", path)[0].rstrip("/") or "/"):
@@ -201,6 +244,22 @@ class TrainConfig:
             raise ValueError(f"resume: {self.resume!r} is neither auto, never nor a checkpoint folder")
         if not 0 < self.caption_fraction <= 1:
             raise ValueError(f"caption_fraction must be in (0, 1], not {self.caption_fraction}")
+        batch_composition(self.data, self.batch_size)
+
+    def _merge_batch_sizes(self) -> None:
+        """batch_sizes into the datasets (their own batch_size, from --data or the YAML's data list), then
+        batch_sizes lists them all: one composition however it was written."""
+        names = [d.name for d in self.data]
+        unknown = sorted(set(self.batch_sizes) - set(names))
+        if unknown:
+            raise ValueError(f"batch_sizes names {', '.join(unknown)}, not among the datasets ({', '.join(names)})")
+        for d in self.data:
+            given = self.batch_sizes.get(d.name)
+            if given is not None and d.batch_size is not None and given != d.batch_size:
+                raise ValueError(f"dataset {d.name}: batch size {d.batch_size} in its --data (or data: entry) but {given} in batch_sizes")
+            if given is not None:
+                d.batch_size = given
+        self.batch_sizes = {d.name: d.batch_size for d in self.data if d.batch_size is not None}
 
     def gradient_accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on ``world_size`` ranks."""
@@ -236,6 +295,25 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
         return cfg, json.load(fh)
 
 
+def _release_shm_names() -> None:
+    """On a CPU, DeepSpeed's all-reduce maps one shared-memory segment per rank
+    (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, 66 MB) and never
+    unlinks it, so every run, finished or killed, would leave them behind. Once every rank is past
+    ``init_distributed`` each has mapped all the segments: the names can go, the mappings stay
+    until the processes end."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}"
+    try:
+        os.remove(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, ds_raw = parse_args(argv)
     if cfg.export_to:
@@ -256,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.training import Trainer
 
     deepspeed.init_distributed()
+    _release_shm_names()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     # ranks on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
@@ -293,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             if m["logged"]:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", samples_s=f"{m['samples_per_s']:.1f}", wait=f"{m['data_wait']:.0%}", refresh=False)
         if board is not None and m["logged"]:
-            board.scalars({key: m[key] for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "data_wait", "loss_scale") if key in m}, m["step"])
+            keys = ("loss", "lr", "samples_per_s", "tokens_per_s", "data_wait", "loss_scale")
+            board.scalars({key: v for key, v in m.items() if key in keys or key.startswith("loss/")}, m["step"])
 
     def on_message(text: str) -> None:
         if rank == 0:

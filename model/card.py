@@ -78,14 +78,16 @@ def model_card(
     if train_config:
         steps = f"Trained for {step} optimizer steps. " if step is not None else ""
         out.append(steps + "The training job's configuration:")
-        out.append(_table(["setting", "value"], [[k, val] for k, val in train_config.items() if k != "data"]))
+        out.append(_table(["setting", "value"], [[k, val] for k, val in train_config.items() if k not in ("data", "batch_sizes")]))
     else:
         out.append("Not recorded with this export." + (f" Trained for {step} optimizer steps." if step is not None else ""))
     out.append("## Data")
     datasets = (train_config or {}).get("data") or []
     if datasets:
-        out.append("Image-caption shards and the nouns of their captions as labels, mixed by weight:")
-        out.append(_records_table([dict(x) for x in datasets]))
+        fixed = any(x.get("batch_size") is not None for x in datasets)
+        mixed = "each micro-batch holding batch_size samples of each dataset" if fixed else "mixed by weight"
+        out.append(f"Image-caption shards and the nouns of their captions as labels, {mixed}:")
+        out.append(_records_table([{k: v for k, v in dict(x).items() if v is not None} for x in datasets]))  # no empty batch_size column
     else:
         out.append("Not recorded with this export.")
     if data_stats:

@@ -98,7 +98,11 @@ class Attention(nn.Module):
 
         x: [B, K, D], one token per label; cos/sin: [hd] (one position shared by all labels).
         prefix_k/v: [B, Hkv, P, hd], the image and prompt, shared by the image's K labels.
-        cache_k/v: [B, Hkv, K, T, hd], each label's own tokens; slot ``step`` is written here.
+        cache_k/v: [B, Hkv, K, T, hd], each label's own tokens. With ``step``, a preallocated
+        cache whose slot ``step`` is written here; with ``step=None``, exactly the label's
+        earlier tokens (T may be 0), this token's key and value appended to a new tensor
+        (an exported graph cannot write into its inputs).
+        Returns (output [B, K, D], the label keys and values attended [B, Hkv, K, t, hd]).
         Nothing is copied per label or per head group: query head h = kv * G + g reads kv
         head kv, so the G query heads of a kv head and the K labels are the rows of one
         product with that head's prefix, and each label's rows meet its own cache slots.
@@ -108,9 +112,13 @@ class Attention(nn.Module):
         G = self.n_heads // Hkv
         q = apply_rotary(self.q_proj(x).view(B, K, Hkv, G, hd), cos, sin)
         q = q.permute(0, 2, 1, 3, 4).contiguous()  # [B, Hkv, K, G, hd]
-        cache_k[:, :, :, step] = apply_rotary(self.k_proj(x).view(B, K, Hkv, hd), cos, sin).transpose(1, 2)
-        cache_v[:, :, :, step] = self.v_proj(x).view(B, K, Hkv, hd).transpose(1, 2)
-        label_k, label_v = cache_k[:, :, :, : step + 1], cache_v[:, :, :, : step + 1]  # [B, Hkv, K, t, hd], views
+        k_new = apply_rotary(self.k_proj(x).view(B, K, Hkv, hd), cos, sin).transpose(1, 2)  # [B, Hkv, K, hd]
+        v_new = self.v_proj(x).view(B, K, Hkv, hd).transpose(1, 2)
+        if step is None:
+            label_k, label_v = torch.cat([cache_k, k_new[:, :, :, None]], 3), torch.cat([cache_v, v_new[:, :, :, None]], 3)
+        else:
+            cache_k[:, :, :, step], cache_v[:, :, :, step] = k_new, v_new
+            label_k, label_v = cache_k[:, :, :, : step + 1], cache_v[:, :, :, : step + 1]  # [B, Hkv, K, t, hd], views
         scale = 1.0 / math.sqrt(hd)
         s_prefix = matmul_fp32(q.view(B, Hkv, K * G, hd), prefix_k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, K*G, P]
         s_label = matmul_fp32(q, label_k.transpose(-1, -2)).mul_(scale)  # [B, Hkv, K, G, t]
@@ -123,7 +131,7 @@ class Attention(nn.Module):
         out = matmul_fp32(p_prefix.view(B, Hkv, K * G, -1), prefix_v).view(B, Hkv, K, G, hd)
         out += matmul_fp32(p_label, label_v)  # [B, Hkv, K, G, hd]
         out = out.to(x.dtype).permute(0, 2, 1, 3, 4).reshape(B, K, Hkv * G * hd)
-        return self.o_proj(out)
+        return self.o_proj(out), label_k, label_v
 
     def probs(self, x, cos, sin, mask, positions: list[int]) -> torch.Tensor:
         """The attention probabilities ``forward`` applies at the query ``positions``: [B, H, Q, L], float32.
@@ -164,8 +172,9 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
     def decode(self, x, cos, sin, prefix_k, prefix_v, cache_k, cache_v, step):
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, prefix_k, prefix_v, cache_k, cache_v, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn, label_k, label_v = self.self_attn.decode(self.input_layernorm(x), cos, sin, prefix_k, prefix_v, cache_k, cache_v, step)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), label_k, label_v
 
 
 class TokenEmbedding(nn.Module):
@@ -235,13 +244,19 @@ class Decoder(nn.Module):
             h, _, _ = layer(h, cos, sin, mask)
         return torch.stack(maps)
 
-    def decode(self, h, position: int, prefix_kv, caches, step: int) -> torch.Tensor:
-        """h: [B, K, D], one token per label at ``position`` -> normed hidden [B, K, D].
+    def decode(self, h, position: int | torch.Tensor, prefix_kv, caches, step: int | None):
+        """h: [B, K, D], one token per label at ``position`` -> (normed hidden [B, K, D], per layer (k, v) of the labels).
 
         ``prefix_kv``: per layer (k, v) [B, Hkv, P, hd] from ``forward(return_kv=True)``;
-        ``caches``: per layer (k, v) [B, Hkv, K, T, hd], slot ``step`` written by this call.
+        ``caches``: per layer (k, v) [B, Hkv, K, T, hd]: slot ``step`` written by this call,
+        or with ``step=None`` the labels' earlier tokens, which the returned (k, v)
+        [B, Hkv, K, T + 1, hd] extend by this one (see ``Attention.decode``).
         """
-        cos, sin = self.rotary(torch.tensor(position, device=h.device))
+        if not isinstance(position, torch.Tensor):  # a tensor: an exported graph's input
+            position = torch.tensor(position, device=h.device)
+        cos, sin = self.rotary(position)
+        label_kv = []
         for layer, (pk, pv), (ck, cv) in zip(self.layers, prefix_kv, caches):
-            h = layer.decode(h, cos, sin, pk, pv, ck, cv, step)
-        return self.norm(h)
+            h, k, v = layer.decode(h, cos, sin, pk, pv, ck, cv, step)
+            label_kv.append((k, v))
+        return self.norm(h), label_kv

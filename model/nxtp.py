@@ -62,6 +62,7 @@ class NxTP(
         caption_weight: float = 0.0,
         n_targets: int | None = None,
         n_caption_targets: int | None = None,
+        sample_losses: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Training loss.
 
@@ -70,22 +71,27 @@ class NxTP(
         images, weighted by ``caption_weight``.
         n_targets / n_caption_targets: the number of positions with a target, when the caller
         knows it (counted on the CPU): the loss then never waits for the device.
+        sample_losses: also return ``sample_losses`` [B], each sample's label loss summed over
+        its target positions (fp32, no gradient), e.g. for losses per dataset.
         """
         image_tokens = self.vision(images)  # [B, N, D]
         n = image_tokens.shape[1]
         h = torch.cat([image_tokens, self.decoder.embed(ids)], dim=1)  # [B, N + T, D]
         hidden, _ = self.decoder(h, decoupled_label_mask(segments, n))
-        label_loss, n_tokens = self._text_loss(hidden[:, n:], targets, n_targets)
+        label_loss, n_tokens, per_sample = self._text_loss(hidden[:, n:], targets, n_targets, sample_losses)
         out = {"label_loss": label_loss, "loss": label_loss, "tokens": n_tokens}
+        if sample_losses:
+            out["sample_losses"] = per_sample
         if caption_weight > 0 and caption_ids is not None:
             h = torch.cat([image_tokens[: caption_ids.shape[0]], self.decoder.embed(caption_ids)], dim=1)
             hidden, _ = self.decoder(h, prefix_mask(n, caption_ids.shape[1], h.device))
-            caption_loss, _ = self._text_loss(hidden[:, n:], caption_targets, n_caption_targets)
+            caption_loss, _, _ = self._text_loss(hidden[:, n:], caption_targets, n_caption_targets)
             out["caption_loss"] = caption_loss
             out["loss"] = label_loss + caption_weight * caption_loss
         return out
 
-    def _text_loss(self, hidden: torch.Tensor, targets: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_loss(self, hidden: torch.Tensor, targets: torch.Tensor, n: int | None = None, per_sample: bool = False):
+        """(mean loss over the target positions, their count, and with ``per_sample`` each sample's summed loss [B] or None)."""
         # only positions with a target go through the (vocabulary-wide) output layer
         keep = targets != IGNORE  # [B, T]
         if n is None:
@@ -93,7 +99,11 @@ class NxTP(
         else:
             rows = torch.nonzero_static(keep.flatten(), size=n).squeeze(1)  # [M]: no wait
         logits = self.decoder.lm_head(hidden.flatten(0, 1)[rows])  # [M, V]
-        return F.cross_entropy(logits.float(), targets.flatten()[rows]), keep.sum()
+        if not per_sample:
+            return F.cross_entropy(logits.float(), targets.flatten()[rows]), keep.sum(), None
+        losses = F.cross_entropy(logits.float(), targets.flatten()[rows], reduction="none")  # [M]
+        sums = losses.new_zeros(targets.shape[0]).index_add_(0, rows // targets.shape[1], losses.detach())  # [B]
+        return losses.mean(), keep.sum(), sums
 
     def prefill(self, images: torch.Tensor, prompt_ids: torch.Tensor):
         """Encode images and the prompt: (float32 logits at the last prompt position [B, V], per-layer (k, v), prefix embeddings [B, P, D]).

@@ -5,11 +5,15 @@ one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader 
 
 1. picks a dataset by its mixture weight, then a shard of its rank's share uniformly at
    random (resampled, as open_clip's ``--dataset-resampled``: no epoch boundary, every rank
-   and worker draws with its own seed). The share (:func:`rank_shards`): when a dataset has
-   at least as many shards as there are ranks, shard i belongs to rank i % world size, so
-   the ranks read disjoint shards (the workers of one rank draw from the same share); a
-   dataset with fewer shards than ranks is read whole by every rank, so ranks may draw the
-   same samples (``Mixture.describe`` says so for each dataset);
+   and worker draws with its own seed); with per-dataset batch sizes (OSM's
+   ``--batch_size_coco 8 --batch_size_lvis 16``) each micro-batch instead holds exactly that
+   many samples of each dataset, in an order drawn anew for every batch, each dataset read
+   through its own shuffle buffer (a share of ``shuffle_buffer`` as large as its share of
+   the batch). A rank's share of a dataset (:func:`rank_shards`): when the dataset has at
+   least as many shards as there are ranks, shard i belongs to rank i % world size, so the
+   ranks read disjoint shards (the workers of one rank draw from the same share); a dataset
+   with fewer shards than ranks is read whole by every rank, so ranks may draw the same
+   samples (``Mixture.describe`` says so for each dataset);
 2. reads the shard's intact samples (``pipeline.shards``' rule); a damaged shard is
    counted (``bad_shards``) each time it is read, never a crash;
 3. joins each sample's labels by key from that shard's label table (loaded once per
@@ -17,7 +21,8 @@ one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader 
 4. decodes and preprocesses the image (CLIP's transform); a corrupt image is counted
    (``corrupt_images``) and skipped;
 5. builds the token ids, targets and label segments (labels shuffled, a prompt template
-   drawn) and collates batches, all in the worker.
+   drawn) and collates batches, all in the worker; each batch's ``dataset`` holds every
+   sample's dataset index (its position in the mixture), for per-dataset losses.
 
 Determinism: the batches are a pure function of (seed, rank, world size, number of workers,
 start step, checkpoint interval). The stream restarts itself at every checkpoint step (the
@@ -28,6 +33,7 @@ read, without new workers at every checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -57,6 +63,7 @@ class DatasetSpec:
     shards: str  # webdataset shards: a folder, a glob or a brace pattern, local or a URL (pipeline.shards)
     labels: str  # jobs.labels output folder (holding labels/<shard>.parquet)
     weight: float | str = 1.0  # mixture weight, or "auto": proportional to the samples ingested (resolve_mixture)
+    batch_size: int | None = None  # samples of this dataset in every micro-batch (batch_composition); None: drawn by weight
 
     def find(self) -> list[Shard]:
         """The dataset's shards that have a tar (a parquet without its tar is not a shard to train on)."""
@@ -79,6 +86,43 @@ def parse_weight(value) -> float | str:
     return weight
 
 
+def batch_composition(datasets: Sequence[DatasetSpec], batch_size: int) -> list[int] | None:
+    """Samples of each dataset in every micro-batch of every rank, or None: weighted sampling.
+
+    Per-dataset batch sizes are all given or none; each is >= 1 and they sum to ``batch_size``
+    (the micro-batch per rank; the global batch holds ``world size x accumulation`` times each).
+    A weight other than the default 1 beside them is refused: the composition is fixed, a
+    weight would be ignored. Dataset names must differ (losses are logged by name).
+    ValueError, naming what is wrong, otherwise.
+    """
+    names = [d.name for d in datasets]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"dataset names must differ: {', '.join(twice)} given more than once")
+    given = [d for d in datasets if d.batch_size is not None]
+    if not given:
+        return None
+    if len(given) != len(datasets):
+        missing = [d.name for d in datasets if d.batch_size is None]
+        raise ValueError(
+            f"per-dataset batch sizes are given for {', '.join(d.name for d in given)} but not for {', '.join(missing)}: "
+            "give every dataset one (a fixed number of its samples in each batch) or none (weighted sampling)"
+        )
+    for d in datasets:
+        if isinstance(d.batch_size, bool) or not isinstance(d.batch_size, int) or d.batch_size < 1:
+            raise ValueError(f"dataset {d.name}: batch size {d.batch_size!r} must be a whole number >= 1 (leave a dataset out rather than give it 0)")
+        if d.weight != 1.0:
+            raise ValueError(
+                f"dataset {d.name}: weight {d.weight if isinstance(d.weight, str) else f'{d.weight:g}'} beside batch size {d.batch_size}: per-dataset batch sizes fix each "
+                "batch's composition, so a weight would be ignored; leave the weights out"
+            )
+    total = sum(d.batch_size for d in datasets)
+    if total != batch_size:
+        sizes = " + ".join(f"{d.batch_size} ({d.name})" for d in datasets)
+        raise ValueError(f"per-dataset batch sizes {sizes} = {total} must sum to batch_size {batch_size} (the micro-batch per rank): set batch_size {total}")
+    return [d.batch_size for d in datasets]
+
+
 @dataclass
 class Mixture:
     """The datasets with their weights resolved, and what an epoch is."""
@@ -93,10 +137,14 @@ class Mixture:
     def describe(self, world_size: int = 1) -> list[str]:
         """One line per dataset: its samples, weight and share of the draws, and on several ranks how they split its shards."""
         total = sum(d.weight for d in self.datasets)
+        per_batch = sum(d.batch_size or 0 for d in self.datasets)
         lines = []
         for d in self.datasets:
             n = self.samples.get(d.name)
             have = f"{n:,} samples ({self.sources[d.name]}), " if n is not None else ""
+            if d.batch_size is not None:
+                lines.append(f"{d.name}: {have}{d.batch_size} of every micro-batch's {per_batch} samples ({d.batch_size / per_batch:.1%})" + _split(self.shards.get(d.name), world_size))
+                continue
             weight = "auto" if d.name in self.auto else f"{d.weight:g}"
             lines.append(f"{d.name}: {have}weight {weight} = {d.weight / total:.1%} of the draws" + _split(self.shards.get(d.name), world_size))
         return lines
@@ -135,7 +183,7 @@ def resolve_mixture(datasets: Sequence[DatasetSpec], samples_per_epoch: int | No
             samples[d.name], sources[d.name] = ingested_samples(found, d.labels)
             if samples[d.name] == 0 and weight == "auto":
                 raise ValueError(f"dataset {d.name}: no samples ingested at {d.shards}, so its auto weight would be 0")
-        resolved.append(DatasetSpec(d.name, d.shards, d.labels, float(samples[d.name]) if weight == "auto" else weight))
+        resolved.append(dataclasses.replace(d, weight=float(samples[d.name]) if weight == "auto" else weight))
     auto = frozenset(d.name for d in datasets if parse_weight(d.weight) == "auto")
     return Mixture(resolved, samples, sources, sum(samples.values()) if count_all else samples_per_epoch or 0, auto, shards)
 
@@ -172,6 +220,7 @@ class TrainStream(IterableDataset):
             require_published(d.labels, "labels output")  # on object storage: only a whole one
             if not storage.isdir(storage.join(d.labels, "labels")):
                 raise FileNotFoundError(f"dataset {d.name}: no label tables in {d.labels}/labels (run jobs.labels)")
+        self.composition = batch_composition(self.datasets, batch_size)  # None: drawn by weight
         if any(isinstance(d.weight, str) for d in self.datasets):
             raise ValueError("auto mixture weights must be resolved first (resolve_mixture)")
         total = sum(d.weight for d in self.datasets)
@@ -218,9 +267,26 @@ class TrainStream(IterableDataset):
         tok = Tokenizer(self.tokenizer_path)
         transform = preprocess(self.image_size)
         stats: Counter = Counter(shards_read=Counter())  # counters, and "dataset/shard" -> reads of it
-        samples = self._shuffled(self._mixture(rng, stats, OrderedDict()), rng)
-        batch = []
-        for sample in samples:
+        cache: OrderedDict = OrderedDict()
+        if self.composition is None:  # one source: the weighted mixture
+            sources = [self._shuffled(self._mixture(rng, stats, cache), rng, self.shuffle_buffer)]
+            slots = [0] * self.batch_size
+        else:  # one source per dataset, each with its share of the shuffle buffer
+            sources = [
+                self._shuffled(self._dataset_samples(i, rng, stats, cache), rng, max(1, math.ceil(self.shuffle_buffer * n / self.batch_size)))
+                for i, n in enumerate(self.composition)
+            ]
+            slots = [i for i, n in enumerate(self.composition) for _ in range(n)]
+        while True:
+            # a fixed composition in a drawn order, so that the caption samples (the first ones) come from every dataset
+            order = slots if self.composition is None else rng.sample(slots, len(slots))
+            batch = [self._example(sources[i], position, tok, transform, rng, stats) for position, i in enumerate(order)]
+            yield collate(batch, tok, {"worker": worker, **stats, "shards_read": dict(stats["shards_read"])}, self.protocol)
+
+    def _example(self, samples: Iterator[dict], position: int, tok: Tokenizer, transform, rng: random.Random, stats: Counter) -> dict:
+        """The next sample of ``samples`` whose image decodes, as model inputs (``position``: its place in the batch)."""
+        while True:  # the sample streams are endless
+            sample = next(samples)
             try:
                 with Image.open(io.BytesIO(sample["jpg"])) as img:
                     image = transform(img.convert("RGB"))
@@ -228,14 +294,11 @@ class TrainStream(IterableDataset):
                 stats["corrupt_images"] += 1
                 continue
             ids, targets, answer = training_text(sample["labels"], tok, rng, self.templates, self.max_text_len)
-            example = {"image": image, "ids": ids, "targets": targets, "answer": answer}
-            if self.caption_loss and len(batch) < self.caption_samples:
+            example = {"image": image, "ids": ids, "targets": targets, "answer": answer, "dataset": sample["dataset"]}
+            if self.caption_loss and position < self.caption_samples:
                 example["caption_ids"], example["caption_targets"] = caption_text(sample["caption"], tok, CAPTION_PROMPT, self.max_text_len)
             stats["samples"] += 1
-            batch.append(example)
-            if len(batch) == self.batch_size:
-                yield collate(batch, tok, {"worker": worker, **stats, "shards_read": dict(stats["shards_read"])}, self.protocol)
-                batch = []
+            return example
 
     def _mixture(self, rng: random.Random, stats: Counter, cache: OrderedDict) -> Iterator[dict]:
         streams = [self._dataset_samples(i, rng, stats, cache) for i in range(len(self.datasets))]
@@ -264,18 +327,19 @@ class TrainStream(IterableDataset):
                 # several captions of one image (COCO's) are "\n"-joined in its txt: the caption branch reads one, drawn anew each time
                 captions = [c for c in sample.data.get("txt", b"").decode("utf-8", "replace").split("\n") if c.strip()] or [""]
                 caption = captions[0] if len(captions) == 1 else rng.choice(captions)
-                yield {"jpg": sample.data["jpg"], "labels": found, "caption": caption, "key": sample.key}
+                yield {"jpg": sample.data["jpg"], "labels": found, "caption": caption, "key": sample.key, "dataset": i}
             if reader.damage:
                 stats["bad_shards"] += 1
             failures = 0 if yielded else failures + 1
             if failures >= 10 * len(shards):
                 raise RuntimeError(f"dataset {spec.name}: {failures} shards in a row gave no usable sample (last: {shard.tar}: {reader.damage or 'no sample with labels'})")
 
-    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+    @staticmethod
+    def _shuffled(samples: Iterator[dict], rng: random.Random, size: int) -> Iterator[dict]:
         buffer = []
         for sample in samples:
             buffer.append(sample)
-            if len(buffer) >= self.shuffle_buffer:
+            if len(buffer) >= size:
                 j = rng.randrange(len(buffer))
                 buffer[j], buffer[-1] = buffer[-1], buffer[j]
                 yield buffer.pop()
@@ -307,6 +371,8 @@ def collate(examples: list[dict], tok: Tokenizer, stats: dict, protocol: str = "
         "segments": label_segments(ids, answer, tok.delimiter_id, protocol),
         "stats": stats,
     }
+    if "dataset" in examples[0]:  # TrainStream's examples: each one's dataset index in the mixture
+        batch["dataset"] = torch.tensor([e["dataset"] for e in examples])
     captioned = [e for e in examples if "caption_ids" in e]  # the batch's first samples (TrainStream's caption_fraction)
     if captioned:
         batch["caption_ids"] = pad_batch([e["caption_ids"] for e in captioned], tok.pad_id)

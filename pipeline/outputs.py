@@ -82,6 +82,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
 def write_json(path: str | os.PathLike, data: Any, **dump_args: Any) -> None:
     """``data`` as indented JSON with a final newline (``dump_args`` go to ``json.dump``)."""
     with atomic_file(path, "w") as f:

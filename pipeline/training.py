@@ -188,9 +188,13 @@ def plot_loss(metrics_path: str, out_png: str) -> None:
     if not rows:
         return
     by_samples = all("samples" in r for r in rows)  # steps are renumbered where a resume changed the global batch
-    x = [r["samples" if by_samples else "step"] for r in rows]
+    axis = "samples" if by_samples else "step"
+    x = [r[axis] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(x, [r["loss"] for r in rows], label="loss", color="tab:blue")
+    for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):  # per dataset (Trainer)
+        points = [(r[axis], r[key]) for r in rows if key in r]
+        ax.plot([s for s, _ in points], [v for _, v in points], label=key, linestyle="--", linewidth=1)
     ax.set_xlabel("samples seen" if by_samples else "step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -222,6 +226,9 @@ class Trainer:
     those carry the loss and throughput (means since the previous logged step, read from
     the device once per logged step: the step itself never waits for the device).
     ``on_message(text)`` for notes. Call it on every rank after ``deepspeed.init_distributed()``.
+    With two or more datasets the logged steps also carry ``loss/<dataset>``: the label loss of
+    that dataset's samples (summed per sample in the forward, pooled over the logged steps'
+    micro-batches and ranks, divided by their target tokens; the caption loss is not split).
     """
 
     def __init__(self, cfg, ds_config: dict, on_start=None, on_step=None, on_message=None, ranks_per_node: int = 1):
@@ -373,7 +380,8 @@ class Trainer:
         )
         data = self._data(step, rank, world, accum, pin_memory=cuda) if step < total else None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision, torch.float32)
-        window = _Window(engine.device)
+        per_dataset = [d.name for d in cfg.data] if len(cfg.data) > 1 else []
+        window = _Window(engine.device, per_dataset)
         worker_stats: dict[int, dict] = {}
         worker_reads: dict[int, dict] = {}  # the shards each worker read in this segment
         mine: dict = {"stats": {}, "shards_read": {}}  # what this rank read since this launch, up to the last checkpoint
@@ -387,8 +395,12 @@ class Trainer:
                 ws = batch.pop("stats")
                 worker_reads[ws["worker"]] = ws.pop("shards_read", {})
                 worker_stats[ws.pop("worker")] = ws
+                dataset = batch.pop("dataset")
                 inputs, tokens = self._host_side(batch)
-                window.add(self._device_step(engine, inputs, dtype), tokens)
+                loss, sample_losses = self._device_step(engine, inputs, dtype, sample_losses=bool(per_dataset))
+                window.add(loss, tokens)
+                if per_dataset:
+                    window.add_datasets(dataset, sample_losses, batch["targets"])
             step += 1
             samples += recipe.global_batch
             window.steps += 1
@@ -487,16 +499,17 @@ class Trainer:
             inputs["n_caption_targets"] = int((batch["caption_targets"] != IGNORE).sum())
         return inputs, batch["images"].shape[0] * self.model_cfg.vision.n_tokens + inputs["n_targets"]
 
-    def _device_step(self, engine, inputs: dict, dtype: torch.dtype) -> torch.Tensor:
+    def _device_step(self, engine, inputs: dict, dtype: torch.dtype, sample_losses: bool = False):
         """One micro-batch: copy in (non-blocking, from pinned memory on GPUs), forward, backward, and
-        DeepSpeed's step (an optimizer update at the accumulation boundary). Returns the loss, on the device."""
+        DeepSpeed's step (an optimizer update at the accumulation boundary). Returns the loss and, with
+        ``sample_losses``, each sample's summed label loss [B] (else None), on the device."""
         device = engine.device
         moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         moved["images"] = moved["images"].to(dtype)
-        out = engine(**moved, caption_weight=self.cfg.caption_weight)
+        out = engine(**moved, caption_weight=self.cfg.caption_weight, sample_losses=sample_losses)
         engine.backward(out["loss"])
         engine.step()
-        return out["loss"].detach()
+        return out["loss"].detach(), out.get("sample_losses")
 
     def _save(self, engine, step: int, samples: int, stats: dict, by_rank: list[dict], rank: int) -> None:
         """A checkpoint, then (rank 0, once every rank saved) its run_state.json, the pruning of older ones, and
@@ -542,14 +555,21 @@ class Trainer:
 
 
 class _Window:
-    """What happened since the last logged step: the loss stays on the device until ``read``."""
+    """What happened since the last logged step: the loss stays on the device until ``read``.
 
-    def __init__(self, device):
+    ``datasets``: names whose losses are kept apart (``loss/<name>``), in the order of the
+    batches' dataset indices; empty: none.
+    """
+
+    def __init__(self, device, datasets: list[str] | tuple = ()):
         self.device = device
+        self.datasets = list(datasets)
         self._reset()
 
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
+        self.dataset_loss = torch.zeros(len(self.datasets), device=self.device)  # summed label loss per dataset
+        self.dataset_tokens = torch.zeros(len(self.datasets), dtype=torch.float64)  # their target tokens, on the CPU
         self.micro = self.steps = self.tokens = 0
         self.wait = self.paused = 0.0
         self.t0 = time.perf_counter()
@@ -559,16 +579,28 @@ class _Window:
         self.micro += 1
         self.tokens += tokens
 
+    def add_datasets(self, dataset: torch.Tensor, sample_losses: torch.Tensor, targets: torch.Tensor) -> None:
+        """One micro-batch's per-sample label losses (on the device) into their datasets' sums; ``dataset``
+        [B] and ``targets`` [B, T] are the batch's CPU tensors, its target tokens counted there."""
+        tokens = (targets != IGNORE).sum(1).to(torch.float64)  # [B]
+        self.dataset_tokens.index_add_(0, dataset, tokens)
+        self.dataset_loss.index_add_(0, dataset.to(self.device, non_blocking=True), sample_losses.float())
+
     def read(self, world: int, global_batch: int) -> dict:
-        """Loss (mean over ranks and micro-batches) and throughput; the one wait for the device."""
+        """Loss (mean over ranks and micro-batches), per-dataset losses and throughput; the one wait for the device."""
         import torch.distributed as dist
 
-        loss = self.loss.clone()
-        dist.all_reduce(loss)
-        mean = loss.item() / (world * self.micro)
+        # one all-reduce: [loss, per-dataset loss sums, per-dataset target tokens]
+        packed = torch.cat([self.loss.reshape(1).double(), self.dataset_loss.double(), self.dataset_tokens.to(self.device)])
+        dist.all_reduce(packed)
+        mean = packed[0].item() / (world * self.micro)
+        k = len(self.datasets)
+        summed = packed[1:].tolist()  # ready after .item(): no second wait
+        per_dataset = {f"loss/{name}": summed[i] / summed[k + i] for i, name in enumerate(self.datasets) if summed[k + i] > 0}
         elapsed = max(1e-9, time.perf_counter() - self.t0 - self.paused)  # after .item(): the window's work is done
         out = {
             "loss": mean,
+            **per_dataset,
             "samples_per_s": global_batch * self.steps / elapsed,
             "tokens_per_s": self.tokens * world / elapsed,
             "data_wait": self.wait / elapsed,

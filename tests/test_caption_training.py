@@ -55,7 +55,7 @@ def test_the_caption_loss_of_the_first_images_is_theirs_alone(tmp_path, world):
     stream = TrainStream([_dataset(str(tmp_path), world)], world.tokenizer, 32, batch_size=6, seed=1, shuffle_buffer=1,
                          max_text_len=48, caption_loss=True, caption_fraction=0.5)  # fmt: skip
     batch = next(iter(stream))
-    batch.pop("stats")
+    batch.pop("stats"), batch.pop("dataset")
     model = _tiny_model(tok)
     with torch.no_grad():
         out = model(**batch, caption_weight=0.5)

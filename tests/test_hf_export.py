@@ -142,6 +142,17 @@ def test_model_card(export):
     assert "Trained for 7 optimizer steps" in text and "| lr | 0.0003 |" in text
     assert "| world | /data/shards | /data/labels | 1 |" in text and "| no_labels | 3 |" in text
     assert 'LlamaForCausalLM.from_pretrained("owner/name", subfolder="decoder")' in text
+    assert "mixed by weight" in text
+
+
+def test_model_card_of_per_dataset_batches(model):
+    from model.card import model_card
+
+    data = [{"name": n, "shards": f"/data/{n}", "labels": f"/data/{n}_labels", "weight": 1.0, "batch_size": b} for n, b in (("coco", 8), ("lvis", 16))]
+    text = model_card(model, model._hub_mixin_info.model_card_data, train_config={"batch_size": 24, "batch_sizes": {"coco": 8, "lvis": 16}, "data": data})
+    assert "each micro-batch holding batch_size samples of each dataset" in text
+    assert "| name | shards | labels | weight | batch_size |" in text and "| lvis | /data/lvis | /data/lvis_labels | 1 | 16 |" in text
+    assert "| batch_sizes |" not in text, "said once, in the data table"
 
 
 # ----------------------------------------------------------------------------- the parts in their own libraries

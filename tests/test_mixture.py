@@ -1,18 +1,33 @@
 """Mixture weights: `auto` is proportional to the samples ingested (the shards' manifests, else the
-label tables), and an epoch counts samples; the G3M preset's datasets as the reference concatenates them."""
+label tables), and an epoch counts samples; the G3M preset's datasets as the reference concatenates them.
+Per-dataset batch sizes: every batch of every rank holds the requested samples of each dataset."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from jobs.train import TrainConfig
-from pipeline.loader import DatasetSpec, TrainStream, parse_weight, resolve_mixture
-from pipeline.shards import find_shards, ingested_samples
+from model.config import PROMPT
+from model.prompt import IGNORE
+from model.tokenizer import Tokenizer
+from pipeline.loader import (
+    DatasetSpec,
+    TrainStream,
+    batch_composition,
+    parse_weight,
+    resolve_mixture,
+    train_loader,
+)
+from pipeline.shards import find_shards, ingested_samples, label_table_path
 from schemas import LABEL_TABLE, SHARD_MANIFEST, reason_rows, write_table
 
 REFERENCE = {"cc3m": 2_698_118, "sbu": 828_816, "coco": 118_287}  # the reference's G3M concatenation
@@ -93,3 +108,139 @@ def test_the_training_config_takes_auto_and_resolves_the_epoch(tmp_path, world):
     assert cfg.samples_per_epoch == 192 and [d.weight for d in cfg.data] == [128.0, 64.0]
     assert cfg.total_steps(world_size=2) == 2 * math.ceil(192 / 64)
     assert pq.read_metadata(os.path.join(a.shards, "manifest.parquet")).num_rows == 2
+
+
+# -- per-dataset batch sizes
+
+
+def _spec(name: str, weight=1.0, batch=None) -> DatasetSpec:
+    return DatasetSpec(name, "unused", "unused", weight, batch)
+
+
+def test_batch_composition_is_all_or_none_sums_to_the_batch_and_refuses_weights():
+    assert batch_composition([_spec("a"), _spec("b", 2.0)], 8) is None  # weighted sampling
+    assert batch_composition([_spec("a", batch=6), _spec("b", batch=2)], 8) == [6, 2]
+    bad = [
+        ([_spec("a", batch=6), _spec("b")], 8, "given for a but not for b: give every dataset one"),
+        ([_spec("a", batch=6), _spec("b", batch=3)], 8, r"6 \(a\) \+ 3 \(b\) = 9 must sum to batch_size 8 .*set batch_size 9"),
+        ([_spec("a", batch=8), _spec("b", batch=0)], 8, "dataset b: batch size 0 must be a whole number >= 1"),
+        ([_spec("a", batch=7), _spec("b", batch=1.0)], 8, "dataset b: batch size 1.0 must be a whole number"),
+        ([_spec("a", 2.0, batch=6), _spec("b", batch=2)], 8, "dataset a: weight 2 beside batch size 6: .* a weight would be ignored"),
+        ([_spec("a", "auto", batch=6), _spec("b", batch=2)], 8, "dataset a: weight auto beside batch size 6"),
+        ([_spec("a"), _spec("a")], 8, "dataset names must differ: a given more than once"),
+    ]
+    for specs, batch, message in bad:
+        with pytest.raises(ValueError, match=message):
+            batch_composition(specs, batch)
+
+
+def test_batch_sizes_from_the_data_flag_the_mapping_flag_and_the_yaml(tmp_path, world, capsys):
+    """--data NAME=SHARDS,LABELS,,BATCH, --batch-sizes NAME=N, and the YAML's batch_sizes or data entries:
+    one composition; the mixture says it at start."""
+    from jobs.train import parse_args
+
+    a, b = dataset(tmp_path, "a", [30]), dataset(tmp_path, "b", [10])
+    common = ["--deepspeed", "jobs/configs/zero2.json", "--tokenizer", world.tokenizer, "--steps", "4", "--batch-size", "8"]
+    flag, _ = parse_args([*common, "--data", f"a={a.shards},{a.labels},,6", "--data", f"b={b.shards},{b.labels},,2"])
+    assert [(d.name, d.weight, d.batch_size) for d in flag.data] == [("a", 1.0, 6), ("b", 1.0, 2)]
+    assert flag.batch_sizes == {"a": 6, "b": 2}
+    mapping, _ = parse_args([*common, "--data", f"a={a.shards},{a.labels}", "--data", f"b={b.shards},{b.labels}", "--batch-sizes", "a=6", "b=2"])
+    assert [d.batch_size for d in mapping.data] == [6, 2] and mapping.batch_sizes == flag.batch_sizes
+    preset = tmp_path / "preset.yaml"
+    entries = [{"name": "a", "shards": a.shards, "labels": a.labels}, {"name": "b", "shards": b.shards, "labels": b.labels}]
+    preset.write_text(json.dumps({"data": entries, "batch_sizes": {"a": 6, "b": 2}}))  # JSON is YAML
+    from_yaml, _ = parse_args([*common, "--config", str(preset)])
+    assert [d.batch_size for d in from_yaml.data] == [6, 2]
+    preset.write_text(json.dumps({"data": [dict(entries[0], batch_size=6), dict(entries[1], batch_size=2)]}))
+    entry_form, _ = parse_args([*common, "--config", str(preset)])
+    assert entry_form.batch_sizes == {"a": 6, "b": 2}
+    # the flag's form round-trips through the saved config (train_config.json)
+    assert TrainConfig(**json.loads(json.dumps(dataclasses.asdict(entry_form)))).batch_sizes == {"a": 6, "b": 2}
+    assert flag.resolve_data().describe() == [
+        "a: 6 of every micro-batch's 8 samples (75.0%)",
+        "b: 2 of every micro-batch's 8 samples (25.0%)",
+    ]
+    epoch = TrainConfig(**dict(dataclasses.asdict(entry_form), steps=0, epochs=1))
+    assert epoch.resolve_data().describe()[0] == "a: 30 samples (manifest), 6 of every micro-batch's 8 samples (75.0%)"
+
+    def refused(*args) -> str:
+        """The usage error's text, out of tyro's box."""
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args([*common, *args])
+        assert exit_info.value.code == 2
+        return " ".join(re.sub("[\u2500-\u257f]", " ", capsys.readouterr().err).split())
+
+    data = ["--data", f"a={a.shards},{a.labels}", "--data", f"b={b.shards},{b.labels}"]
+    cases = {
+        ("--data", f"a={a.shards},{a.labels},,six"): "BATCH 'six' is not a whole number",
+        ("--data", f"a={a.shards},{a.labels},1,6,9"): "expected NAME=SHARDS,LABELS[,WEIGHT[,BATCH]]",
+        (*data, "--batch-sizes", "a=6", "c=2"): "batch_sizes names c, not among the datasets (a, b)",
+        (*data, "--batch-sizes", "a=six"): "expected NAME=N",
+        (*data, "--batch-sizes", "a=6", "b=3"): "must sum to batch_size 8",
+        (*data, "--batch-sizes", "a=8"): "given for a but not for b",
+        ("--data", f"a={a.shards},{a.labels},,5", "--data", f"b={b.shards},{b.labels},,3", "--batch-sizes", "a=6", "b=2"): "dataset a: batch size 5 in its --data",
+        ("--data", f"a={a.shards},{a.labels},auto,6", "--data", f"b={b.shards},{b.labels},,2"): "dataset a: weight auto beside batch size 6",
+    }
+    for args, message in cases.items():
+        assert message in refused(*args), args
+
+
+def _labelled_dataset(root: str, name: str, label: str, images: list[bytes], corrupt: bool = False) -> DatasetSpec:
+    """Two shards of 5 samples whose one label is ``label``; with ``corrupt``, one JPEG of each shard is not one."""
+    from tests.test_shards import write_tar
+
+    shards, labels = os.path.join(root, name), os.path.join(root, name + "_labels")
+    os.makedirs(shards)
+    for s in range(2):
+        keys = [f"{s:05d}{i:04d}" for i in range(5)]
+        jpegs = [images[(s * 5 + i) % len(images)] for i in range(5)]
+        if corrupt:
+            jpegs[2] = b"\xff\xd8\xff\xe0 not a jpeg"
+        write_tar(os.path.join(shards, f"{s:05d}.tar"), [(k, {"jpg": j, "txt": f"a {label}".encode()}) for k, j in zip(keys, jpegs)])
+        rows = {"key": keys, "shard": [f"{s:05d}"] * 5, "caption": [f"a {label}"] * 5, "labels": [[label]] * 5, "extractor": ["spacy"] * 5}
+        write_table(pa.table(rows), label_table_path(labels, f"{s:05d}"), LABEL_TABLE)
+    return DatasetSpec(name, shards, labels)
+
+
+def _read(stream_args: dict, rank: int, start_step: int, n: int, workers: int) -> list[dict]:
+    it = iter(train_loader(TrainStream(**stream_args, rank=rank, start_step=start_step), workers))
+    out = [next(it) for _ in range(n)]
+    del it
+    return out
+
+
+def test_every_batch_of_every_rank_has_the_requested_composition(tmp_path, world):
+    """3 datasets whose samples name their dataset, 2 ranks x 2 workers, accumulation 2, a checkpoint every
+    2 steps: each micro-batch holds 4 + 2 + 2 samples and each sample's targets are its dataset's label
+    (the corrupt images of one dataset are replaced by its own samples); a loader started at a checkpoint
+    reads what the whole run read from there."""
+    from tests.test_evaluate import _jpeg
+
+    tok = Tokenizer(world.tokenizer)
+    images = _jpeg(world, 4, size=32)
+    label_of = {"a": "circle", "b": "star", "c": "cup"}
+    specs = [_labelled_dataset(str(tmp_path), n, label, images, corrupt=n == "c") for n, label in label_of.items()]
+    for spec, size in zip(specs, (4, 2, 2)):
+        spec.batch_size = size
+    args = dict(datasets=specs, tokenizer_path=world.tokenizer, image_size=32, batch_size=8, seed=7, shuffle_buffer=4, max_text_len=32,
+                segment_steps=2, batches_per_step=2, prompt_augmentation=False, world_size=2)  # fmt: skip
+    steps, workers = 4, 2
+    firsts = set()
+    for rank in (0, 1):
+        whole = _read(args, rank, 0, steps * 2, workers)
+        for i, batch in enumerate(whole):
+            where = f"rank {rank}, micro-batch {i}"
+            assert torch.bincount(batch["dataset"], minlength=3).tolist() == [4, 2, 2], where
+            for d, targets in zip(batch["dataset"].tolist(), batch["targets"].tolist()):
+                text = tok.decode([t for t in targets if t != IGNORE and t not in (tok.eos_id, tok.delimiter_id)])
+                assert text.strip() == f"{PROMPT} {label_of['abc'[d]]}", f"{where}: a sample of {'abc'[d]} reads {text!r}"
+            firsts.add(batch["dataset"][0].item())
+        assert sum(b["stats"]["corrupt_images"] for b in whole[-workers:]) >= 1, "the corrupt images were read"
+        resumed = _read(args, rank, 2, (steps - 2) * 2, workers)
+        for i, (a, b) in enumerate(zip(resumed, whole[4:])):
+            for key in ("images", "ids", "targets", "dataset"):
+                assert torch.equal(a[key], b[key]), f"rank {rank}: resumed at step 2, micro-batch {i}: {key} differs"
+    assert firsts == {0, 1, 2}, "each batch's order is drawn: every dataset comes first in some batch"
+    other_rank = _read(args, 1, 0, 1, 1)[0]
+    assert not torch.equal(other_rank["ids"], _read(args, 0, 0, 1, 1)[0]["ids"]), "ranks read different samples"

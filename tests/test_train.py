@@ -37,7 +37,8 @@ def _launch(repo_root: str, config: dict, ds: str, run_dir: str, wait: bool = Tr
     with open(cfg_path, "w") as f:
         yaml.safe_dump(dict(config, run_dir=run_dir), f)
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(ray_local.free_port()), "jobs/train.py", "--config", cfg_path, "--deepspeed", ds if ds.endswith(".json") else f"jobs/configs/{ds}.json"]
+    port = ray_local.free_port()
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), "jobs/train.py", "--config", cfg_path, "--deepspeed", ds if ds.endswith(".json") else f"jobs/configs/{ds}.json"]
     log = open(os.path.join(run_dir, "..", os.path.basename(run_dir) + ".log"), "w")
     proc = subprocess.Popen(cmd, cwd=repo_root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if not wait:
@@ -49,6 +50,8 @@ def _launch(repo_root: str, config: dict, ds: str, run_dir: str, wait: bool = Tr
             os.killpg(proc.pid, signal.SIGKILL)
     output = open(log.name).read()
     assert code == expect_code, f"training exited {code}, not {expect_code}:\n{output[-4000:]}"
+    # DeepSpeed's CPU all-reduce segments (66 MB per rank) are not left in /dev/shm
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"), "shared-memory segments left behind"
     return output
 
 
@@ -138,6 +141,8 @@ def test_zero2_loss_falls_and_bad_data_is_counted(zero2_run):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     losses = [r["loss"] for r in rows]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    # each dataset's own label loss, where the logged step drew it (world: 2 of 3 draws, always)
+    assert all(r["loss/world"] > 0 for r in rows) and any("loss/damaged" in r for r in rows), rows
     data = rows[-1]["data"]
     assert data["bad_shards"] >= 1 and data["corrupt_images"] >= 1, data
     assert data["no_labels"] >= 1, data
@@ -158,14 +163,18 @@ def test_metrics_reach_tensorboard_and_an_offline_wandb_run(zero2_run):
 
     run, _ = zero2_run
     losses = [(r["step"], r["loss"]) for r in MetricsLog.read(os.path.join(run, "metrics.jsonl"))]
-    board = tensorboard_scalars(run)["train/loss"]
+    scalars = tensorboard_scalars(run)
+    board = scalars["train/loss"]
     assert [s for s, _ in board] == [s for s, _ in losses]
     assert [v for _, v in board] == pytest.approx([v for _, v in losses], rel=1e-6)  # float32 in the event file
+    world_losses = [(r["step"], r["loss/world"]) for r in MetricsLog.read(os.path.join(run, "metrics.jsonl"))]
+    assert [(s, pytest.approx(v, rel=1e-6)) for s, v in scalars["train/loss/world"]] == world_losses
     (folder,) = glob.glob(os.path.join(run, "wandb", "offline-run-*"))
     with open(os.path.join(run, "wandb_run_id.txt")) as f:
         assert run_id(folder) == f.read().strip()
     logged = [(row["_step"], row["train/loss"]) for row in history(folder) if "train/loss" in row]
     assert logged == [(s, pytest.approx(v)) for s, v in losses]
+    assert [(row["_step"], row["train/loss/world"]) for row in history(folder) if "train/loss" in row] == [(s, pytest.approx(v)) for s, v in world_losses]
 
 
 def test_exported_model_loads_in_infer(zero2_run, world, capsys):
@@ -204,9 +213,12 @@ def test_killed_run_resumes_with_the_same_losses(train_setup, zero2_run, repo_ro
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(resumed, reference):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert a["loss/world"] == pytest.approx(b["loss/world"], rel=1e-5), (a["step"], a["loss/world"], b["loss/world"])
 
 
-def test_zero3_with_the_papers_freezing_policy(train_setup, world, repo_root, tmp_path):
+def test_zero3_with_the_papers_freezing_policy_and_per_dataset_batches(train_setup, world, repo_root, tmp_path):
+    """ZeRO-3 with the paper's freezing; the data as per-dataset batch sizes: 6 world + 2 damaged samples in
+    every micro-batch of both ranks, so that every logged step has both datasets' losses."""
     root, config = train_setup
     tok = Tokenizer(world.tokenizer)
     torch.manual_seed(0)
@@ -214,10 +226,15 @@ def test_zero3_with_the_papers_freezing_policy(train_setup, world, repo_root, tm
     initial.init_weights()
     init_dir = save_pretrained(initial, tok, str(tmp_path / "init"))
     run = str(root / "zero3")
-    frozen_cfg = dict(config, model=init_dir, tokenizer=None, train_vision_blocks=1, train_embeddings="special", steps=8, save_every=8, lr=5e-3)
-    _launch(repo_root, frozen_cfg, "zero3", run)
+    data = [{k: v for k, v in d.items() if k != "weight"} for d in config["data"]]
+    frozen_cfg = dict(config, model=init_dir, tokenizer=None, train_vision_blocks=1, train_embeddings="special", steps=8, save_every=8, lr=5e-3,
+                      data=data, batch_sizes={"world": 6, "damaged": 2})  # fmt: skip
+    output = _launch(repo_root, frozen_cfg, "zero3", run)
+    assert "world: 6 of every micro-batch's 8 samples (75.0%)" in output and "damaged: 2 of every micro-batch's 8 samples (25.0%)" in output
     rows = MetricsLog.read(os.path.join(run, "metrics.jsonl"))
     assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3])
+    assert all(r["loss/world"] > 0 and r["loss/damaged"] > 0 for r in rows), rows
+    assert json.load(open(os.path.join(run, "train_config.json")))["batch_sizes"] == {"world": 6, "damaged": 2}
     trained, _ = load_pretrained(os.path.join(run, "export"))
     before, after = initial.state_dict(), trained.state_dict()
     last = len(initial.vision.vit.transformer.resblocks) - 1

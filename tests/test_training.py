@@ -21,7 +21,7 @@ from model.prompt import IGNORE, label_segments
 from pipeline import ray_local
 from pipeline.ds_config import DeepSpeedConfigError, gradient_accumulation
 from pipeline.loader import DatasetSpec, TrainStream, train_loader
-from pipeline.training import compile_blocks, enable_activation_checkpointing, lr_schedule
+from pipeline.training import MetricsLog, compile_blocks, enable_activation_checkpointing, lr_schedule
 from tests.test_mixture import REFERENCE, dataset
 
 
@@ -186,6 +186,30 @@ def test_target_count_from_the_cpu_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(counted_grads[key], grads[key], rtol=0, atol=0)
 
 
+def test_sample_losses_are_each_samples_own_and_sum_to_the_batch_loss():
+    """The per-sample sums behind the per-dataset losses: a sample's equals its loss alone in a batch of
+    one (x its target count), they add up to the batch's loss, and asking for them changes no gradient."""
+    torch.manual_seed(0)
+    model = NxTP(tiny_config(100, image_size=64))
+    model.init_weights()
+    batch = _tiny_batch()
+    batch["targets"][1, 5:9] = IGNORE  # samples with different target counts
+    counts = (batch["targets"] != IGNORE).sum(1)
+    loss, grads = _loss_and_grads(copy.deepcopy(model), batch)
+    with_sums = copy.deepcopy(model)
+    out = with_sums(**batch, n_targets=int(counts.sum()), sample_losses=True)
+    out["loss"].backward()
+    assert out["sample_losses"].shape == (4,) and not out["sample_losses"].requires_grad
+    torch.testing.assert_close(out["loss"].detach(), loss)
+    torch.testing.assert_close(out["sample_losses"].sum() / counts.sum(), loss)
+    for key, p in with_sums.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key], msg=key)
+    with torch.no_grad():
+        for i in range(4):
+            alone = model(**{k: v[i : i + 1] for k, v in batch.items()})["label_loss"]
+            torch.testing.assert_close(out["sample_losses"][i], alone * counts[i], msg=f"sample {i}")
+
+
 @pytest.mark.parametrize("checkpointing, compiled", [(True, False), (False, True), (True, True)])
 def test_activation_checkpointing_and_compile_keep_names_loss_and_gradients(checkpointing, compiled):
     """Compile with the aot_eager backend: graph capture and AOTAutograd, where these blocks could
@@ -215,7 +239,9 @@ def sync_report(labelled_shards, world, tmp_path_factory, repo_root):
     shards, labels = labelled_shards["train"]
     config = {
         "run_dir": str(root / "run"), "model": "tiny", "tokenizer": world.tokenizer, "image_size": 64,
-        "data": [{"name": "world", "shards": shards, "labels": labels}], "train_vision_blocks": -1, "train_embeddings": "all",
+        # two datasets (the same shards) in batches of 3 + 1: the per-dataset losses are audited too
+        "data": [{"name": "a", "shards": shards, "labels": labels}, {"name": "b", "shards": shards, "labels": labels}],
+        "batch_sizes": {"a": 3, "b": 1}, "train_vision_blocks": -1, "train_embeddings": "all",
         "batch_size": 4, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 2, "steps": 3, "log_every": 3, "save_every": 100,
         "num_workers": 0, "shuffle_buffer": 8, "max_text_len": 48, "grad_clip": 1.0, "export": False,
     }  # fmt: skip
@@ -244,12 +270,16 @@ def sync_report(labelled_shards, world, tmp_path_factory, repo_root):
     ]
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(report.read_text())
+    return json.loads(report.read_text()), root / "run"
 
 
 def test_the_training_step_never_waits_for_the_device(sync_report):
     """No read of a device value and no data-dependent shape in this project's code inside the step
-    (copy in, forward, backward, DeepSpeed's step); the loss is read once per logged step."""
+    (copy in, forward, backward, DeepSpeed's step); the loss, and the per-dataset losses with it, are
+    read once per logged step."""
+    sync_report, run = sync_report
+    (row,) = MetricsLog.read(os.path.join(run, "metrics.jsonl"))
+    assert row["step"] == 3 and row["loss/a"] > 0 and row["loss/b"] > 0, row
     in_step = [r for r in sync_report if "_device_step" in r["functions"]]
     ours = [r for r in in_step if r["in_repo"] or "open_clip" in r["origin"]]
     assert not ours, json.dumps(ours, indent=1)
