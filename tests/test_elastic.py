@@ -8,6 +8,7 @@ The launched runs share one module fixture each: a 2-node ZeRO-2 run that the re
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -141,6 +142,7 @@ def _launch_nodes(repo_root: str, config: dict, ds: str, run_dir: str, nodes: in
                 os.killpg(p.pid, signal.SIGKILL)
     outputs = [open(name).read() for _, name in procs]
     assert codes == [0] * nodes, f"exit codes {codes}:\n" + "\n".join(out[-3000:] for out in outputs)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"), "shared-memory segments left behind"
     return outputs[0]
 
 
