@@ -1,13 +1,25 @@
 """Train NxTP with DeepSpeed ZeRO, through the ``deepspeed`` launcher.
 
     deepspeed --num_gpus 8 jobs/train.py --config jobs/configs/g3m.yaml --deepspeed jobs/configs/zero2.json
-    deepspeed --hostfile hosts --num_nodes 4 jobs/train.py --config jobs/configs/g3m.yaml --deepspeed jobs/configs/zero3.json
     deepspeed --num_gpus 2 jobs/train.py --config jobs/configs/demo.yaml --deepspeed jobs/configs/zero2.json  # CPU works too
+
+Several nodes (every node sees the same paths: shards and labels on shared storage or a
+bucket, the run folder on a shared file system). With ssh, the launcher starts every node's
+ranks from the first node; ``hosts`` lists each node and its GPUs (``node1 slots=8``):
+
+    deepspeed --hostfile hosts --master_addr node1 --master_port 29500 jobs/train.py --config jobs/configs/g3m.yaml --deepspeed jobs/configs/zero3.json
+
+Without ssh (a scheduler starts one launcher per node: Kubernetes, a Slurm step per node), the
+same command on every node with the same hostfile and that node's ``--node_rank``:
+
+    deepspeed --hostfile hosts --no_ssh --node_rank 0 --master_addr node1 --master_port 29500 jobs/train.py ...  # on node1
+    deepspeed --hostfile hosts --no_ssh --node_rank 1 --master_addr node1 --master_port 29500 jobs/train.py ...  # on node2
 
 Every field of ``TrainConfig`` is a flag (``--lr 3e-5``); flags override the YAML preset.
 The run folder gets ``train_config.json``, ``ds_config.json`` (the DeepSpeed JSON as filled),
-DeepSpeed checkpoints (``checkpoints/step<N>``; a re-run of the same command resumes from
-the latest), ``metrics.jsonl``, TensorBoard events, ``loss.png`` and, at the end, the
+DeepSpeed checkpoints (``checkpoints/step<N>``, each with ``run_state.json``; a re-run of the
+same command resumes from the latest, ``--resume`` says otherwise, on any number of ranks:
+pipeline/resume.py), ``metrics.jsonl``, TensorBoard events, ``loss.png`` and, at the end, the
 exported model (``export/``) that ``jobs.infer`` and ``jobs.evaluate`` load. The DeepSpeed
 JSON's "auto" values are filled from this config as the Hugging Face Trainer fills them
 (pipeline/ds_config.py); explicit values that contradict the config are errors.
@@ -188,6 +200,8 @@ class TrainConfig:
     """recompute the ViT's and decoder's block activations in the backward (less memory, about a third more compute)"""
     compile: bool = False
     """torch.compile each ViT and decoder block (compiles at the first steps)"""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in run_dir/checkpoints, if any; never: start fresh (refused when run_dir holds checkpoints); or a checkpoint folder (checkpoints/step800, or a checkpoints folder with a latest file, e.g. another run's). On another number of ranks the checkpoint is converted to a universal one and the run continues by samples seen"""
 
     def __post_init__(self):
         self.report_to = list(check_reporters(self.report_to))
@@ -226,6 +240,8 @@ class TrainConfig:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of batch_size {self.batch_size}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError("need 0 <= min_lr <= lr and lr > 0")
+        if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
+            raise ValueError(f"resume: {self.resume!r} is neither auto, never nor a checkpoint folder")
         if not 0 < self.caption_fraction <= 1:
             raise ValueError(f"caption_fraction must be in (0, 1], not {self.caption_fraction}")
         batch_composition(self.data, self.batch_size)
@@ -313,14 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
+    from pipeline.resume import ResumeError
     from pipeline.tracking import RunLog
     from pipeline.training import Trainer
 
     deepspeed.init_distributed()
     _release_shm_names()
-    rank = torch.distributed.get_rank()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.distributed.get_world_size()))
-    if not torch.cuda.is_available():  # ranks share this machine's cores
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # ranks on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:  # ranks share this machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     try:
         mixture = cfg.resolve_data()  # every rank reads the same manifests: the same weights everywhere
@@ -332,14 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     bar = board = None
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        print("mixture:\n  " + "\n  ".join(mixture.describe())
+        print("mixture:\n  " + "\n  ".join(mixture.describe(world))
               + (f"\n  an epoch: {cfg.samples_per_epoch:,} samples" if cfg.steps <= 0 else ""), flush=True)  # fmt: skip
         print(f"train config: {json.dumps(dataclasses.asdict(cfg), indent=2)}", flush=True)
-        write_json(os.path.join(cfg.run_dir, "train_config.json"), dataclasses.asdict(cfg))
 
     def on_start(info: dict) -> None:
         nonlocal bar, board
-        if rank == 0:
+        if rank == 0:  # the run goes ahead (a refused resume leaves the folder as it was)
+            write_json(os.path.join(cfg.run_dir, "train_config.json"), dataclasses.asdict(cfg))
             ds = info.pop("deepspeed_config")
             print(f"deepspeed config (filled): {json.dumps(ds, indent=2)}", flush=True)
             write_json(os.path.join(cfg.run_dir, "ds_config.json"), ds)
@@ -364,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, ds_raw, on_start, on_step, on_message, ranks_per_node=local_world)
     try:
         trainer.run()
-    except DeepSpeedConfigError as err:  # the same on every rank: said once
+    except (DeepSpeedConfigError, ResumeError) as err:  # the same on every rank: said once
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

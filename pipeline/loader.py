@@ -3,13 +3,17 @@
 Each dataset is a folder of shards (``jobs.ingest``) and a label folder (``jobs.labels``,
 one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader worker:
 
-1. picks a dataset by its mixture weight, then a shard of it uniformly at random
-   (resampled, as open_clip's ``--dataset-resampled``: no epoch boundary, every rank and
-   worker draws with its own seed); with per-dataset batch sizes (OSM's
+1. picks a dataset by its mixture weight, then a shard of its rank's share uniformly at
+   random (resampled, as open_clip's ``--dataset-resampled``: no epoch boundary, every rank
+   and worker draws with its own seed); with per-dataset batch sizes (OSM's
    ``--batch_size_coco 8 --batch_size_lvis 16``) each micro-batch instead holds exactly that
    many samples of each dataset, in an order drawn anew for every batch, each dataset read
    through its own shuffle buffer (a share of ``shuffle_buffer`` as large as its share of
-   the batch);
+   the batch). A rank's share of a dataset (:func:`rank_shards`): when the dataset has at
+   least as many shards as there are ranks, shard i belongs to rank i % world size, so the
+   ranks read disjoint shards (the workers of one rank draw from the same share); a dataset
+   with fewer shards than ranks is read whole by every rank, so ranks may draw the same
+   samples (``Mixture.describe`` says so for each dataset);
 2. reads the shard's intact samples (``pipeline.shards``' rule); a damaged shard is
    counted (``bad_shards``) each time it is read, never a crash;
 3. joins each sample's labels by key from that shard's label table (loaded once per
@@ -20,8 +24,8 @@ one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader 
    drawn) and collates batches, all in the worker; each batch's ``dataset`` holds every
    sample's dataset index (its position in the mixture), for per-dataset losses.
 
-Determinism: the batches are a pure function of (seed, rank, number of workers, start
-step, checkpoint interval). The stream restarts itself at every checkpoint step (the
+Determinism: the batches are a pure function of (seed, rank, world size, number of workers,
+start step, checkpoint interval). The stream restarts itself at every checkpoint step (the
 segment's worker streams are seeded with that step), inside the same worker processes,
 so that a run resumed from a checkpoint reads exactly the batches the uninterrupted run
 read, without new workers at every checkpoint.
@@ -36,7 +40,7 @@ import math
 import random
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 import torch
@@ -128,8 +132,10 @@ class Mixture:
     sources: dict[str, str]  # dataset name -> where the count came from (manifest, label tables)
     samples_per_epoch: int
     auto: frozenset[str] = frozenset()  # the datasets whose weight was auto
+    shards: dict[str, int] = field(default_factory=dict)  # dataset name -> shards found
 
-    def describe(self) -> list[str]:
+    def describe(self, world_size: int = 1) -> list[str]:
+        """One line per dataset: its samples, weight and share of the draws, and on several ranks how they split its shards."""
         total = sum(d.weight for d in self.datasets)
         per_batch = sum(d.batch_size or 0 for d in self.datasets)
         lines = []
@@ -137,11 +143,27 @@ class Mixture:
             n = self.samples.get(d.name)
             have = f"{n:,} samples ({self.sources[d.name]}), " if n is not None else ""
             if d.batch_size is not None:
-                lines.append(f"{d.name}: {have}{d.batch_size} of every micro-batch's {per_batch} samples ({d.batch_size / per_batch:.1%})")
+                lines.append(f"{d.name}: {have}{d.batch_size} of every micro-batch's {per_batch} samples ({d.batch_size / per_batch:.1%})" + _split(self.shards.get(d.name), world_size))
                 continue
             weight = "auto" if d.name in self.auto else f"{d.weight:g}"
-            lines.append(f"{d.name}: {have}weight {weight} = {d.weight / total:.1%} of the draws")
+            lines.append(f"{d.name}: {have}weight {weight} = {d.weight / total:.1%} of the draws" + _split(self.shards.get(d.name), world_size))
         return lines
+
+
+def _split(shards: int | None, world_size: int) -> str:
+    if world_size <= 1 or shards is None:
+        return ""
+    if shards >= world_size:
+        return f"; {shards} shards over {world_size} ranks: each rank reads only its own (shard i on rank i mod {world_size}), disjoint"
+    return f"; only {shards} shard(s) for {world_size} ranks: every rank reads all of them, so ranks may draw the same samples"
+
+
+def rank_shards(shards: Sequence, rank: int, world_size: int) -> list:
+    """The shards rank ``rank`` of ``world_size`` resamples from: shard i belongs to rank i % world_size when there
+    are at least as many shards as ranks (the ranks then read disjoint data), else all of them (they overlap)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    return list(shards) if len(shards) < world_size else list(shards[rank::world_size])
 
 
 def resolve_mixture(datasets: Sequence[DatasetSpec], samples_per_epoch: int | None = 0) -> Mixture:
@@ -152,16 +174,18 @@ def resolve_mixture(datasets: Sequence[DatasetSpec], samples_per_epoch: int | No
     from pipeline.shards import ingested_samples
 
     count_all = samples_per_epoch is not None and samples_per_epoch <= 0
-    samples, sources, resolved = {}, {}, []
+    samples, sources, resolved, shards = {}, {}, [], {}
     for d in datasets:
         weight = parse_weight(d.weight)
+        found = d.find()
+        shards[d.name] = len(found)
         if weight == "auto" or count_all:
-            samples[d.name], sources[d.name] = ingested_samples(d.find(), d.labels)
+            samples[d.name], sources[d.name] = ingested_samples(found, d.labels)
             if samples[d.name] == 0 and weight == "auto":
                 raise ValueError(f"dataset {d.name}: no samples ingested at {d.shards}, so its auto weight would be 0")
         resolved.append(dataclasses.replace(d, weight=float(samples[d.name]) if weight == "auto" else weight))
     auto = frozenset(d.name for d in datasets if parse_weight(d.weight) == "auto")
-    return Mixture(resolved, samples, sources, sum(samples.values()) if count_all else samples_per_epoch or 0, auto)
+    return Mixture(resolved, samples, sources, sum(samples.values()) if count_all else samples_per_epoch or 0, auto, shards)
 
 
 def _seed(*parts) -> int:
@@ -179,6 +203,7 @@ class TrainStream(IterableDataset):
         batch_size: int,
         seed: int,
         rank: int = 0,
+        world_size: int = 1,
         start_step: int = 0,
         max_text_len: int = 256,
         prompt_augmentation: bool = True,
@@ -190,7 +215,7 @@ class TrainStream(IterableDataset):
         batches_per_step: int = 1,
     ):
         self.datasets = list(datasets)
-        self.shards = [d.find() for d in self.datasets]
+        self.shards = [rank_shards(d.find(), rank, world_size) for d in self.datasets]  # this rank's share of each
         for d in self.datasets:
             require_published(d.labels, "labels output")  # on object storage: only a whole one
             if not storage.isdir(storage.join(d.labels, "labels")):
@@ -241,7 +266,7 @@ class TrainStream(IterableDataset):
         rng = random.Random(_seed(self.seed, self.rank, stream, start_step))
         tok = Tokenizer(self.tokenizer_path)
         transform = preprocess(self.image_size)
-        stats: Counter = Counter()
+        stats: Counter = Counter(shards_read=Counter())  # counters, and "dataset/shard" -> reads of it
         cache: OrderedDict = OrderedDict()
         if self.composition is None:  # one source: the weighted mixture
             sources = [self._shuffled(self._mixture(rng, stats, cache), rng, self.shuffle_buffer)]
@@ -256,7 +281,7 @@ class TrainStream(IterableDataset):
             # a fixed composition in a drawn order, so that the caption samples (the first ones) come from every dataset
             order = slots if self.composition is None else rng.sample(slots, len(slots))
             batch = [self._example(sources[i], position, tok, transform, rng, stats) for position, i in enumerate(order)]
-            yield collate(batch, tok, {"worker": worker, **stats}, self.protocol)
+            yield collate(batch, tok, {"worker": worker, **stats, "shards_read": dict(stats["shards_read"])}, self.protocol)
 
     def _example(self, samples: Iterator[dict], position: int, tok: Tokenizer, transform, rng: random.Random, stats: Counter) -> dict:
         """The next sample of ``samples`` whose image decodes, as model inputs (``position``: its place in the batch)."""
@@ -286,6 +311,7 @@ class TrainStream(IterableDataset):
         failures = 0
         while True:
             shard = rng.choice(shards)
+            stats["shards_read"][f"{spec.name}/{shard.name}"] += 1
             labels = _shard_labels(spec, shard, stats, cache)
             reader = TarReader(shard.tar)
             yielded = 0

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import shutil
 import time
 
@@ -16,7 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from model.nxtp import NxTP
 from model.prompt import IGNORE
+from pipeline import resume
 from pipeline.outputs import atomic_file
+from pipeline.resume import checkpoint_tags, latest_tag
 
 EMBEDDING_TABLES = ("decoder.embed.base.weight", "decoder.embed.special", "vision.vit.positional_embedding")
 
@@ -140,24 +141,6 @@ def zero_memory_estimate(model: nn.Module, ds: dict, world_size: int, ranks_per_
     return out
 
 
-def checkpoint_tags(save_dir: str) -> list[tuple[int, str]]:
-    """(step, tag) of the checkpoints in ``save_dir``, oldest first."""
-    if not os.path.isdir(save_dir):
-        return []
-    tags = [(int(m.group(1)), d) for d in os.listdir(save_dir) if (m := re.fullmatch(r"step(\d+)", d))]
-    return sorted(tags)
-
-
-def latest_tag(save_dir: str) -> str | None:
-    """The tag DeepSpeed recorded as complete (its ``latest`` file is written after the save)."""
-    path = os.path.join(save_dir, "latest")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        tag = f.read().strip()
-    return tag if os.path.isdir(os.path.join(save_dir, tag)) else None
-
-
 def prune_checkpoints(save_dir: str, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
     latest = latest_tag(save_dir)
@@ -170,12 +153,14 @@ def prune_checkpoints(save_dir: str, keep: int) -> list[str]:
 
 
 class MetricsLog:
-    """One JSON line per logged step in ``<run>/metrics.jsonl``; truncated on resume."""
+    """One JSON line per logged step in ``<run>/metrics.jsonl``; on resume, the lines written after the
+    checkpoint are dropped: those past its samples seen (``samples``, which runs through a change of the
+    global batch, when steps are renumbered), or past its step in lines without that count."""
 
-    def __init__(self, path: str, resume_step: int):
+    def __init__(self, path: str, resume_step: int, resume_samples: int | None = None):
         self.path = path
         rows = self.read(path)
-        kept = [r for r in rows if r["step"] <= resume_step]
+        kept = [r for r in rows if (r["samples"] <= resume_samples if resume_samples is not None and "samples" in r else r["step"] <= resume_step)]
         if len(kept) != len(rows) or not os.path.exists(path):
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -202,17 +187,19 @@ def plot_loss(metrics_path: str, out_png: str) -> None:
     rows = MetricsLog.read(metrics_path)
     if not rows:
         return
-    steps = [r["step"] for r in rows]
+    by_samples = all("samples" in r for r in rows)  # steps are renumbered where a resume changed the global batch
+    axis = "samples" if by_samples else "step"
+    x = [r[axis] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in rows], label="loss", color="tab:blue")
+    ax.plot(x, [r["loss"] for r in rows], label="loss", color="tab:blue")
     for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):  # per dataset (Trainer)
-        points = [(r["step"], r[key]) for r in rows if key in r]
+        points = [(r[axis], r[key]) for r in rows if key in r]
         ax.plot([s for s, _ in points], [v for _, v in points], label=key, linestyle="--", linewidth=1)
-    ax.set_xlabel("step")
+    ax.set_xlabel("samples seen" if by_samples else "step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in rows], label="lr", color="tab:orange", alpha=0.6)
+    lr_ax.plot(x, [r["lr"] for r in rows], label="lr", color="tab:orange", alpha=0.6)
     lr_ax.set_ylabel("learning rate")
     fig.legend(loc="upper right")
     ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))) or "training")
@@ -273,7 +260,7 @@ class Trainer:
             raise ValueError(f"the model reads {model.cfg.vision.image_size}px images, the config says image_size {cfg.image_size}")
         return model.train(), tok
 
-    def _data(self, start_step: int, rank: int, grad_accum: int, pin_memory: bool):
+    def _data(self, start_step: int, rank: int, world: int, grad_accum: int, pin_memory: bool):
         """One loader for the whole run: its workers live until the end, and the stream reseeds itself
         at every checkpoint step, so that a run resumed there reads what this one reads."""
         from pipeline.loader import TrainStream, train_loader
@@ -286,6 +273,7 @@ class Trainer:
             cfg.batch_size,
             cfg.seed,
             rank=rank,
+            world_size=world,
             start_step=start_step,
             max_text_len=min(cfg.max_text_len, self.model_cfg.decoder.max_seq_len - self.model_cfg.vision.n_tokens),
             prompt_augmentation=cfg.prompt_augmentation,
@@ -325,15 +313,34 @@ class Trainer:
         cuda = accelerator.device_name() == "cuda"
         recipe, ds = self._configure(world, cuda, accelerator)  # a bad JSON fails before the model is built
         total, accum = recipe.total_steps, recipe.grad_accum
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        ckpt = resume.find_checkpoint(cfg.resume, self.save_dir)
+        if ckpt is not None:
+            self._say_changes(ckpt, world, recipe.global_batch, stage)  # and refuse a change that breaks the run
+            resume.check_stage(ckpt, stage)
         model, self.tokenizer = self._build_model()
         self.model_cfg = model.cfg
         ds = fill_model_sizes(ds, max(model.cfg.decoder.dim, model.cfg.vision.width))
         counts = apply_freezing(model, cfg.train_vision_blocks, cfg.train_embeddings)
+        self._facts = {
+            "world_size": world, "global_batch": recipe.global_batch, "micro_batch": recipe.micro_batch, "grad_accum": accum,
+            "zero_stage": stage, "precision": recipe.precision, "parameters": counts, "deepspeed": deepspeed.__version__,
+            "train_config": dataclasses.asdict(cfg), "model_config": model.cfg.to_dict(),
+            "tokenizer": {"path": self.tokenizer.path, "sha256": resume.tokenizer_fingerprint(self.tokenizer.path)},
+        }  # fmt: skip
+        universal = None
+        if ckpt is not None:
+            if ckpt.state:
+                resume.check_model(ckpt.state, self._facts["model_config"], self._facts["tokenizer"]["sha256"])
+            if resume.needs_universal(ckpt, world):
+                universal = self._universal(ckpt, rank)
+                resume.load_frozen(model, universal)  # the conversion leaves them out: the checkpoint's, not a rebuild's
+                ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         if cfg.compile:
             compile_blocks(model)
-        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        if stage == 3:
             from deepspeed.utils import set_z3_leaf_modules
 
             # nn.MultiheadAttention reads out_proj's weight without calling out_proj
@@ -347,14 +354,11 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), optimizer=optimizer, lr_scheduler=schedule, config=ds
         )
-        step, stats = 0, {}
-        tag = latest_tag(self.save_dir)
-        if tag:
-            _, client = engine.load_checkpoint(self.save_dir, tag)
-            step = client["step"]
-            stats = client.get("data_stats", {}) if rank == 0 else {}  # run-wide counters live on rank 0
-            self.on_message(f"resumed from {os.path.join(self.save_dir, tag)} at step {step}")
-        log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl"), step) if rank == 0 else None
+        step, samples, stats = 0, 0, {}
+        self._exported_from = None
+        if ckpt is not None:
+            step, samples, stats = self._load(engine, ckpt, universal, recipe.global_batch, total)
+        log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl"), step, samples if ckpt is not None else None) if rank == 0 else None
         self.on_start(
             {
                 "world_size": world,
@@ -365,18 +369,23 @@ class Trainer:
                 "grad_accum": accum,
                 "total_steps": total,
                 "start_step": step,
+                "start_samples": samples,
                 **describe(ds, recipe, cuda),
+                "optimizer_groups": [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in engine.basic_optimizer.param_groups],
                 "activation_checkpointing": cfg.activation_checkpointing,
                 "compile": cfg.compile,
                 "zero_memory_estimate": memory,
                 "deepspeed_config": ds,
             }
         )
-        data = self._data(step, rank, accum, pin_memory=cuda) if step < total else None
+        data = self._data(step, rank, world, accum, pin_memory=cuda) if step < total else None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision, torch.float32)
         per_dataset = [d.name for d in cfg.data] if len(cfg.data) > 1 else []
         window = _Window(engine.device, per_dataset)
         worker_stats: dict[int, dict] = {}
+        worker_reads: dict[int, dict] = {}  # the shards each worker read in this segment
+        mine: dict = {"stats": {}, "shards_read": {}}  # what this rank read since this launch, up to the last checkpoint
+        resumed_stats = stats  # the run's counters up to the checkpoint this launch resumed from
         while step < total:
             lr = engine.get_lr()[0]  # what this step's update uses
             for _ in range(accum):
@@ -384,6 +393,7 @@ class Trainer:
                 batch = next(data)
                 window.wait += time.perf_counter() - tw
                 ws = batch.pop("stats")
+                worker_reads[ws["worker"]] = ws.pop("shards_read", {})
                 worker_stats[ws.pop("worker")] = ws
                 dataset = batch.pop("dataset")
                 inputs, tokens = self._host_side(batch)
@@ -392,8 +402,9 @@ class Trainer:
                 if per_dataset:
                     window.add_datasets(dataset, sample_losses, batch["targets"])
             step += 1
+            samples += recipe.global_batch
             window.steps += 1
-            metrics = {"step": step, "lr": lr, "logged": step % cfg.log_every == 0 or step == total}
+            metrics = {"step": step, "samples": samples, "lr": lr, "logged": step % cfg.log_every == 0 or step == total}
             if metrics["logged"]:
                 metrics |= window.read(world, recipe.global_batch)
                 if recipe.precision == "fp16":  # dynamic loss scaling: the scale now, and the updates it skipped
@@ -404,16 +415,81 @@ class Trainer:
             final = step == total
             if (step % cfg.save_every == 0 and not final) or (final and cfg.export):
                 t_save = time.perf_counter()
+                mine = {"stats": _sum_stats(mine["stats"], worker_stats), "shards_read": _sum_stats(mine["shards_read"], worker_reads)}
                 everyone = [None] * world
-                dist.all_gather_object(everyone, _sum_stats(stats, worker_stats))
-                run_stats = _sum_stats({}, dict(enumerate(everyone)))
-                stats, worker_stats = (run_stats if rank == 0 else {}), {}
-                self._save(engine, step, run_stats, rank)
+                dist.all_gather_object(everyone, mine)
+                stats = _sum_stats(resumed_stats, dict(enumerate(r["stats"] for r in everyone)))  # the run's, as of this step
+                worker_stats, worker_reads = {}, {}
+                self._save(engine, step, samples, stats, everyone, rank)
                 window.paused += time.perf_counter() - t_save
         del data  # ends the loader's workers
         if rank == 0 and cfg.export:
             self._finish(step, stats)
         dist.barrier()
+
+    def _say_changes(self, ckpt, world: int, global_batch: int, stage: int) -> None:
+        """What the checkpoint was and what changed since (``field: old -> new``); raises ResumeError on a change that breaks the run."""
+        if ckpt.state is None:
+            self.on_message(
+                f"resuming from {ckpt.path}: it has no {resume.RUN_STATE} (the run stopped between DeepSpeed's save and that "
+                f"file, or an older version wrote it): {ckpt.world_size} rank(s) and ZeRO-{ckpt.zero_stage} read from its files; "
+                "the config cannot be compared with it"
+            )
+            return
+        state = ckpt.state
+        self.on_message(
+            f"resuming from {ckpt.path}: step {state['step']}, {state['samples']:,} samples seen, written by {ckpt.world_size} "
+            f"rank(s) (global batch {state['global_batch']}, ZeRO-{ckpt.zero_stage})"
+        )
+        new = dataclasses.asdict(self.cfg)
+        changes = [
+            f"{name}: {old} -> {now}"
+            for name, old, now in (("world size", ckpt.world_size, world), ("global batch", state["global_batch"], global_batch), ("ZeRO stage", ckpt.zero_stage, stage))
+            if old != now
+        ] + resume.config_changes(state.get("train_config", {}), new)
+        self.on_message("changes since that checkpoint:\n  " + "\n  ".join(changes) if changes else "no changes since that checkpoint")
+        resume.check_unchanged(state, new)
+
+    def _universal(self, ckpt, rank: int) -> str:
+        """Rank 0 converts the checkpoint to a universal one while the others wait; every rank gets its folder (or the error)."""
+        import torch.distributed as dist
+
+        out = [None, None]
+        if rank == 0:
+            self.on_message(
+                f"{ckpt.path} was written by {ckpt.world_size} rank(s): converting it to a DeepSpeed "
+                f"universal checkpoint in {os.path.join(resume.universal_dir(self.save_dir), ckpt.tag)} (reused if already there)"
+            )
+            try:
+                out[0] = resume.convert_to_universal(ckpt, self.save_dir)
+            except Exception as err:  # noqa: BLE001 - said on every rank below, not left waiting
+                out[1] = str(err)
+        dist.broadcast_object_list(out, src=0)
+        if out[1]:
+            raise RuntimeError(out[1])
+        return out[0]
+
+    def _load(self, engine, ckpt, universal: str | None, global_batch: int, total: int) -> tuple[int, int, dict]:
+        """Load the checkpoint (its universal conversion when there is one); (step, samples seen, run-wide data counters).
+
+        The step is samples seen // this run's global batch: the schedule and the data stream
+        continue by samples. The optimizer's hyperparameters stay this config's (DeepSpeed's load
+        puts back the checkpoint's; its ZeRO-3 universal load even gives every group the first's)."""
+        mine = [{k: v for k, v in group.items() if k != "params"} for group in engine.basic_optimizer.param_groups]
+        load_dir = os.path.dirname(universal) if universal else ckpt.save_dir
+        _, client = engine.load_checkpoint(load_dir, ckpt.tag, load_lr_scheduler_states=False)
+        for group, settings in zip(engine.basic_optimizer.param_groups, mine):
+            group.update(settings)
+        samples = client.get("samples", engine.global_samples)
+        step, extra = resume.resume_step(samples, global_batch)
+        if engine.lr_scheduler is not None:
+            resume.set_schedule_step(engine.lr_scheduler, step)
+        engine.global_steps, engine.global_samples = step, samples
+        self._exported_from = (ckpt.save_dir, ckpt.tag)
+        how = f" (universal checkpoint {universal})" if universal else ""
+        by_samples = f"{samples:,} samples seen / global batch {global_batch} = step {step}" + (f", {extra} samples past it (not a multiple)" if extra else "")
+        self.on_message(f"resumed from {ckpt.path} at step {step}{how}: {by_samples}; the learning-rate schedule and the data stream continue from step {step} of {total}")
+        return step, samples, client.get("data_stats", {})  # the run-wide counters (on every rank: each saves them)
 
     def _host_side(self, batch: dict) -> tuple[dict, int]:
         """The model's inputs with the target counts, and the batch's tokens (image + target), all counted
@@ -435,24 +511,41 @@ class Trainer:
         engine.step()
         return out["loss"].detach(), out.get("sample_losses")
 
-    def _save(self, engine, step: int, stats: dict, rank: int) -> None:
+    def _save(self, engine, step: int, samples: int, stats: dict, by_rank: list[dict], rank: int) -> None:
+        """A checkpoint, then (rank 0, once every rank saved) its run_state.json, the pruning of older ones, and
+        the removal of a universal conversion this run resumed from (its own checkpoint now stands in for it)."""
         import torch.distributed as dist
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
-        engine.save_checkpoint(self.save_dir, tag=f"step{step}", client_state={"step": step, "data_stats": stats})
+        tag = f"step{step}"
+        if rank == 0 and os.path.isdir(os.path.join(self.save_dir, tag)):  # a checkpoint of this step before a change of the global batch
+            shutil.rmtree(os.path.join(self.save_dir, tag))  # its files for another world size must not mix with these
         dist.barrier()
+        client = {"step": step, "samples": samples, "data_stats": stats, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        engine.save_checkpoint(self.save_dir, tag=tag, client_state=client)
+        dist.barrier()
+        self._exported_from = (self.save_dir, tag)
         if rank == 0:
-            for tag in prune_checkpoints(self.save_dir, self.cfg.keep_checkpoints):
-                self.on_message(f"removed old checkpoint {tag}")
+            state = {"step": step, "samples": samples, **self._facts, "data_stats": stats, "data_by_rank": by_rank}
+            resume.write_run_state(os.path.join(self.save_dir, tag), state)
+            if os.path.isdir(resume.universal_dir(self.save_dir)):
+                shutil.rmtree(resume.universal_dir(self.save_dir), ignore_errors=True)
+            for old in prune_checkpoints(self.save_dir, self.cfg.keep_checkpoints):
+                self.on_message(f"removed old checkpoint {old}")
             skipped = {k: v for k, v in stats.items() if k != "samples" and v}
-            self.on_message(f"step {step}: checkpoint {os.path.join(self.save_dir, f'step{step}')}; data skipped so far: {skipped or 'none'}")
+            self.on_message(f"step {step}: checkpoint {os.path.join(self.save_dir, tag)}; data skipped so far: {skipped or 'none'}")
 
     def _finish(self, step: int, data_stats: dict) -> None:
         from model.checkpoint import save_pretrained
         from model.convert import load_state_strict
 
-        tag = latest_tag(self.save_dir)
+        save_dir, tag = self._exported_from or (self.save_dir, latest_tag(self.save_dir))
         model = NxTP(self.model_cfg)
-        load_state_strict(model, state_dict_from_checkpoint(self.save_dir, tag), os.path.join(self.save_dir, tag))
+        load_state_strict(model, state_dict_from_checkpoint(save_dir, tag), os.path.join(save_dir, tag))
         card = {"train_config": dataclasses.asdict(self.cfg), "step": step, "data_stats": data_stats}  # for the model card
         out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag}, card=card)
         if getattr(self.cfg, "export_to", None):

@@ -224,7 +224,7 @@ def test_every_batch_of_every_rank_has_the_requested_composition(tmp_path, world
     for spec, size in zip(specs, (4, 2, 2)):
         spec.batch_size = size
     args = dict(datasets=specs, tokenizer_path=world.tokenizer, image_size=32, batch_size=8, seed=7, shuffle_buffer=4, max_text_len=32,
-                segment_steps=2, batches_per_step=2, prompt_augmentation=False)  # fmt: skip
+                segment_steps=2, batches_per_step=2, prompt_augmentation=False, world_size=2)  # fmt: skip
     steps, workers = 4, 2
     firsts = set()
     for rank in (0, 1):

@@ -30,15 +30,15 @@ pytestmark = pytest.mark.launcher
 STEPS = 16
 
 
-def _launch(repo_root: str, config: dict, ds: str, run_dir: str, wait: bool = True, expect_code: int = 0):
-    """Train with ``config`` under the launcher; ``ds``: a jobs/configs name or a JSON file's path."""
+def _launch(repo_root: str, config: dict, ds: str, run_dir: str, wait: bool = True, expect_code: int = 0, ranks: int = 2):
+    """Train with ``config`` under the launcher on ``ranks`` ranks; ``ds``: a jobs/configs name or a JSON file's path."""
     os.makedirs(run_dir, exist_ok=True)
     cfg_path = os.path.join(run_dir, "..", os.path.basename(run_dir) + ".yaml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(dict(config, run_dir=run_dir), f)
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     port = ray_local.free_port()
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "jobs/train.py", "--config", cfg_path, "--deepspeed", ds if ds.endswith(".json") else f"jobs/configs/{ds}.json"]
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), "jobs/train.py", "--config", cfg_path, "--deepspeed", ds if ds.endswith(".json") else f"jobs/configs/{ds}.json"]
     log = open(os.path.join(run_dir, "..", os.path.basename(run_dir) + ".log"), "w")
     proc = subprocess.Popen(cmd, cwd=repo_root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if not wait:
