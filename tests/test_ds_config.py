@@ -275,23 +275,31 @@ def launch_config(labelled_shards, world):
     }  # fmt: skip
 
 
-def _expected_lrs(saved: dict, lr: float, warmup: int, total: int, min_lr: float) -> list[float]:
-    """The lr of each update: DeepSpeed's scheduler from the saved block, or the config's schedule."""
+def schedule_lrs(make_schedule, lr: float, steps: int) -> list[float]:
+    """The lr of each of ``steps`` updates under ``make_schedule(optimizer)`` from ``lr``."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    if "scheduler" in saved:
-        from deepspeed.runtime import lr_schedules
-
-        schedule = getattr(lr_schedules, saved["scheduler"]["type"])(
-            optimizer, **saved["scheduler"]["params"]
-        )
-    else:
-        schedule = lr_schedule(optimizer, warmup, total, min_lr)
+    schedule = make_schedule(optimizer)
     lrs = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.step()
     return lrs
+
+
+def _expected_lrs(saved: dict, lr: float, warmup: int, total: int, min_lr: float) -> list[float]:
+    """The lr of each update: DeepSpeed's scheduler from the saved block, or the config's schedule."""
+    if "scheduler" in saved:
+        from deepspeed.runtime import lr_schedules
+
+        def make(optimizer):
+            return getattr(lr_schedules, saved["scheduler"]["type"])(optimizer, **saved["scheduler"]["params"])
+    else:
+
+        def make(optimizer):
+            return lr_schedule(optimizer, warmup, total, min_lr)
+
+    return schedule_lrs(make, lr, STEPS)
 
 
 @pytest.mark.launcher

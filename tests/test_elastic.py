@@ -25,6 +25,7 @@ from model.checkpoint import load_pretrained
 from pipeline import ray_local, resume
 from pipeline.loader import DatasetSpec, TrainStream, rank_shards, resolve_mixture
 from pipeline.training import MetricsLog, lr_schedule, state_dict_from_checkpoint
+from tests.test_ds_config import schedule_lrs
 from tests.test_train import _launch, train_setup  # noqa: F401 - train_setup: the tiny world and damaged data, as a fixture here
 
 
@@ -182,14 +183,7 @@ def _assert_disjoint_reads(state: dict, names: dict[str, list[str]]) -> None:
 
 def _schedule_lrs(lr: float, warmup: int, total: int, min_lr: float = 0.0) -> list[float]:
     """lr of each update 0..total-1 of the config's schedule."""
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    schedule = lr_schedule(optimizer, warmup, total, min_lr)
-    out = []
-    for _ in range(total):
-        out.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    return out
+    return schedule_lrs(lambda optimizer: lr_schedule(optimizer, warmup, total, min_lr), lr, total)
 
 
 def _shard_names(config: dict) -> dict[str, list[str]]:
