@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import math
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +48,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.dedup import clusters, colour_close, colour_thumbnail, from_hex, near_pairs, thumbnails
 from pipeline.outputs import atomic_file, write_json
-from pipeline.shards import Shard, TarReader
+from pipeline.shards import Shard, TarReader, write_in_key_order
 from schemas import CURATION, SHARD_MANIFEST, reason_rows, validate
 
 WORK = "_curate"
@@ -315,24 +314,16 @@ class ClipScorer:
 
 
 def write_shard(tar: str, parquet: str | None, keep: Sequence[str], scores: Mapping[str, float | None], out_dir: str, name: str) -> dict:
-    """Copy the kept samples of one shard (members as they are, tar order) to ``out_dir``; stats last."""
+    """Copy the kept samples of one shard (members as they are, key order) to ``out_dir``; stats last."""
     start = time.time()
     wanted = set(keep)
-    written: list[str] = []
-    with atomic_file(join(out_dir, f"{name}.tar")) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as out:
-        for sample in TarReader(tar):
-            if sample.key not in wanted:
-                continue
-            for ext, data in sample.data.items():
-                info = tarfile.TarInfo(f"{sample.key}.{ext}")
-                info.size, info.mode, info.mtime = len(data), 0o644, 0
-                out.addfile(info, io.BytesIO(data))
-            written.append(sample.key)
-    if sorted(written) != sorted(wanted):
+    with atomic_file(join(out_dir, f"{name}.tar")) as f:
+        written = write_in_key_order(tar, f, keep=wanted, allow_damage=True)
+    if written != sorted(wanted):
         raise RuntimeError(f"{tar}: {len(wanted) - len(written)} kept sample(s) not found in the tar")
     if parquet is not None:
         table = read_parquet(parquet)
-        table = table.filter(pc.is_in(table["key"], pa.array(written, pa.string())))
+        table = table.filter(pc.is_in(table["key"], pa.array(written, pa.string()))).sort_by("key")
     else:
         table = pa.table({"key": pa.array(written, pa.string()), "status": pa.array(["success"] * len(written), pa.string())})
     table = table.append_column("clip_score", pa.array([scores.get(k) for k in table["key"].to_pylist()], pa.float64()))
@@ -565,7 +556,7 @@ def _damage(path: str) -> str | None:
 def _concat(shards: Sequence[Shard], folder: str) -> pa.Table:
     parts = []
     for s in shards:
-        t = read_parquet(join(folder, f"{s.name}.parquet")).replace_schema_metadata(None)
+        t = read_parquet(join(folder, f"{s.name}.parquet")).replace_schema_metadata(None).sort_by("key")  # (shard, key) order
         parts.append(t.append_column("shard", pa.array([s.name] * t.num_rows, pa.string())))
     return pa.concat_tables(parts) if parts else HASHES.append(pa.field("shard", pa.string())).empty_table()
 

@@ -67,6 +67,7 @@ from img2dataset.writer import WebDatasetSampleWriter
 from pipeline import storage
 from pipeline.images import DEFAULT_MAX_IMAGE_AREA, RESIZE_MODES, ImageResizer, image_format  # noqa: F401 - image_format re-exported
 from pipeline.outputs import atomic_file, write_json
+from pipeline.shards import write_in_key_order
 from schemas import SHARD_MANIFEST, URL_TABLE, reason_counts, reason_rows, validate, write_table
 
 log = logging.getLogger(__name__)
@@ -252,12 +253,15 @@ def fetch_url(url: str, policy: FetchPolicy, sleep: Callable[[float], None] = ti
 
 
 class AtomicWebDatasetWriter(WebDatasetSampleWriter):
-    """img2dataset's webdataset writer, writing under ``<output>/_tmp`` and renaming on close.
+    """img2dataset's webdataset writer, writing under ``<output>/_tmp``; on close the shard is
+    copied into place with its samples in key order (:func:`pipeline.shards.write_in_key_order`).
 
-    A crash leaves no half-written ``<id>.tar`` that looks whole; the stats file that
-    marks a shard done is written by the shard worker after ``close``. On object storage
-    the files are moved into place by server-side copies (each object appears whole),
-    the parquet before the tar.
+    The samples arrive in the order the download threads finish, which differs from run
+    to run; the published tar and parquet hold them sorted by key, so that the same URL
+    table gives the same shards. A crash leaves no half-written ``<id>.tar`` that looks
+    whole: each file appears whole (a rename on a disk, one upload on object storage),
+    the parquet before the tar; the stats file that marks a shard done is written by the
+    shard worker after ``close``.
     """
 
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
@@ -269,14 +273,13 @@ class AtomicWebDatasetWriter(WebDatasetSampleWriter):
 
     def close(self):
         super().close()
-        fs, work = storage.filesystem(self.work_folder)
-        _, final = storage.filesystem(self.final_folder)
-        for ext in ("parquet", "tar"):  # the tar last: it never appears without its parquet
-            name = f"{self.shard_name}.{ext}"
-            if storage.is_url(self.final_folder):
-                fs.mv(posixpath.join(work, name), posixpath.join(final, name))
-            else:
-                os.replace(os.path.join(work, name), os.path.join(final, name))
+        parquet, tar = f"{self.shard_name}.parquet", f"{self.shard_name}.tar"
+        with storage.open_file(storage.join(self.work_folder, parquet), "rb") as f:
+            table = pq.read_table(f)
+        with atomic_file(storage.join(self.final_folder, parquet)) as f:  # the tar last: it never appears without its parquet
+            pq.write_table(table.sort_by("key"), f)
+        with atomic_file(storage.join(self.final_folder, tar)) as f:
+            write_in_key_order(storage.join(self.work_folder, tar), f)
         storage.remove(self.work_folder, recursive=True)
 
 

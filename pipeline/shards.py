@@ -24,6 +24,10 @@ by member; reading stops at the first defect, and what came before it is intact:
   a defect at the key's second run; the samples before it are intact;
 - a tar that cannot be opened at all: a defect at its start, no sample.
 
+Order (:func:`write_in_key_order`): every shard this project writes holds its samples
+sorted by key, so that a stage reading a shard from its start sees the same stream on
+every run, whatever order a writer's threads finished in.
+
 :class:`TarIndex` / :class:`TarReader` give the intact samples and the defect
 (``damage``, a reason naming the member); they never raise for a damaged tar. What each
 stage does with a damaged shard:
@@ -42,12 +46,14 @@ evaluation refuses to start, naming the shard (:func:`find_shards` with ``labels
 
 from __future__ import annotations
 
+import io
 import posixpath
 import re
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 import fsspec
 from braceexpand import braceexpand
@@ -316,6 +322,50 @@ class TarReader:
             return
         if current is not None:
             yield current
+
+
+def write_in_key_order(src: str, dest: IO[bytes], keep: Collection[str] | None = None, allow_damage: bool = False) -> list[str]:
+    """Copy the intact samples of the tar at ``src`` (those in ``keep`` when given) to ``dest``
+    as a tar sorted by key, each sample's members in their order; return the keys written.
+    A damaged ``src`` raises :class:`ShardReadError`, unless ``allow_damage`` (then the
+    samples before the defect are copied).
+
+    The copy's bytes depend only on the samples (USTAR headers, mtime 0, mode 0644), never
+    on the order in which a writer happened to receive them: ingestion's download threads
+    finish in any order, and a stage that reads a shard from its start (training, dedup)
+    must see the same stream on every run. Memory: one member at a time.
+    """
+    index = index_tar(src)
+    if index.damage is not None and not allow_damage:
+        raise ShardReadError(f"{src}: {index.damage}")
+    samples = sorted((s for s in index.samples if keep is None or s.key in keep), key=lambda s: s.key)
+    fs, path = fsspec.core.url_to_fs(src)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=dest, mode="w|", format=tarfile.USTAR_FORMAT) as out:
+        for sample in samples:
+            for ext, (offset, size) in sample.members.items():
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mode, info.mtime = size, 0o644, 0
+                f.seek(offset)
+                out.addfile(info, _Window(f, size))
+    return [s.key for s in samples]
+
+
+class _Window(io.RawIOBase):
+    """The next ``size`` bytes of ``f`` as a file (tarfile copies a member's data from it)."""
+
+    def __init__(self, f, size: int):
+        self.f, self.left = f, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self.f.read(min(len(buf), self.left))
+        if not data and self.left:
+            raise EOFError("the tar ended inside a member")
+        buf[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
 
 
 def read_member(url: str, offset: int, size: int) -> bytes:

@@ -22,7 +22,7 @@ import pytest
 from jobs import curate as curate_job
 from pipeline import curate, dedup, synthetic
 from pipeline.labels import read_shard
-from pipeline.shards import find_shards
+from pipeline.shards import find_shards, index_tar
 from pipeline.tiny_clip import train_tiny_clip
 from schemas import CURATION, SHARD_MANIFEST, read_table
 from tests.test_ingest import ray_driver, run_job, time_limit  # noqa: F401 - fixtures
@@ -239,6 +239,7 @@ def test_curated_shards_are_read_like_ingested_ones(hygiene, curated):
     for shard in find_shards(out):
         shard_keys, captions = read_shard(shard)  # the labels job's own reader and its checks
         assert len(shard_keys) == len(captions)
+        assert index_tar(shard.tar).keys == sorted(shard_keys), shard.name  # key order, whatever the input's order
     manifest = read_table(os.path.join(out, "manifest.parquet"), SHARD_MANIFEST)
     assert sum(manifest["successes"].to_pylist()) == len(kept) and sum(manifest["samples"].to_pylist()) == len(keys)
     png = open(os.path.join(out, "clip_scores.png"), "rb").read()
@@ -275,6 +276,8 @@ def test_resume_and_worker_death_give_the_same_result(hygiene, curated, tmp_path
     want = read_table(os.path.join(first, "curation.parquet"), CURATION)
     assert result.table.equals(want.select(result.table.column_names).cast(result.table.schema))
     assert sorted(tar_keys(out)) == sorted(tar_keys(first))
+    tars = lambda folder: {s.name: open(s.tar, "rb").read() for s in find_shards(folder)}  # noqa: E731
+    assert tars(out) == tars(first)  # byte for byte: the same samples in the same (key) order
 
     name = found[1].name  # as if a crash came before this shard's output was complete
     os.remove(os.path.join(first, f"{name}{curate.STATS_SUFFIX}"))

@@ -30,6 +30,7 @@ from jobs import ingest as ingest_job
 from jobs._cli import SUBMITTED
 from pipeline import ingest, synthetic
 from pipeline.images import ImageResizer
+from pipeline.shards import find_shards, index_tar
 from schemas import SHARD_MANIFEST, URL_TABLE, read_table, reason_counts
 
 EXPECTED_REASON = {"dead_url": "http_404", "not_image": "not_an_image", "truncated_jpeg": "decode_error"}
@@ -235,6 +236,13 @@ def test_submit_cc3m_every_row_lands_once_or_is_counted(served_world, ray_head, 
     assert manifest.num_rows == -(-urls.num_rows // 16) and set(manifest.column("attempts").to_pylist()) == {1}
     with open(os.path.join(out, "ingest_config.json")) as f:
         assert json.load(f)["input"] == [paths["train"]["cc3m"]]
+    # 4 download threads finish in any order; every shard holds its samples in key order all the same
+    for shard in find_shards(out):
+        keys = index_tar(shard.tar).keys
+        assert keys == sorted(keys) and len(keys) > 1, shard.name
+        rows = pq.read_table(shard.parquet, columns=["key", "status"]).to_pylist()
+        assert [r["key"] for r in rows] == sorted(r["key"] for r in rows), shard.name
+        assert [r["key"] for r in rows if r["status"] == "success"] == keys, shard.name
 
 
 @pytest.mark.cluster

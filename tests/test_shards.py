@@ -9,7 +9,16 @@ import tarfile
 import fsspec
 import pytest
 
-from pipeline.shards import Shard, TarReader, find_shards, index_tar, label_table_path, split_member
+from pipeline.shards import (
+    Shard,
+    ShardReadError,
+    TarReader,
+    find_shards,
+    index_tar,
+    label_table_path,
+    split_member,
+    write_in_key_order,
+)
 
 
 def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
@@ -169,3 +178,30 @@ def test_garbage_and_missing_files_are_defects_with_no_sample(tmp_path):
     corrupt.write_bytes(bytes(whole))
     index = index_tar(str(corrupt))
     assert index.damage and index.keys == ["000"]  # 001 may continue past the bad header: not intact
+
+
+def test_a_copy_in_key_order_depends_only_on_the_samples(tmp_path):
+    """Two tars holding the same samples in different orders (threads finishing in any order) copy to the same bytes."""
+    one = write_tar(tmp_path / "one.tar", SAMPLES[::-1])
+    two = write_tar(tmp_path / "two.tar", [SAMPLES[i] for i in (3, 0, 5, 1, 4, 2)])
+    copies = []
+    for src in (one, two):
+        buf = io.BytesIO()
+        assert write_in_key_order(src, buf) == [key for key, _ in SAMPLES]
+        copies.append(buf.getvalue())
+    assert copies[0] == copies[1]
+    (tmp_path / "copy.tar").write_bytes(copies[0])
+    assert [(s.key, s.data) for s in TarReader(str(tmp_path / "copy.tar"))] == [(k, m) for k, m in SAMPLES]
+    buf = io.BytesIO()  # a subset, as curation writes its kept samples
+    assert write_in_key_order(two, buf, keep={"004", "001"}) == ["001", "004"]
+
+
+def test_a_copy_of_a_damaged_tar_is_refused_or_keeps_what_is_intact(tmp_path):
+    data = tar_bytes(SAMPLES)
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardReadError, match="truncated"):
+        write_in_key_order(str(path), io.BytesIO())
+    intact = index_tar(str(path)).keys
+    assert 0 < len(intact) < len(SAMPLES)
+    assert write_in_key_order(str(path), io.BytesIO(), allow_damage=True) == intact
