@@ -89,7 +89,10 @@ def ray_head():
 
 
 def build_shards(source_parquet: str, out: str, image_size: int = 64, per_shard: int = 20) -> str:
-    """Real img2dataset output (webdataset tars + per-shard parquet + stats) from a LAION-format file."""
+    """Real img2dataset output (webdataset tars + per-shard parquet + stats) from a LAION-format file.
+
+    One download thread: img2dataset writes samples in the order its threads finish, and the
+    tests that train on these shards must read the same stream on every machine and run."""
     import img2dataset
 
     img2dataset.download(
@@ -100,7 +103,7 @@ def build_shards(source_parquet: str, out: str, image_size: int = 64, per_shard:
         output_folder=out,
         output_format="webdataset",
         processes_count=1,
-        thread_count=8,
+        thread_count=1,
         image_size=image_size,
         resize_mode="center_crop",
         number_sample_per_shard=per_shard,

@@ -179,7 +179,11 @@ class _Gallery(HTMLParser):
         elif tag == "li" and "prediction" in classes:
             self.samples[-1]["predictions"].append([None, "correct" in classes, float(a["data-probability"])])
         elif tag == "span" and "label" in classes:
+            self.samples[-1]["predictions"][-1][0] = ""  # an empty label (a branch that ended at once) shows nothing
             self._field = ("prediction", None)
+
+    def handle_endtag(self, tag):
+        self._field = None  # text after an element's end is not its content
 
     def handle_data(self, data):
         if self._field and self._field[0] == "targets":
