@@ -45,6 +45,10 @@ def parse(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: s
     """The config of a job from its command line (``argv``; None: ``sys.argv[1:]``); see the module docstring."""
     import tyro
 
+    from pipeline import ast_guard
+
+    ast_guard.install()  # a job's threads may format tracebacks at once (pipeline/ast_guard.py)
+
     args = list(sys.argv[1:] if argv is None else argv)
     hints = typing.get_type_hints(cls)
     bools = {f.name for f in dataclasses.fields(cls) if hints[f.name] is bool}

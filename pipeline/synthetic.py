@@ -50,6 +50,7 @@ import math
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -798,6 +799,21 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return super().translate_path(path)
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client that leaves before its answer is complete (its timeout, a reset, the ``hang``
+        and ``reset`` paths) is normal here and not reported; any other error is, through the
+        interpreter's own excepthook (socketserver's default prints with the ``traceback``
+        module, which parses source in this request thread: see pipeline/ast_guard.py)."""
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            return
+        print(f"synthetic world server: error while answering {client_address}:", file=sys.stderr)
+        sys.__excepthook__(*sys.exc_info())
+
+
 @contextlib.contextmanager
 def serve(root: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve ``root`` over HTTP on ``host`` (an ephemeral port by default); yields the base URL.
@@ -807,8 +823,7 @@ def serve(root: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
 
     handler = functools.partial(type("Handler", (_Handler,), {"gates": _Gates()}), directory=root)
 
-    server = http.server.ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    server = _Server((host, port), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:

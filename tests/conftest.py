@@ -19,7 +19,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback heads; no ~/.ray/auth_token
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from pipeline import ray_local, synthetic  # noqa: E402
+from pipeline import ast_guard, ray_local, synthetic  # noqa: E402
+
+ast_guard.install()  # pytest parses while server and Ray threads format tracebacks (pipeline/ast_guard.py)
 
 
 @pytest.fixture(scope="session")

@@ -140,3 +140,23 @@ def test_tokenizer_splits_labels_and_delimiter(world):
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
     pieces = sp.encode("The objects in the image are circle, mouse, table", out_type=str)
     assert pieces[-5:] == ["▁circle", ",", "▁mouse", ",", "▁table"]
+
+
+def test_server_reports_its_errors_but_not_clients_that_leave(world, capfd):
+    """A client gone mid-answer is normal for the world's server; any other error is printed, with its traceback."""
+    server = synthetic._Server(("127.0.0.1", 0), synthetic._Handler)
+    try:
+        for gone in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), TimeoutError("timed out")):
+            try:
+                raise gone
+            except OSError:
+                server.handle_error(None, ("127.0.0.1", 1))
+        assert capfd.readouterr().err == ""
+        try:
+            raise ValueError("a bug in the handler")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 2))
+        err = capfd.readouterr().err
+        assert "error while answering ('127.0.0.1', 2)" in err and "Traceback" in err and "ValueError: a bug in the handler" in err
+    finally:
+        server.server_close()
