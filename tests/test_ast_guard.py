@@ -80,7 +80,8 @@ def test_the_guard_is_installed_where_needed_and_parses_as_before():
     assert ast_guard.install() == ast_guard.affected()  # idempotent
     import ast
 
-    assert ast.dump(ast.parse("x = 1")) == "Module(body=[Assign(targets=[Name(id='x', ctx=Store())], value=Constant(value=1))], type_ignores=[])"
+    source = "def f(a, b=2):\n    return [a + b for _ in range(3)]\n"
+    assert ast.dump(ast.parse(source)) == ast.dump(compile(source, "<test>", "exec", ast.PyCF_ONLY_AST))  # the same tree as unguarded
     assert ast.literal_eval("{'a': (1, 2)}") == {"a": (1, 2)}
 
 
