@@ -131,7 +131,7 @@ def run_training(work: str, preset_path: str, ranks: int, steps: int, shards: st
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="training preset (default: demo.yaml for --shapes preset, g3m.yaml for small / g3m)")
     p.add_argument(
@@ -156,14 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps <= args.skip + 5 * args.log_every:
         p.error("--steps must exceed --skip by more than 5 metric lines (5 x --log-every)")
     with open(os.path.join(REPO, args.preset)) as f:
-        preset = yaml.safe_load(f)
-    if not shaped and preset.get("model") != "tiny":
+        args.preset_config = yaml.safe_load(f)
+    if not shaped and args.preset_config.get("model") != "tiny":
         p.error(f"{args.preset}: with --shapes preset the preset must be a tiny-model one (the benchmark makes its own data)")
+    return args
+
+
+def run_flags(args: argparse.Namespace) -> list[str]:
+    """What the benchmark adds to the preset's recipe: no checkpoint before the end, none at the end and
+    no export unless ``--export``, metrics every ``--log-every`` steps."""
+    return ["--save-every", str(args.steps + 1), "--log-every", str(args.log_every), "--export" if args.export else "--no-export"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    shaped, preset = args.shapes != "preset", args.preset_config
     work = args.work or tempfile.mkdtemp(prefix="train_bench_")
     try:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
-        extra = ["--save-every", str(args.steps + 1), "--log-every", str(args.log_every), "--export" if args.export else "--no-export"]
+        extra = run_flags(args)
         if not shaped:
             from model.config import tiny_config
             from model.tokenizer import Tokenizer

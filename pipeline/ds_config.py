@@ -18,13 +18,21 @@ them (``transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig``:
   Adam under ZeRO-Offload, fused Adam on GPUs); a ``scheduler`` block is used if it is
   WarmupLR, WarmupDecayLR or WarmupCosineLR, and then replaces the config's cosine
   schedule (``describe`` says so); any other type is refused;
-- after filling, any "auto" left anywhere is an error naming the key.
+- a scheduler parameter the chosen type does not take (HF's WarmupLR keys under
+  WarmupCosineLR, say) is an error naming it and the type's parameters;
+- after filling, any "auto" left anywhere is an error naming the key and what DeepSpeed
+  accepts there; it is raised before the model is built, except for the three keys that
+  wait for the model's hidden size (``MODEL_SIZE_KEYS``).
 """
 
 from __future__ import annotations
 
 import copy
+import enum
+import inspect
+import json
 import math
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +41,13 @@ ADAM_EPS = 1e-6
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# "auto" keys filled from the model's hidden size, once the model is built (fill_model_sizes)
+MODEL_SIZE_KEYS = (
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+)
+CONFIG_DOCS = "https://www.deepspeed.ai/docs/config-json/"
 
 
 class DeepSpeedConfigError(ValueError):
@@ -186,6 +201,7 @@ def fill_deepspeed_config(ds: dict, recipe: Recipe) -> dict:
                 "or remove the scheduler block to use the config's schedule (linear warmup, cosine decay to min_lr)"
             )
         f.ds["scheduler"].setdefault("params", {})
+        _check_scheduler_params(kind, f.ds["scheduler"]["params"])
         warmup = max(1, recipe.warmup_steps)  # DeepSpeed refuses 0 warmup steps
         if kind in ("WarmupLR", "WarmupDecayLR"):
             f.fill("scheduler.params.warmup_min_lr", 0.0)
@@ -198,6 +214,7 @@ def fill_deepspeed_config(ds: dict, recipe: Recipe) -> dict:
             f.fill("scheduler.params.total_num_steps", recipe.total_steps, "total steps")
 
     f.raise_mismatches()
+    _refuse_auto(f.ds, allowed=MODEL_SIZE_KEYS)  # before the model is built: a typo costs no loading
     f.ds.setdefault("steps_per_print", 10**9)  # progress is the job's to print
     return f.ds
 
@@ -209,16 +226,68 @@ def fill_model_sizes(ds: dict, hidden_size: int) -> dict:
     (the Hugging Face values; the stage-3 keys are filled for any stage so that none stays "auto").
     """
     f = _Filler(ds)
-    f.fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
-    f.fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
-    f.fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
-    left = list(auto_keys(f.ds))
+    bucket, prefetch, persistence = MODEL_SIZE_KEYS
+    f.fill(bucket, hidden_size * hidden_size)
+    f.fill(prefetch, int(0.9 * hidden_size * hidden_size))
+    f.fill(persistence, 10 * hidden_size)
+    _refuse_auto(f.ds)
+    return f.ds
+
+
+def _refuse_auto(ds: dict, allowed: tuple[str, ...] = ()) -> None:
+    """An error naming every "auto" left (but ``allowed``) and what DeepSpeed accepts at each."""
+    left = [key for key in auto_keys(ds) if key not in allowed]
     if left:
         raise DeepSpeedConfigError(
-            f'"auto" in the DeepSpeed JSON that nothing in the training config fills: {", ".join(left)}; '
-            "put a value there (see https://www.deepspeed.ai/docs/config-json/ for each key)"
+            '"auto" in the DeepSpeed JSON that nothing in the training config fills:\n'
+            + "\n".join(f"- {key}: {deepspeed_accepts(key)}" for key in left)
+            + "\nput a value there, or remove the key to take DeepSpeed's default"
         )
-    return f.ds
+
+
+def deepspeed_accepts(key: str) -> str:
+    """What a value at ``key`` may be, from DeepSpeed's own declarations: the ZeRO sections' config
+    models (choices, type, default), else its ``<KEY>_DEFAULT`` constants, else its config reference."""
+    try:
+        import deepspeed.runtime.constants as constants
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from deepspeed.runtime.zero.offload_config import (
+            DeepSpeedZeroOffloadOptimizerConfig,
+            DeepSpeedZeroOffloadParamConfig,
+        )
+    except ImportError:  # DeepSpeed absent: only the docs to point at
+        return f"see {CONFIG_DOCS}"
+    section, _, leaf = key.rpartition(".")
+    model = {
+        "zero_optimization": DeepSpeedZeroConfig,
+        "zero_optimization.offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig,
+        "zero_optimization.offload_param": DeepSpeedZeroOffloadParamConfig,
+    }.get(section)  # fmt: skip
+    for name, field in model.model_fields.items() if model else ():
+        if leaf in (name, field.alias):
+            kinds = [t for t in (typing.get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
+            if len(kinds) == 1 and isinstance(kinds[0], type) and issubclass(kinds[0], enum.Enum):
+                return "one of " + ", ".join(json.dumps(member.value) for member in kinds[0])
+            default = None if field.is_required() else field.default
+            said = f"DeepSpeed's default is {json.dumps(default)}" if default is not None else ""
+            return f"true or false{'; ' + said if said else ''}" if kinds == [bool] else said or f"see {CONFIG_DOCS}"
+    constant = key.replace(".", "_").upper().replace("BF16_", "BFLOAT16_", 1) + "_DEFAULT"
+    if hasattr(constants, constant):
+        return f"DeepSpeed's default is {json.dumps(getattr(constants, constant))}"
+    return f"see {CONFIG_DOCS}"
+
+
+def _check_scheduler_params(kind: str, params: dict) -> None:
+    """Refuse parameters DeepSpeed's ``kind`` scheduler does not take (it would fail building it, after the model)."""
+    from deepspeed.runtime import lr_schedules
+
+    taken = [p for p in inspect.signature(getattr(lr_schedules, kind)).parameters if p != "optimizer"]
+    unknown = [p for p in params if p not in taken]
+    if unknown:
+        raise DeepSpeedConfigError(
+            f"scheduler.params {', '.join(unknown)}: DeepSpeed's {kind} takes no such parameter "
+            f"(it takes {', '.join(taken)}); remove {'them' if len(unknown) > 1 else 'it'} or change the scheduler type"
+        )
 
 
 def auto_keys(node, prefix: str = "") -> Iterator[str]:

@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 import torch
+import yaml
 
-from benchmarks import sampling_bench
+from benchmarks import sampling_bench, train_bench
 from model.config import g3m_config
 
 GIB = 2**30
@@ -92,3 +93,19 @@ def test_gpu_suite_refuses_unknown_options(repo_root):
         assert needle in proc.stdout, needle
     proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--cpu", "--dry-run"], cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--device cpu --config small" in proc.stdout and "--shapes g3m" not in proc.stdout
+
+
+@pytest.mark.parametrize("shapes", ["small", "g3m"])
+def test_train_bench_measures_the_recipe_it_names(shapes):
+    """At G3M shapes the G3M preset's recipe (clipping, precision), not the demo's; no checkpoint and
+    no export unless asked (at 1.78B they cost tens of GB and minutes)."""
+    args = train_bench.parse_args(["--shapes", shapes, "--steps", "90"])
+    with open(os.path.join(train_bench.REPO, "jobs", "configs", "g3m.yaml")) as f:
+        g3m = yaml.safe_load(f)
+    assert args.preset == os.path.join("jobs", "configs", "g3m.yaml")
+    assert (args.preset_config["grad_clip"], args.preset_config["precision"]) == (g3m["grad_clip"], g3m["precision"])
+    demo = train_bench.parse_args([])
+    assert demo.preset_config["grad_clip"] != g3m["grad_clip"]  # the two recipes differ where it matters here
+    flags = train_bench.run_flags(args)
+    assert flags[flags.index("--save-every") + 1] == "91" and "--no-export" in flags and "--export" not in flags
+    assert "--export" in train_bench.run_flags(train_bench.parse_args(["--shapes", shapes, "--export"]))

@@ -16,6 +16,7 @@ import torch
 from pipeline.ds_config import (
     ADAM_BETAS,
     ADAM_EPS,
+    MODEL_SIZE_KEYS,
     DeepSpeedConfigError,
     Recipe,
     auto_keys,
@@ -144,15 +145,55 @@ def test_optimizer_and_scheduler_types_outside_the_recipe_are_refused():
         fill_deepspeed_config(ds | {"scheduler": {"type": "OneCycle", "params": {}}}, RECIPE)
 
 
-def test_an_auto_nothing_fills_is_refused_by_name():
+def test_an_auto_nothing_fills_is_refused_by_name_with_what_deepspeed_accepts_there():
     ds = json.loads(LLAVA_ZERO2)
     ds["zero_optimization"]["offload_optimizer"] = {"device": "auto"}
     ds["fp16"]["loss_scale_window"] = "auto"
-    with pytest.raises(
-        DeepSpeedConfigError,
-        match="fp16.loss_scale_window, zero_optimization.offload_optimizer.device; put a value there",
-    ):
-        fill_model_sizes(fill_deepspeed_config(ds, RECIPE), 128)
+    ds["zero_optimization"]["overlap_comm"] = "auto"
+    ds["zero_allow_untested_optimizer"] = "auto"
+    ds["activation_checkpointing"] = {"partition_activations": "auto"}
+    # refused by fill_deepspeed_config, which jobs.train calls before it builds the model
+    with pytest.raises(DeepSpeedConfigError) as err:
+        fill_deepspeed_config(ds, RECIPE)
+    lines = str(err.value).splitlines()
+    assert lines[0] == '"auto" in the DeepSpeed JSON that nothing in the training config fills:'
+    assert lines[1:-1] == [
+        # DeepSpeed's own declarations: an enum's choices, a bool, a default constant, else its docs
+        "- fp16.loss_scale_window: DeepSpeed's default is 1000",
+        "- zero_optimization.overlap_comm: true or false",
+        '- zero_optimization.offload_optimizer.device: one of "none", "cpu", "nvme"',
+        "- zero_allow_untested_optimizer: DeepSpeed's default is false",
+        "- activation_checkpointing.partition_activations: see https://www.deepspeed.ai/docs/config-json/",
+    ]
+    assert lines[-1] == "put a value there, or remove the key to take DeepSpeed's default"
+
+
+def test_only_the_hidden_size_keys_wait_for_the_model():
+    ds = fill_deepspeed_config(json.loads(USER_CONFIGS["hf_zero3"]), RECIPE)  # HF's ZeRO-3 example: all three "auto"
+    assert sorted(auto_keys(ds)) == sorted(MODEL_SIZE_KEYS)
+    assert list(auto_keys(fill_model_sizes(ds, 128))) == []
+    with pytest.raises(DeepSpeedConfigError) as err:  # the check runs again once they are filled
+        fill_model_sizes(ds | {"extra": "auto"}, 128)
+    assert str(err.value).splitlines()[1:-1] == ["- extra: see https://www.deepspeed.ai/docs/config-json/"]
+
+
+def test_scheduler_parameters_the_type_does_not_take_are_refused_by_name():
+    """Hugging Face's ZeRO-3 example with its scheduler switched to WarmupCosineLR keeps WarmupLR's keys:
+    DeepSpeed would fail building the scheduler, after the model; refused at once, with the type's own keys."""
+    ds = json.loads(USER_CONFIGS["hf_zero3"])
+    ds["scheduler"]["type"] = "WarmupCosineLR"
+    with pytest.raises(DeepSpeedConfigError) as err:
+        fill_deepspeed_config(ds, RECIPE)
+    assert str(err.value) == (
+        "scheduler.params warmup_min_lr, warmup_max_lr: DeepSpeed's WarmupCosineLR takes no such parameter (it takes "
+        "total_num_steps, warmup_min_ratio, warmup_num_steps, cos_min_ratio, warmup_type, last_batch_iteration); "
+        "remove them or change the scheduler type"
+    )
+
+
+def test_an_enabled_precision_section_that_contradicts_the_config_is_named():
+    with pytest.raises(DeepSpeedConfigError, match=r"fp16.enabled = True in the DeepSpeed JSON, but precision \(bf16\)"):
+        fill_deepspeed_config(json.loads(USER_CONFIGS["hf_zero2"]) | {"fp16": {"enabled": True}}, dataclasses.replace(RECIPE, precision="bf16"))
 
 
 @pytest.mark.parametrize("kind", ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"])
@@ -320,7 +361,12 @@ def test_user_config_trains_under_the_launcher(name, launch_config, repo_root, t
         saved["train_batch_size"],
     ) == (4, 1, 8)
     assert saved["gradient_clipping"] == 1.0 and saved["fp16"]["enabled"] is False
+    if json.loads(USER_CONFIGS[name])["zero_optimization"]["reduce_bucket_size"] == "auto":
+        assert saved["zero_optimization"]["reduce_bucket_size"] == 128 * 128  # the tiny model's hidden size, squared
     assert "deepspeed config (filled)" in output
+    # export off and save_every past the last step: no checkpoint and no export written
+    saves = os.path.join(run, "checkpoints")
+    assert not os.path.exists(os.path.join(run, "export")) and not (os.path.isdir(saves) and os.listdir(saves))
     rows = MetricsLog.read(os.path.join(run, "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and all(
         math.isfinite(r["loss"]) for r in rows
@@ -351,7 +397,8 @@ def test_contradictory_train_batch_size_stops_the_job_before_training(launch_con
     path = tmp_path / "contradiction.json"
     path.write_text(json.dumps(ds))
     run = str(tmp_path / "run")
-    output = _launch(repo_root, launch_config, str(path), run, expect_code=2)
+    output = _launch(repo_root, launch_config, str(path), run, expect_code=2, console_script=True)  # nxtp-train, for real
+    assert "cmd = " in output and "jobs/train.py" in output  # the deepspeed launcher's own line: nxtp-train exec'd it
     assert (
         "error: train_batch_size 32 in the DeepSpeed JSON disagrees with micro batch 4 (batch_size) x gradient accumulation 1 x world size 2 = 8"
         in output

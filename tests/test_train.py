@@ -30,8 +30,10 @@ pytestmark = pytest.mark.launcher
 STEPS = 16
 
 
-def _launch(repo_root: str, config: dict, ds: str, run_dir: str, wait: bool = True, expect_code: int = 0, ranks: int = 2):
-    """Train with ``config`` under the launcher on ``ranks`` ranks; ``ds``: a jobs/configs name or a JSON file's path."""
+def _launch(repo_root: str, config: dict, ds: str, run_dir: str, wait: bool = True, expect_code: int = 0, ranks: int = 2,
+            console_script: bool = False):  # fmt: skip
+    """Train with ``config`` under the launcher on ``ranks`` ranks; ``ds``: a jobs/configs name or a JSON file's path.
+    ``console_script``: through ``nxtp-train`` (the installed wrapper that execs the launcher) instead of ``deepspeed``."""
     os.makedirs(run_dir, exist_ok=True)
     cfg_path = os.path.join(run_dir, "..", os.path.basename(run_dir) + ".yaml")
     with open(cfg_path, "w") as f:
@@ -39,6 +41,8 @@ def _launch(repo_root: str, config: dict, ds: str, run_dir: str, wait: bool = Tr
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     port = ray_local.free_port()
     cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), "jobs/train.py", "--config", cfg_path, "--deepspeed", ds if ds.endswith(".json") else f"jobs/configs/{ds}.json"]
+    if console_script:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "nxtp-train"), *cmd[1:5], "--", *cmd[6:]]
     log = open(os.path.join(run_dir, "..", os.path.basename(run_dir) + ".log"), "w")
     proc = subprocess.Popen(cmd, cwd=repo_root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if not wait:
