@@ -140,6 +140,7 @@ _, tokens = clip.visual(images)  # the patch tokens NxTP projects into its decod
     out.append("## Files")
     out.append(_table(["file", "holds"], [
         ["config.json", "the NxTP config (`model`), format version"],
+        ["configuration_nxtp.py", "`AutoConfig`'s class for `model_type: nxtp` (`config.json`'s `auto_map`; `trust_remote_code=True`)"],
         ["model.safetensors", "the token projection `vision.proj.weight` (what the two parts below do not hold)"],
         ["decoder/", "`config.json` + `model.safetensors`: a `LlamaForCausalLM`"],
         ["vision/", "`open_clip_config.json` + `open_clip_model.safetensors`: an open_clip ViT"],

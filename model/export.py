@@ -11,6 +11,7 @@ Format 2, written by :func:`write_folder` (every weight stored once)::
     tokenizer.model                      the SentencePiece model the vocabulary was built from
     tokenizer_config.json                transformers' declaration of the tokenizer: <|image|>, the pad token <|empty|>
     special_tokens_map.json
+    configuration_nxtp.py                model/hf_config.py, named in config.json's ``auto_map`` (``AutoConfig``)
     README.md                            the model card (model/card.py)
 
 Format 1 (config.json + the whole state dict in model.safetensors + tokenizer.model)
@@ -33,6 +34,7 @@ from model.precision import place
 from model.tokenizer import Tokenizer
 
 FORMAT, FORMAT_VERSION, MODEL_TYPE = "nxtp", 2, "nxtp"
+CONFIG_CODE = "configuration_nxtp.py"  # AutoConfig's class for MODEL_TYPE: model/hf_config.py, copied
 READABLE_VERSIONS = (1, 2)
 REST_FILE = "model.safetensors"
 DECODER_FILE = "decoder/model.safetensors"
@@ -181,6 +183,8 @@ def write_folder(model: NxTP, tok: Tokenizer, folder: str, extra: dict | None = 
     """Every file of the export but README.md into ``folder`` (made if missing). ``extra`` goes into config.json."""
     from safetensors.torch import save_file
 
+    from model import hf_config  # transformers: imported for writing only
+
     cfg = model.cfg
     if tok.n_base != cfg.decoder.vocab_size:
         raise WeightError(f"{tok.path}: the tokenizer has {tok.n_base} pieces, the model {cfg.decoder.vocab_size}")
@@ -198,8 +202,10 @@ def write_folder(model: NxTP, tok: Tokenizer, folder: str, extra: dict | None = 
     tok_config, specials = tokenizer_configs(tok, cfg.decoder.max_seq_len)
     _write_json(os.path.join(folder, "tokenizer_config.json"), tok_config)
     _write_json(os.path.join(folder, "special_tokens_map.json"), specials)
+    shutil.copyfile(hf_config.__file__, os.path.join(folder, CONFIG_CODE))
     config = {
         "model_type": MODEL_TYPE,
+        "auto_map": {"AutoConfig": f"{CONFIG_CODE.removesuffix('.py')}.{hf_config.NxTPHFConfig.__name__}"},
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": cfg.to_dict(),

@@ -25,6 +25,7 @@ from model.prompt import prefix_mask
 from model.sampling import one_shot
 from model.tokenizer import Tokenizer
 from pipeline.evaluation import CheckpointIdentity, checkpoint_identity
+from pipeline.scoring import default_minilm_path
 from tests.test_model import _tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad")  # forward only: gradients off in this module's tests
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("no_grad")  # forward only: gradients off i
 FILES = [
     "README.md",
     "config.json",
+    "configuration_nxtp.py",
     "decoder/config.json",
     "decoder/model.safetensors",
     "model.safetensors",
@@ -188,6 +190,38 @@ def test_decoder_in_transformers_gives_the_same_logits(export, model, tok, image
     assert hf_tok(model.cfg.prompt, add_special_tokens=False)["input_ids"] == tok.encode(model.cfg.prompt)
 
 
+def test_autoconfig_reads_the_export(export, tmp_path):
+    """AutoConfig, the first thing tools call on a model folder: with the folder's own code where this
+    package is absent (a fresh process with no `model` import), and without it once registered here."""
+    from transformers import AutoConfig
+
+    from model import hf_config
+
+    config = json.load(open(os.path.join(export, "config.json")))
+    assert config["model_type"] == hf_config.MODEL_TYPE == export_format.MODEL_TYPE
+    assert Path(export, "configuration_nxtp.py").read_bytes() == Path(hf_config.__file__).read_bytes()
+    code = f"""
+import json, sys
+from transformers import AutoConfig
+try:
+    AutoConfig.from_pretrained({export!r})
+except ValueError as err:
+    print("untrusted:", "trust_remote_code=True" in str(err))
+c = AutoConfig.from_pretrained({export!r}, trust_remote_code=True)
+print(json.dumps([c.model_type, c.model, c.step, c.image_token_id, c.pad_token_id, "model" in sys.modules]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    # refused with the way out named (transformers' prompt text comes first), not "unknown model type"
+    assert lines[-2].endswith("untrusted: True"), out.stdout
+    assert json.loads(lines[-1]) == ["nxtp", config["model"], 7, config["image_token_id"], config["pad_token_id"], False]
+    hf_config.register()
+    here = AutoConfig.from_pretrained(export)
+    assert isinstance(here, hf_config.NxTPHFConfig) and (here.model, here.format_version) == (config["model"], 2)
+
+
 def test_vision_tower_in_open_clip_gives_the_same_features(export, model, world):
     import open_clip
     from PIL import Image
@@ -248,6 +282,7 @@ def hf_cache(export, tmp_path_factory) -> tuple[Path, str]:
         torch.zeros(64, 128),
     )
     put_in_hf_cache(str(damaged), cache, "nxtp-test/damaged", "b" * 40)
+    put_in_hf_cache(default_minilm_path(), cache, "acme/label-embedder", "c" * 40)  # a sentence model, for --embedding-model
     return cache, snapshot
 
 
@@ -291,6 +326,11 @@ _, _, out["image_size"], out["model_path"], _ = evaluate.check_inputs(cfg)
 for name in ("damaged", "absent"):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
         out[name + "_rc"] = evaluate.main(["--checkpoint", "nxtp-test/" + name, "--shards", p["shards"], "--labels", p["labels"], "--output", p["output"]])
+evaluate.check_embedding_model("acme/label-embedder")  # --embedding-model: a model name in the HF cache
+for name, embedder in (("embedder_absent", "acme/absent-embedder"), ("embedder_folder", p["shards"])):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        out[name + "_rc"] = evaluate.main(["--checkpoint", "nxtp-test/tiny", "--shards", p["shards"], "--labels", p["labels"],
+                                           "--output", p["output"], "--embedding-model", embedder])
 out["stderr"] = stderr.getvalue()
 json.dump(out, open(sys.argv[2], "w"))
 """
@@ -348,6 +388,10 @@ def test_jobs_take_a_hub_id_from_the_cache_offline(hf_cache, model, tok, world, 
         "nxtp-test/absent: no such local folder, and no model of that id in the Hugging Face cache"
         in out["stderr"]
     )
+    # --embedding-model: found in the cache above; a name not cached, or a folder without a model, stops the job
+    assert out["embedder_absent_rc"] == 2 and out["embedder_folder_rc"] == 2
+    assert "acme/absent-embedder: no such local folder, and no model of that id in the Hugging Face cache" in out["stderr"]
+    assert f"{shards}: no sentence-transformers model there" in out["stderr"]
     assert not (tmp_path / "report").exists()
 
 
