@@ -431,10 +431,19 @@ def test_job_writes_every_sample_once_with_valid_schemas(job_run, job_inputs):
     assert "synthetic" in log and "exact R" in log and "wrote " + out in log  # the table is printed at the end
 
 
+def _same_pixels(encoded: bytes, png: str) -> bool:
+    """An image TensorBoard stored (re-encoded) shows the pixels of ``png``."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(encoded)) as a, Image.open(png) as b:
+        return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
 @pytest.mark.cluster
 def test_evaluation_is_logged_into_the_training_run(job_run):
     """--log-to: the report's figures in the run's TensorBoard events and its W&B run, beside training's."""
-    from tests.test_tracking import tensorboard_scalars
+    from tests.test_tracking import tensorboard_scalars, tensorboard_texts_and_images
     from tests.wandb_records import history
     from tests.wandb_records import run_id as wandb_run_id
 
@@ -445,6 +454,15 @@ def test_evaluation_is_logged_into_the_training_run(job_run):
     board = tensorboard_scalars(run_dir)
     assert board["train/loss"] == [(1, 2.5)]
     assert {k: board[f"eval/synthetic/recall@{k}"] for k in (5, 10)} == {k: [(0, pytest.approx(recall[k]))] for k in (5, 10)}
+    # the report as a table (TensorBoard's text: markdown) and its chart, report.png itself
+    texts, images = tensorboard_texts_and_images(run_dir)
+    ((step, table),) = texts["eval/synthetic/report/text_summary"]
+    lines = table.splitlines()
+    assert step == 0 and lines[0].startswith("| dataset | k | embedding | samples | recall |") and len(lines) == 2 + len(report)
+    for line, ((k, embedding), row) in zip(lines[2:], report.items()):  # in the report's order
+        assert line.startswith(f"| synthetic | {k} | {embedding} | {row['samples']} | {row['recall']:.4f} |"), line
+    ((step, chart),) = images["eval/synthetic/chart"]
+    assert step == 0 and _same_pixels(chart, os.path.join(out, "report.png"))
     folders = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")))
     with open(os.path.join(run_dir, "wandb_run_id.txt")) as f:
         run_id = f.read().strip()

@@ -16,6 +16,7 @@ import subprocess
 import venv
 
 import pytest
+import tomllib
 
 from tests.test_model import _tiny_model
 
@@ -57,7 +58,7 @@ def infer_env(repo_root, tmp_path_factory) -> str:
     return os.path.join(env_dir, "bin")
 
 
-def test_infer_extra_runs_jobs_infer_without_the_data_and_training_stacks(infer_env, world, tmp_path):
+def test_infer_extra_runs_jobs_infer_without_the_data_and_training_stacks(infer_env, world, tmp_path, repo_root):
     from model.checkpoint import save_pretrained
     from model.tokenizer import Tokenizer
 
@@ -81,7 +82,10 @@ def test_infer_extra_runs_jobs_infer_without_the_data_and_training_stacks(infer_
     assert run.returncode == 0, run.stderr[-3000:]
     (result,) = json.loads(run.stdout)
     assert result["image"] == image and 1 <= len(result["labels"]) <= 3
-    for script in ("nxtp-ingest", "nxtp-labels", "nxtp-train", "nxtp-evaluate"):
-        assert os.path.isfile(os.path.join(infer_env, script)), script  # declared; they need their extras to run
+    with open(os.path.join(repo_root, "pyproject.toml"), "rb") as f:
+        declared = tomllib.load(f)["project"]["scripts"]
+    assert {"nxtp-ingest", "nxtp-curate", "nxtp-labels", "nxtp-train", "nxtp-evaluate", "nxtp-infer"} <= set(declared)
+    for script in declared:
+        assert os.path.isfile(os.path.join(infer_env, script)), script  # installed; most need their extras to run
     train = subprocess.run([os.path.join(infer_env, "nxtp-train"), "--config", "x.yaml"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert train.returncode == 2 and "pip install 'nxtp[train]'" in train.stderr

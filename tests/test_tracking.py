@@ -26,6 +26,25 @@ def tensorboard_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(v) for tag, v in out.items()}
 
 
+def tensorboard_texts_and_images(run_dir: str) -> tuple[dict[str, list[tuple[int, str]]], dict[str, list[tuple[int, bytes]]]]:
+    """({tag: [(step, text)]}, {tag: [(step, encoded image)]}) of a run folder's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.util import tensor_util
+
+    mux = EventMultiplexer(size_guidance={"tensors": 0, "images": 0})
+    mux.AddRunsFromDirectory(os.path.join(run_dir, "tensorboard"))
+    mux.Reload()
+    texts: dict[str, list[tuple[int, str]]] = {}
+    images: dict[str, list[tuple[int, bytes]]] = {}
+    for run, tags in mux.Runs().items():
+        for tag in tags.get("tensors", []):
+            for e in mux.Tensors(run, tag):
+                texts.setdefault(tag, []).append((e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode()))
+        for tag in tags.get("images", []):
+            images.setdefault(tag, []).extend((e.step, e.encoded_image_string) for e in mux.Images(run, tag))
+    return texts, images
+
+
 def report_rows(dataset: str, step: int) -> list[dict]:
     rows = []
     for embedding in ("all-MiniLM-L6-v2", "clip-text:ViT-B-16.pt"):
