@@ -31,6 +31,7 @@ import typing
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
+from pipeline import ast_guard
 from pipeline.storage import is_url
 
 T = TypeVar("T")
@@ -44,8 +45,6 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False,
 def parse(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str | None) -> T:
     """The config of a job from its command line (``argv``; None: ``sys.argv[1:]``); see the module docstring."""
     import tyro
-
-    from pipeline import ast_guard
 
     ast_guard.install()  # a job's threads may format tracebacks at once (pipeline/ast_guard.py)
 
@@ -171,12 +170,23 @@ def print_path_error(err: Exception) -> None:
 # ----------------------------------------------------------------------------- Ray
 
 
-def _submitted_env_vars() -> dict:
-    """Env vars the submitter put in the job's runtime env (``ray job submit --runtime-env-json``)."""
+def _submitted_runtime_env() -> dict:
+    """The runtime env the submitter gave the job (``ray job submit --runtime-env-json``)."""
     try:
-        return json.loads(os.environ.get(SUBMITTED, "{}")).get("runtime_env", {}).get("env_vars") or {}
+        return json.loads(os.environ.get(SUBMITTED, "{}")).get("runtime_env") or {}
     except (ValueError, AttributeError):
         return {}
+
+
+def job_runtime_env(env_vars: dict[str, str] | None = None) -> dict | None:
+    """What :func:`ray_session` adds to the job's runtime env (None: nothing): ``env_vars`` the
+    submitter did not set, and the ``ast.parse`` guard as the workers' setup hook where needed."""
+    submitted = _submitted_runtime_env()
+    taken = submitted.get("env_vars") or {}
+    runtime_env: dict = {"env_vars": {k: v for k, v in env_vars.items() if k not in taken}} if env_vars else {}
+    if ast_guard.affected() and "worker_process_setup_hook" not in submitted:
+        runtime_env["worker_process_setup_hook"] = f"{ast_guard.__name__}.{ast_guard.install.__name__}"
+    return runtime_env or None
 
 
 @contextlib.contextmanager
@@ -185,16 +195,18 @@ def ray_session(address: str | None, env_vars: dict[str, str] | None = None, num
     ``$RAY_ADDRESS``, else a private local instance on 127.0.0.1 (``num_cpus``: its CPUs, default all).
 
     ``env_vars`` go into the job's runtime env, so that its tasks and actors run in the
-    job's own workers with them (a setting the submitter made wins). Yields True when a
-    local instance was started; shuts Ray down on exit when it was initialized here.
+    job's own workers with them (a setting the submitter made wins). On the Python releases
+    with the ``ast.parse`` race (:mod:`pipeline.ast_guard`), the job's worker processes install
+    the guard at start (Ray's ``worker_process_setup_hook``, unless the submitter set one).
+    Yields True when a local instance was started; shuts Ray down on exit when it was
+    initialized here.
     """
     import ray
 
     if ray.is_initialized():
         yield False
         return
-    taken = _submitted_env_vars()
-    runtime_env = {"env_vars": {k: v for k, v in (env_vars or {}).items() if k not in taken}} if env_vars else None
+    runtime_env = job_runtime_env(env_vars)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)

@@ -12,8 +12,9 @@ pytest rewriting a module while a thread formats one.
 
 ``install()`` replaces ``ast.parse`` with the same function under a process-wide re-entrant
 lock on those releases and does nothing on the others; ``ast.literal_eval`` and every
-module that calls ``ast.parse`` go through it. Job entry points (``jobs._cli.parse``) and the
-test suite install it.
+module that calls ``ast.parse`` go through it. Job entry points (``jobs._cli.parse``), the
+Ray worker processes of a job (``jobs._cli.ray_session`` names :func:`install` as Ray's
+``worker_process_setup_hook``) and the test suite install it.
 """
 
 from __future__ import annotations

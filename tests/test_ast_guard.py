@@ -91,3 +91,41 @@ def test_the_guard_is_installed_where_needed_and_parses_as_before():
 )
 def test_affected_releases(version, affected):
     assert ast_guard.affected(version) is affected
+
+
+_RAY_JOB = """
+import ast, json, ray
+from jobs._cli import ray_session
+from pipeline import ast_guard
+
+@ray.remote
+def worker_state():
+    return {"installed": ast_guard.installed(), "guarded_parse": getattr(ast.parse, "__ast_guard__", False)}
+
+with ray_session(None):
+    print("WORKER " + json.dumps(ray.get(worker_state.remote())))
+"""
+
+
+@pytest.mark.cluster
+def test_a_jobs_ray_workers_install_the_guard_where_needed(ray_head, repo_root, tmp_path):
+    """Ray's worker processes run the job's tasks and actors (Ray Data's threads among them); they do not go
+    through the job's entry point, so ray_session installs the guard as their setup hook."""
+    script = tmp_path / "probe.py"
+    script.write_text(_RAY_JOB)
+    result = ray_head.submit(["python", str(script)], working_dir=repo_root, timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("WORKER ")]
+    assert json.loads(line.removeprefix("WORKER ")) == {"installed": ast_guard.affected(), "guarded_parse": ast_guard.affected()}
+
+
+def test_the_submitters_own_setup_hook_and_env_vars_win(monkeypatch):
+    from jobs import _cli
+
+    monkeypatch.delenv(_cli.SUBMITTED, raising=False)
+    hook = {"worker_process_setup_hook": "pipeline.ast_guard.install"} if ast_guard.affected() else {}
+    assert _cli.job_runtime_env({"A": "1"}) == {"env_vars": {"A": "1"}} | hook
+    assert _cli.job_runtime_env() == (hook or None)
+    submitted = {"runtime_env": {"env_vars": {"A": "mine"}, "worker_process_setup_hook": "my_setup.hook"}}
+    monkeypatch.setenv(_cli.SUBMITTED, json.dumps(submitted))
+    assert _cli.job_runtime_env({"A": "1", "B": "2"}) == {"env_vars": {"B": "2"}}  # Ray merges the submitter's in
