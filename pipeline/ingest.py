@@ -49,6 +49,7 @@ import posixpath
 import re
 import secrets
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -253,8 +254,10 @@ def fetch_url(url: str, policy: FetchPolicy, sleep: Callable[[float], None] = ti
 
 
 class AtomicWebDatasetWriter(WebDatasetSampleWriter):
-    """img2dataset's webdataset writer, writing under ``<output>/_tmp``; on close the shard is
-    copied into place with its samples in key order (:func:`pipeline.shards.write_in_key_order`).
+    """img2dataset's webdataset writer, writing under ``<output>/_tmp`` (on object storage: a
+    local temporary folder, so that the shard is uploaded once and never read back); on close
+    the shard is copied into place with its samples in key order
+    (:func:`pipeline.shards.write_in_key_order`).
 
     The samples arrive in the order the download threads finish, which differs from run
     to run; the published tar and parquet hold them sorted by key, so that the same URL
@@ -267,9 +270,18 @@ class AtomicWebDatasetWriter(WebDatasetSampleWriter):
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
         self.final_folder = output_folder
         self.shard_name = f"{shard_id:0{oom_shard_count}d}"
-        self.work_folder = storage.join(output_folder, TMP, f"writing-{self.shard_name}-{uuid.uuid4().hex[:8]}")
-        storage.makedirs(self.work_folder)
+        if storage.is_url(output_folder):
+            self.work_folder = tempfile.mkdtemp(prefix=f"nxtp-writing-{self.shard_name}-")
+        else:
+            self.work_folder = storage.join(output_folder, TMP, f"writing-{self.shard_name}-{uuid.uuid4().hex[:8]}")
+            storage.makedirs(self.work_folder)
         super().__init__(shard_id, self.work_folder, save_caption, oom_shard_count, schema, encode_format)
+
+    def discard(self) -> None:
+        """Drop the unfinished shard (a shard task that failed; the job retries it)."""
+        with contextlib.suppress(Exception):
+            super().close()
+        storage.remove(self.work_folder, recursive=True)
 
     def close(self):
         super().close()
@@ -349,7 +361,7 @@ class ShardWorker:
                         return
                 yield i, values[url_index]
 
-        with ThreadPool(self.threads) as pool, _set_on_error(stop):
+        with _discard_on_error(writer), ThreadPool(self.threads) as pool, _set_on_error(stop):
             for i, fetched in pool.imap_unordered(lambda job: (job[0], self.fetch(job[1])), jobs()):
                 try:
                     meta = dict(zip(self.column_list, rows[i]))
@@ -380,7 +392,8 @@ class ShardWorker:
                     writer.write(img, key, meta.get("caption"), meta)
                 finally:
                     in_flight.release()
-        writer.close()
+        with _discard_on_error(writer):
+            writer.close()
         name = f"{shard_id:0{self.oom_shard_count}d}"
         stats = {
             "count": len(rows),
@@ -395,6 +408,17 @@ class ShardWorker:
         }
         write_json(storage.join(self.output_folder, f"{name}{STATS_SUFFIX}"), stats, indent=4)  # marks the shard done
         storage.remove(shard_file)
+
+
+@contextlib.contextmanager
+def _discard_on_error(writer) -> Iterator[None]:
+    """A shard whose task fails leaves no work files behind (on a bucket they are on local disk)."""
+    try:
+        yield
+    except BaseException:
+        if hasattr(writer, "discard"):
+            writer.discard()
+        raise
 
 
 @contextlib.contextmanager

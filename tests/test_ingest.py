@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -451,3 +452,46 @@ def test_openimages_direct_run_starts_its_own_ray(served_world, repo_root, tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     samples = world.samples("val")
     check_against_world(out, samples, lambda s: f"openimages-{s['index']:016x}", lambda s: "\n".join(s["caption"].split("\n")[:2]))
+
+
+class _FailingPacker(ingest.LocalImagePacker):
+    """The real shard worker, its third image unreadable in a way no reason covers: the shard task fails."""
+
+    def fetch(self, path: str) -> ingest.Fetched:
+        if path.endswith("2.jpg"):
+            raise RuntimeError("the disk went away")
+        return super().fetch(path)
+
+
+@pytest.mark.parametrize("worker_class", [ingest.LocalImagePacker, _FailingPacker])
+def test_a_shard_for_a_bucket_is_written_on_local_disk_and_never_left_behind(worker_class, world, tmp_path, monkeypatch):
+    """Output on object storage (fsspec's memory:// here): the shard is written in a local temporary folder
+    and uploaded once in key order; a shard task that fails leaves nothing, locally or in the bucket."""
+    import fsspec
+
+    local_tmp = tmp_path / "local_tmp"
+    local_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(local_tmp))  # where the worker's mkdtemp goes
+    images = [os.path.join(world.root, s["file"]) for s in world.samples("val") if s["kind"] == "good"][:4]
+    root = tmp_path / "images"
+    root.mkdir()
+    paths = []
+    for i, src in enumerate(images):
+        paths.append(str(root / f"{i}.jpg"))
+        shutil.copyfile(src, paths[-1])
+    out = f"memory://bucket-{worker_class.__name__}/shards"
+    rows = pa.table({"uid": [f"u{i}" for i in range(4)], "url": paths, "caption": [f"caption {i}" for i in range(4)]})
+    arrow = f"{out}/_tmp/0.feather"
+    with fsspec.open(arrow, "wb") as f, pa.ipc.new_file(f, rows.schema) as writer:
+        writer.write_table(rows)
+    worker = worker_class(ingest.AtomicWebDatasetWriter, ingest.ShardSettings(image_size=32).resizer(), out, rows.column_names, 10, 5, threads=2, root=str(root))
+    ok, _ = worker((0, arrow))
+    fs = fsspec.filesystem("memory")
+    left = sorted(p for p in fs.find(out.removeprefix("memory://")) if not p.endswith("0.feather"))
+    assert os.listdir(local_tmp) == []  # the work folder is gone in both cases
+    if worker_class is _FailingPacker:
+        assert not ok and left == []  # nothing published, no work files in the bucket
+        return
+    assert ok and [os.path.basename(p) for p in left] == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    keys = [sample.key for sample in index_tar(f"{out}/00000.tar").samples]
+    assert len(keys) == 4 and keys == sorted(keys)  # every image, in key order
