@@ -21,9 +21,10 @@ are already on disk with the same writer, resizer and stats instead of downloadi
 
 The output may be a folder or a URL prefix (``s3://bucket/shards/laion``): every file goes
 through fsspec (``pipeline.storage``), img2dataset's own parts included; the per-shard arrow
-files of ``_tmp/`` then live in the bucket too, so that workers on any node read them. On
-object storage each object appears whole when its upload completes; a shard's parquet is
-moved into place before its tar, its stats file after both. The output is guarded by
+files of ``_tmp/`` then live in the bucket too, so that workers on any node read them, while
+a shard being written lives in a local temporary folder of its worker's node (``$TMPDIR``)
+and is uploaded once, sorted by key. On object storage each object appears whole when its
+upload completes; a shard's parquet is uploaded before its tar, its stats file after both. The output is guarded by
 :func:`output_lock` (an flock, or a lease object on a bucket).
 
 Failure reasons (manifest ``failures_by_reason``, summary): ``http_<code>``,

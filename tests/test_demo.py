@@ -48,6 +48,34 @@ def test_demo_model_learns(demo_run):
     assert "learning check" in proc.stdout and ": PASS" in proc.stdout
 
 
+def _readme_table_lines(repo_root: str) -> list[str]:
+    """The shell lines of the README's "Every table in one line" block, as written."""
+    text = open(os.path.join(repo_root, "README.md")).read()
+    section = text.split("### Every table in one line", 1)[1].split("\n#", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_one_liners_read_every_table_of_the_demo(demo_run, repo_root, tmp_path):
+    """Each DuckDB / pandas / polars line of the README, run by the shell as written, from a folder
+    where demo/ is the demo's output: it reads its table and prints rows."""
+    out, proc = demo_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = _readme_table_lines(repo_root)
+    files = {m for line in lines for m in re.findall(r"'demo/([^']+\.parquet)'", line)}
+    wanted = {"shards/train/urls.parquet", "shards/train/manifest.parquet", "shards/train_curated/curation.parquet",
+              "labels/train/labels/*.parquet", "labels/train/vocab.parquet", "reports/trained/report.parquet",
+              "reports/trained/predictions.parquet", "reports/trained/closed_set.parquet", "reports/trained/confusion.parquet",
+              "reports/trained/captions.parquet", "reports/trained/caption_report.parquet"}  # fmt: skip
+    assert wanted <= files, sorted(wanted - files)  # every table the chain writes has its line
+    os.symlink(out, tmp_path / "demo")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    for line in lines:
+        run = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, f"{line}\n{run.stderr[-2000:]}"
+        assert run.stdout.strip() and "0 rows" not in run.stdout, f"{line}\n{run.stdout}"
+
+
 def test_demo_reports_every_held_out_sample_with_valid_tables(demo_run):
     out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:]
