@@ -267,14 +267,19 @@ def deepspeed_accepts(key: str) -> str:
         if leaf in (name, field.alias):
             kinds = [t for t in (typing.get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
             if len(kinds) == 1 and isinstance(kinds[0], type) and issubclass(kinds[0], enum.Enum):
-                return "one of " + ", ".join(json.dumps(member.value) for member in kinds[0])
-            default = None if field.is_required() else field.default
-            said = f"DeepSpeed's default is {json.dumps(default)}" if default is not None else ""
+                return "one of " + ", ".join(_json(member) for member in kinds[0])
+            default = None if field.is_required() or field.default_factory is not None else field.default
+            said = f"DeepSpeed's default is {_json(default)}" if default is not None else ""
             return f"true or false{'; ' + said if said else ''}" if kinds == [bool] else said or f"see {CONFIG_DOCS}"
     constant = key.replace(".", "_").upper().replace("BF16_", "BFLOAT16_", 1) + "_DEFAULT"
     if hasattr(constants, constant):
-        return f"DeepSpeed's default is {json.dumps(getattr(constants, constant))}"
+        return f"DeepSpeed's default is {_json(getattr(constants, constant))}"
     return f"see {CONFIG_DOCS}"
+
+
+def _json(value) -> str:
+    """``value`` as the JSON a user would write (an enum by its value, anything else JSON lacks as a string)."""
+    return json.dumps(value.value if isinstance(value, enum.Enum) else value, default=str)
 
 
 def _check_scheduler_params(kind: str, params: dict) -> None:

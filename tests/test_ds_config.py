@@ -20,6 +20,7 @@ from pipeline.ds_config import (
     DeepSpeedConfigError,
     Recipe,
     auto_keys,
+    deepspeed_accepts,
     describe,
     fill_deepspeed_config,
     fill_model_sizes,
@@ -166,6 +167,20 @@ def test_an_auto_nothing_fills_is_refused_by_name_with_what_deepspeed_accepts_th
         "- activation_checkpointing.partition_activations: see https://www.deepspeed.ai/docs/config-json/",
     ]
     assert lines[-1] == "put a value there, or remove the key to take DeepSpeed's default"
+
+
+def test_every_zero_key_gets_an_answer():
+    """Whatever DeepSpeed's config models declare (enums, bools, defaults made by factories, paths), the
+    refusal says something for each key, by its name or its stage3_ alias."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadParamConfig
+
+    for section, model in (("zero_optimization", DeepSpeedZeroConfig), ("zero_optimization.offload_param", DeepSpeedZeroOffloadParamConfig)):
+        for name, field in model.model_fields.items():
+            for leaf in {name, field.alias} - {None}:
+                answer = deepspeed_accepts(f"{section}.{leaf}")
+                assert answer.startswith(("one of ", "true or false", "DeepSpeed's default is ", "see https://")), (leaf, answer)
+    assert deepspeed_accepts("zero_optimization.stage3_max_live_parameters") == "DeepSpeed's default is 1000000000"
 
 
 def test_only_the_hidden_size_keys_wait_for_the_model():
