@@ -33,8 +33,8 @@ from model.nxtp import NxTP
 from model.precision import place
 from model.tokenizer import Tokenizer
 
-FORMAT, FORMAT_VERSION, MODEL_TYPE = "nxtp", 2, "nxtp"
-CONFIG_CODE = "configuration_nxtp.py"  # AutoConfig's class for MODEL_TYPE: model/hf_config.py, copied
+FORMAT, FORMAT_VERSION = "nxtp", 2
+CONFIG_CODE = "configuration_nxtp.py"  # AutoConfig's class for config.json's model_type: model/hf_config.py, copied
 READABLE_VERSIONS = (1, 2)
 REST_FILE = "model.safetensors"
 DECODER_FILE = "decoder/model.safetensors"
@@ -204,7 +204,7 @@ def write_folder(model: NxTP, tok: Tokenizer, folder: str, extra: dict | None = 
     _write_json(os.path.join(folder, "special_tokens_map.json"), specials)
     shutil.copyfile(hf_config.__file__, os.path.join(folder, CONFIG_CODE))
     config = {
-        "model_type": MODEL_TYPE,
+        "model_type": hf_config.MODEL_TYPE,
         "auto_map": {"AutoConfig": f"{CONFIG_CODE.removesuffix('.py')}.{hf_config.NxTPHFConfig.__name__}"},
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

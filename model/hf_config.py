@@ -14,7 +14,7 @@ This file is copied as it is: it imports nothing from this package.
 
 from transformers import PretrainedConfig
 
-MODEL_TYPE = "nxtp"  # model/export.py's MODEL_TYPE
+MODEL_TYPE = "nxtp"  # config.json's model_type (model/export.py writes it from here)
 
 
 class NxTPHFConfig(PretrainedConfig):

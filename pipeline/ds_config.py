@@ -248,15 +248,13 @@ def _refuse_auto(ds: dict, allowed: tuple[str, ...] = ()) -> None:
 def deepspeed_accepts(key: str) -> str:
     """What a value at ``key`` may be, from DeepSpeed's own declarations: the ZeRO sections' config
     models (choices, type, default), else its ``<KEY>_DEFAULT`` constants, else its config reference."""
-    try:
-        import deepspeed.runtime.constants as constants
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-        from deepspeed.runtime.zero.offload_config import (
-            DeepSpeedZeroOffloadOptimizerConfig,
-            DeepSpeedZeroOffloadParamConfig,
-        )
-    except ImportError:  # DeepSpeed absent: only the docs to point at
-        return f"see {CONFIG_DOCS}"
+    import deepspeed.runtime.constants as constants
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (
+        DeepSpeedZeroOffloadOptimizerConfig,
+        DeepSpeedZeroOffloadParamConfig,
+    )
+
     section, _, leaf = key.rpartition(".")
     model = {
         "zero_optimization": DeepSpeedZeroConfig,

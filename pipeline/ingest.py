@@ -393,8 +393,7 @@ class ShardWorker:
                     writer.write(img, key, meta.get("caption"), meta)
                 finally:
                     in_flight.release()
-        with _discard_on_error(writer):
-            writer.close()
+            writer.close()  # in the block: a shard whose close fails leaves no work files either
         name = f"{shard_id:0{self.oom_shard_count}d}"
         stats = {
             "count": len(rows),

@@ -198,7 +198,7 @@ def test_autoconfig_reads_the_export(export, tmp_path):
     from model import hf_config
 
     config = json.load(open(os.path.join(export, "config.json")))
-    assert config["model_type"] == hf_config.MODEL_TYPE == export_format.MODEL_TYPE
+    assert config["model_type"] == hf_config.MODEL_TYPE == "nxtp"
     assert Path(export, "configuration_nxtp.py").read_bytes() == Path(hf_config.__file__).read_bytes()
     code = f"""
 import json, sys
