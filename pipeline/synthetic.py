@@ -1,7 +1,8 @@
 """The synthetic world: the embedded default dataset, deterministic from a seed.
 
 Each sample is a 256x256 JPEG of one to four black or white objects (16 nouns: circle,
-star, cup, ...) on one of 8 scenes (table, grass, sky, ...), with a natural caption that names
+star, cup, ...) on one of 8 scenes (table, grass, sky, ...), each photo with its own exposure
+and white balance (``LIGHTING``), with a natural caption that names
 every object and the scene among distractors (colours, sizes, counts, verbs, noise words
 such as "image" or "day"). The ground-truth labels of a sample are its object nouns plus
 its scene noun, exactly what the noun extractor must recover from the caption.
@@ -121,6 +122,13 @@ SCENES: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {
     "floor": ((128, 128, 128), ("on a tiled floor", "on the floor", "on a grey floor")),
 }
 
+# each photo's exposure and white balance: the scene's colour shifted by up to "exposure" levels
+# (all channels) and "cast" levels (each channel on its own), drawn from a stream of its own, so
+# that the layout is the same as without it. Photos of one scene differ in light; without it
+# two distinct images of one object in the same cell of one scene are copies of each other to
+# any dedup (the demo's 6,000 images: 81 of 379 flagged samples; with it: 8 of 306).
+LIGHTING = {"exposure": 20, "cast": 12}
+
 SIZES = {"small": 0.72, "tiny": 0.64, "large": 1.0, "big": 0.96}
 COUNT_WORDS = {2: ("two", "2"), 3: ("three", "3")}
 OPENERS = ("", "", "", "an image of ", "a stock image of ", "here we see ")
@@ -212,8 +220,14 @@ def _caption(sample: Sample, rng: random.Random) -> str:
 # ----------------------------------------------------------------------------- drawing
 
 
-def _background(draw: ImageDraw.ImageDraw, scene: str, rng: random.Random) -> None:
-    base = SCENES[scene][0]
+def _lit(scene: str, light: random.Random) -> tuple[int, int, int]:
+    """The scene's colour under one photo's exposure and white balance (``LIGHTING``)."""
+    shift = light.randint(-LIGHTING["exposure"], LIGHTING["exposure"])
+    casts = [light.randint(-LIGHTING["cast"], LIGHTING["cast"]) for _ in range(3)]
+    return tuple(max(0, min(255, c + shift + cast)) for c, cast in zip(SCENES[scene][0], casts))
+
+
+def _background(draw: ImageDraw.ImageDraw, base: tuple[int, int, int], scene: str, rng: random.Random) -> None:
     s = IMAGE_SIZE
     draw.rectangle([0, 0, s, s], fill=base)
 
@@ -350,7 +364,7 @@ def render_with_boxes(sample: Sample, seed: int) -> tuple[Image.Image, list[dict
     rng = _rng(seed, sample.split, sample.index, "draw")
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
     draw = ImageDraw.Draw(img)
-    _background(draw, sample.scene, rng)
+    _background(draw, _lit(sample.scene, _rng(seed, sample.split, sample.index, "light")), sample.scene, rng)
     instances = [(noun, colour, size) for noun, colour, size, count in sample.objects for _ in range(count)]
     cell = IMAGE_SIZE // 2
     cells = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], len(instances))
