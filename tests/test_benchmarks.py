@@ -109,3 +109,35 @@ def test_train_bench_measures_the_recipe_it_names(shapes):
     flags = train_bench.run_flags(args)
     assert flags[flags.index("--save-every") + 1] == "91" and "--no-export" in flags and "--export" not in flags
     assert "--export" in train_bench.run_flags(train_bench.parse_args(["--shapes", shapes, "--export"]))
+
+
+def test_suite_profile_counts_cpu_by_test_and_kind(tmp_path, repo_root):
+    """A child started while a test runs carries that test: its CPU is counted under it and its kind."""
+    import sys
+
+    from benchmarks import suite_profile
+
+    child = (
+        "import time\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 1.0: pass\n"
+        "time.sleep(1.0)\n"  # alive for two more samples after its work: none of its CPU is lost
+    )
+    parent = (
+        "import os, subprocess, sys\n"
+        "env = dict(os.environ, PYTEST_CURRENT_TEST='tests/test_x.py::test_y (call)')\n"
+        f"subprocess.run([sys.executable, '-c', {child!r}], env=env, check=True)\n"
+        "sys.exit(3)\n"
+    )
+    out = tmp_path / "profile.json"
+    code = suite_profile.main(["--interval", "0.2", "--output", str(out), "--", sys.executable, "-c", parent])
+    assert code == 3, "the command's exit status is returned"
+    result = json.loads(out.read_text())
+    test = result["by_test"]["tests/test_x.py::test_y call"]
+    assert test["processes"] == 1 and 0.9 <= test["cpu_s"] <= 1.5, result["by_test"]
+    assert result["by_kind"]["python -c"]["cpu_s"] >= 0.9, result["by_kind"]
+    assert result["busy_cpu_s"] >= 0.9 and 0 < result["busy_fraction"] <= 1
+    assert suite_profile.kind(["/x/bin/python", "-u", "/x/ray/_private/log_monitor.py", "--a"], "python") == "ray log_monitor"
+    assert suite_profile.kind(["/x/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=/tmp/r"], "raylet") == "ray raylet"
+    assert suite_profile.kind(["/x/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30="], "python") == "deepspeed.launcher.launch"
+    assert suite_profile.kind(["python", "/x/ray/_private/workers/default_worker.py"], "python") == "ray worker"
