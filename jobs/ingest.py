@@ -28,7 +28,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from jobs._cli import SUBMITTED, parse, print_path_error, ray_session, resolve_paths
+from jobs._cli import parse, print_path_error, ray_session, resolve_paths
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
 
@@ -172,17 +172,16 @@ def check_paths(cfg: IngestConfig) -> list[str]:
     """The input files; absolute paths, and clear errors for paths the job cannot use (they are resolved where the job runs)."""
     names = ("input", "output", "images_dir", "url_map", "blocklist")
     resolve_paths(cfg, names)
-    where = "on the cluster (under `ray job submit` the job runs on the head node)" if SUBMITTED in os.environ else "on this machine"
     for path in [*cfg.input, cfg.output, cfg.url_map, cfg.blocklist]:
         if path is not None:
             storage.check_reachable(path)
     try:
         files = storage.expand(cfg.input, what="file")
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"--input {err} (paths are resolved {where})") from None
+        raise FileNotFoundError(f"--input {err}") from None
     for flag, path in cfg.paths().items():
         if flag not in ("--output", "--input") and not storage.exists(path):
-            raise FileNotFoundError(f"{flag} {path}: no such file or folder (paths are resolved {where})")
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     if cfg.images_dir is not None and not os.path.isdir(cfg.images_dir):
         raise FileNotFoundError(f"--images-dir {cfg.images_dir}: not a folder (a local folder of every Ray node)")
     return files

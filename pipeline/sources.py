@@ -18,14 +18,16 @@ Every file is opened through fsspec (``pipeline.storage``): local paths and URLs
 Then, for every source:
 
     filter_urls      scheme allowlist (http/https only), host/URL blocklist, caption
-                     cleanup (strip, collapse whitespace within each line, drop empty),
-                     exact-URL dedup; each drop counted by reason
+                     cleanup (strip, collapse whitespace within each line, drop empty; a
+                     line break in a one-caption row becomes a space), exact-URL dedup;
+                     each drop counted by reason
     select_subset    --limit / --fraction with a seed, reproducible and nested (the rows of
                      --limit 1000 are among those of --limit 2000 with the same seed)
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -45,6 +47,8 @@ from pipeline import storage
 from schemas import URL_TABLE, conform
 
 SOURCES = ("cc3m", "cc12m", "coco", "laion", "openimages")
+# sources whose rows hold all the captions of an image, "\n"-joined; a row of any other holds one
+MULTI_CAPTION = ("coco", "openimages")
 
 # Tor gateways (xxx.onion.link, xxx.onion.to, ...) and onion hosts: the CC3M list holds some
 DEFAULT_BLOCKLIST = ("*.onion", "*.onion.*")
@@ -227,7 +231,8 @@ def _records(lines: Iterable[str], delimiter: str) -> Iterator[tuple[int, list[s
 def _open_text(path: str, encoding: str):
     raw = storage.open_file(path, "rb", compression="infer")
     head = raw.read(4)
-    raw.seek(0)
+    # a UTF-8 byte-order mark is no text, also in a file read as Latin-1 after a non-UTF-8 byte
+    raw.seek(3 if head.startswith(b"\xef\xbb\xbf") else 0)
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # spreadsheets' "Unicode text" export
         encoding = "utf-16"
     return io.TextIOWrapper(raw, encoding=encoding, errors="strict", newline="")
@@ -291,9 +296,23 @@ def read_tsv(
             errors.append(err)
             continue
         if encoding != "utf-8-sig":
-            result.notes.append(f"{path}: not UTF-8 ({errors[0].reason} at byte {errors[0].start}), read as {label}")
+            result.notes.append(f"{path}: not UTF-8 ({errors[0].reason} at byte {_first_bad_utf8(path)}), read as {label}")
         return result
     raise SourceError(f"{path}: cannot decode the text ({errors[-1]})")
+
+
+def _first_bad_utf8(path: str) -> int:
+    """The offset in the (decompressed) file of its first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with storage.open_file(path, "rb", compression="infer") as raw:
+        while chunk := raw.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                return offset + err.start - len(decoder.getstate()[0])
+            offset += len(chunk)
+    return offset
 
 
 def _read_delimited(text, path: str, split: str, source: str, url_col: str | None, caption_col: str | None, part: str | None) -> SourceRows:
@@ -540,10 +559,17 @@ _HTTP = r"^(?i)https?://[^/?#\s]"
 _HOST = r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]/]*\]|[^:/?#]*)"
 
 
-def clean_captions(captions: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """Strip, collapse whitespace within each line, drop empty lines; null becomes ""."""
+def clean_captions(captions: pa.ChunkedArray | pa.Array, one_caption=None) -> pa.ChunkedArray | pa.Array:
+    """Strip, collapse whitespace within each line, drop empty lines; null becomes "".
+
+    ``one_caption`` (a boolean array) marks rows that hold one caption: a
+    line break inside one (a quoted field of a web list, alt text) becomes a space, since
+    labels, CLIP scoring and training read each line of a sample's text as a caption.
+    """
     text = pc.fill_null(captions, "")
     text = pc.replace_substring_regex(text, r"\r\n?", "\n")
+    if one_caption is not None:
+        text = pc.if_else(one_caption, pc.replace_substring(text, "\n", " "), text)
     text = pc.replace_substring_regex(text, _BLANKS, " ")
     text = pc.replace_substring_regex(text, r" ?\n ?", "\n")
     text = pc.replace_substring_regex(text, r"\n+", "\n")
@@ -651,7 +677,8 @@ def filter_urls(table: pa.Table, blocklist: Blocklist | None = None, local_root:
     else:
         root = os.path.abspath(local_root) + os.sep
         drop(pc.invert(pc.starts_with(urls, root)), "outside_images_dir")
-    captions = clean_captions(table.column("caption"))
+    one_caption = pc.invert(pc.is_in(table.column("source"), value_set=pa.array(MULTI_CAPTION, pa.string())))
+    captions = clean_captions(table.column("caption"), one_caption)
     drop(pc.equal(captions, ""), "empty_caption")
     index = pa.array(np.arange(n, dtype=np.int64))
     alive = pa.table({"url": urls, "i": index}).filter(keep)

@@ -181,9 +181,14 @@ def test_filter_urls_reasons_and_caption_cleanup():
     result = sources.filter_urls(table, blocklist)
     assert result.dropped == {"bad_scheme": 5, "blocklisted": 4, "empty_caption": 2, "duplicate_url": 1}
     assert result.table.column("key").to_pylist() == ["k0", "k13"]
-    assert result.table.column("caption").to_pylist() == ["a red circle", "line one\nline two"]
+    # a cc3m row holds one caption: its line breaks become spaces (labels and training read each line as a caption)
+    assert result.table.column("caption").to_pylist() == ["a red circle", "line one line two"]
     assert result.examples["bad_scheme"].startswith("k1 ")
     validate(result.table, URL_TABLE)
+    # rows of the sources that hold all the captions of an image keep one per line
+    rows = [(f"k{i}", f"http://127.0.0.1/{i}.jpg", "line one \r\n\n   line\u00a0two  ") for i in range(4)]
+    several = _table(rows).set_column(3, "source", pa.array(["coco", "openimages", "laion", "cc12m"]))
+    assert sources.filter_urls(several).table.column("caption").to_pylist() == ["line one\nline two"] * 2 + ["line one line two"] * 2
 
 
 def test_filter_urls_local_mode_refuses_paths_outside_the_folder(tmp_path):
@@ -282,6 +287,18 @@ def test_latin1_and_windows_1252_lists_are_decoded_and_said(tmp_path):
     rows = sources.read_tsv(str(path), "train")
     assert [r[2] for r in _rows(rows)] == ["café au lait – crème", "naïve"]  # 0x96 is an en dash in Windows-1252
     assert len(rows.notes) == 1 and "not UTF-8" in rows.notes[0] and "Windows-1252" in rows.notes[0]
+    # a UTF-8 byte-order mark before Latin-1 text is dropped too (no "ï»¿" in the first caption or
+    # header), and the note names the file's first byte that is not UTF-8, however far in
+    bom = tmp_path / "bom_latin1.tsv"
+    bom.write_bytes(b"\xef\xbb\xbfcaption\turl\n" + f"cup\t{U1}\n".encode() * 5000 + f"na\xefve\t{U2}\n".encode("latin-1"))
+    rows = sources.read_tsv(str(bom), "train")
+    captions = [r[2] for r in _rows(rows)]
+    assert (captions[0], captions[-1], len(captions)) == ("cup", "naïve", 5001)
+    first_bad = bom.read_bytes().index("naïve".encode("latin-1")) + 2
+    assert f"at byte {first_bad})" in rows.notes[0], rows.notes
+    headerless = tmp_path / "bom_latin1_no_header.tsv"
+    headerless.write_bytes(b"\xef\xbb\xbf" + f"na\xefve\t{U1}\n".encode("latin-1"))
+    assert [r[2] for r in _rows(sources.read_tsv(str(headerless), "train"))] == ["naïve"]
     utf8 = tmp_path / "utf8.tsv"
     utf8.write_text(f"café au lait – crème\t{U1}\n", encoding="utf-8")
     assert [r[2] for r in _rows(sources.read_tsv(str(utf8), "train"))] == ["café au lait – crème"]
