@@ -30,6 +30,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -83,7 +84,13 @@ class Sampler(threading.Thread):
         self.procs: dict[tuple[int, float], dict] = {}
         self._done = threading.Event()
         self.me = os.getpid()
-        self.cwd = os.getcwd()  # command lines name paths under it relative to it
+        # command lines name paths under the working dir relative to it, temporary ones under $TMPDIR
+        self.prefixes = ((os.getcwd() + os.sep, "./"), (tempfile.gettempdir() + os.sep, "$TMPDIR/"))
+
+    def shorten(self, cmdline: str) -> str:
+        for prefix, short in self.prefixes:
+            cmdline = cmdline.replace(prefix, short)
+        return cmdline
 
     def sample(self, first: bool = False) -> None:
         for p in psutil.process_iter(["pid", "create_time", "cmdline", "name", "cpu_times"]):
@@ -101,7 +108,7 @@ class Sampler(threading.Thread):
                 row = self.procs[key] = {
                     "pid": info["pid"],
                     "kind": kind(info["cmdline"] or [], info["name"] or ""),
-                    "cmdline": " ".join(info["cmdline"] or []).replace(self.cwd, ".")[:300],
+                    "cmdline": self.shorten(" ".join(info["cmdline"] or []))[:300],
                     "test": test_of(environ),
                     "base": cpu if first else 0.0,  # a process running before the profile: only what it uses after
                 }
