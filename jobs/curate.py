@@ -11,7 +11,7 @@ curated shards in the layout of ``jobs.ingest`` (``<name>.tar`` + ``<name>.parqu
 every input sample's hashes, scores, and whether it was kept or why not),
 ``curate_summary.json``, ``clip_scores.png`` (when CLIP scores were computed) and
 ``curate_config.json``. Re-running the same command on the same output completes what
-is missing. Exit status: 0 done, 1 failed, 2 usage or input error.
+is missing. Exit status: 0 done, 1 failed, 2 usage or input error, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -120,6 +120,14 @@ def check_resume(cfg: CurateConfig, settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; Ray was shut down on the way out
+        print("\ninterrupted: re-running the same command completes what is missing in --output", file=sys.stderr)
+        return 130
+
+
+def run(argv: list[str] | None) -> int:
     cfg = parse(CurateConfig, argv, prog="python -m jobs.curate", description=__doc__)
     print("curate config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
     from pipeline import curate, shards
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.exclude_near:
             with storage.reported(cfg.exclude_near):
                 exclude = shards.find_shards(cfg.exclude_near)
+                curate.check_exclude(exclude)  # a damaged or empty set would let leaks through: refused before any output
         check_files(cfg)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -161,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             bars: dict = {}
 
             def progress(p) -> None:
-                if p.stage not in bars:
-                    bars[p.stage] = tqdm(total=p.total, unit="shard", desc=p.stage, mininterval=1.0 if sys.stderr.isatty() else 10.0)
+                if p.stage not in bars:  # from the shards done before (a resume's cached ones)
+                    bars[p.stage] = tqdm(total=p.total, initial=p.done, unit="shard", desc=p.stage, mininterval=1.0 if sys.stderr.isatty() else 10.0)
                 bars[p.stage].update(p.done - bars[p.stage].n)
 
             try:

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.dedup import clusters, colour_close, colour_thumbnail, from_hex, near_pairs, thumbnails
 from pipeline.outputs import atomic_file, write_json
-from pipeline.shards import Shard, TarReader, write_in_key_order
+from pipeline.shards import Shard, TarReader, index_tar, write_in_key_order
 from schemas import CURATION, SHARD_MANIFEST, reason_rows, validate
 
 WORK = "_curate"
@@ -95,14 +95,21 @@ class CurateSettings:
             raise ValueError(f"dedup {self.dedup!r}: expected one of {', '.join(DEDUP_METHODS)}")
         if not 0 <= self.dedup_distance <= 128:
             raise ValueError(f"dedup_distance must be in [0, 128] bits (of 256), not {self.dedup_distance}")
+        if not 0 <= self.colour_tolerance <= 255:  # nan too: it would turn near dedup off
+            raise ValueError(f"colour_tolerance must be in [0, 255] (mean absolute difference of 0-255 levels), not {self.colour_tolerance}")
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], not {self.top_fraction}")
+        for name in ("min_clip_score", "max_classifier_score"):  # inf / -inf are thresholds (keep nothing / everything)
+            if getattr(self, name) is not None and math.isnan(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, not nan (it would filter nothing)")
         if self.clip_model is None and (self.min_clip_score is not None or self.top_fraction is not None or self.classifier):
             raise ValueError("--min-clip-score, --top-fraction and --classifier need a CLIP model (--clip-model)")
         if (self.classifier is None) != (self.max_classifier_score is None):
             raise ValueError("--classifier and --max-classifier-score go together")
         if self.batch_size < 1 or self.concurrency < 1:
             raise ValueError("batch_size and concurrency must be >= 1")
+        if self.max_retries < 0:  # Ray reads -1 as restarts without end
+            raise ValueError(f"max_retries must be >= 0, not {self.max_retries}")
 
     def decision_fields(self) -> dict:
         """The settings a re-run on the same output must keep (the others only change speed)."""
@@ -425,9 +432,13 @@ def _specs_todo(specs: list[dict], key: str = "out") -> list[dict]:
 
 
 def _run(ds_specs: list[dict], fn, *, progress, stage: str, total: int, done_before: int, **map_args) -> list[dict]:
-    """Run one Ray Data stage over per-shard specs (one shard per call); its result rows."""
+    """Run one Ray Data stage over per-shard specs (one shard per call); its result rows.
+
+    ``progress`` hears of the ``done_before`` shards (cached, or done by an earlier call) first, then of each one done.
+    """
     import ray.data
 
+    progress(CurateProgress(stage, done_before, total))
     if not ds_specs:
         return []
     ds = ray.data.from_items(ds_specs, override_num_blocks=len(ds_specs)).map_batches(fn, batch_size=1, batch_format="pyarrow", **map_args)
@@ -451,7 +462,8 @@ def curate(
     """Curate ``shards`` into ``output`` on the Ray instance the caller initialized (module docstring).
 
     ``exclude``: shards of an evaluation set; samples of ``shards`` that duplicate one of
-    theirs are dropped (``eval_duplicate``). ``scorer_cls``: the scoring stage's class
+    theirs are dropped (``eval_duplicate``); a damaged one, or a set without a usable image, is a
+    ``ValueError`` (:func:`check_exclude`). ``scorer_cls``: the scoring stage's class
     (default :class:`ClipScorer`; a subclass may add behaviour).
     """
     import warnings
@@ -461,26 +473,31 @@ def curate(
     log = log or (lambda message: None)
     progress = progress or (lambda p: None)
     t0 = time.time()
-    missing = [s.name for s in shards if s.tar is None]
+    missing = [s.name for s in [*shards, *exclude] if s.tar is None]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) have no tar, e.g. {missing[0]}")
     method = settings.dedup if settings.dedup in ("phash", "dhash") else "exact"
     work = join(output, WORK)
 
-    # 1. hashes (cached per shard)
-    hash_specs = [{"name": s.name, "tar": s.tar, "out": join(work, "hashes", f"{s.name}.parquet")} for s in shards]
-    hash_specs += [{"name": s.name, "tar": s.tar, "out": join(work, "exclude", f"{s.name}.parquet")} for s in exclude]
-    todo = _specs_todo(hash_specs)
-    log(f"hashing {len(todo)} of {len(hash_specs)} shard(s) ({len(hash_specs) - len(todo)} cached), {method}")
+    # 1. hashes (cached per shard): the --exclude-near shards first, so that a set that cannot serve stops the job early
+    exclude_specs = [{"name": s.name, "tar": s.tar, "out": join(work, "exclude", f"{s.name}.parquet")} for s in exclude]
+    input_specs = [{"name": s.name, "tar": s.tar, "out": join(work, "hashes", f"{s.name}.parquet")} for s in shards]
+    exclude_todo, input_todo = _specs_todo(exclude_specs), _specs_todo(input_specs)
+    total = len(exclude_specs) + len(input_specs)
+    cached = total - len(exclude_todo) - len(input_todo)
+    log(f"hashing {total - cached} of {total} shard(s) ({cached} cached), {method}")
     t_hash = time.time()
-    _run(todo, hash_shards_batch, progress=progress, stage="hash", total=len(hash_specs), done_before=len(hash_specs) - len(todo),
-         fn_kwargs={"method": method}, num_cpus=1)  # fmt: skip
+    hash_args = {"progress": progress, "stage": "hash", "total": total, "fn_kwargs": {"method": method}, "num_cpus": 1}
+    _run(exclude_todo, hash_shards_batch, done_before=cached, **hash_args)
+    excluded = _exclude_hashes(exclude, join(work, "exclude")) if exclude else None
+    _run(input_todo, hash_shards_batch, done_before=cached + len(exclude_todo), **hash_args)
     hash_seconds = time.time() - t_hash
     hashes = _concat(shards, join(work, "hashes"))
     damaged = {s.name: d for s in shards if (d := _damage(join(work, "hashes", f"{s.name}.parquet")))}
     for name, damage in damaged.items():
         log(f"shard {name}: {damage}; its intact samples are curated")
-    excluded = _concat(exclude, join(work, "exclude")) if exclude else None
+    if not hashes.num_rows:
+        log("no sample to curate: the output is an empty shard set")
 
     # 2. dedup
     dedup = decide_dedup(hashes, settings, excluded)
@@ -500,8 +517,12 @@ def curate(
             for n in sorted(tars)
         ]
         todo = _specs_todo(score_specs)
-        log(f"CLIP scores of {sum(len(v) for v in candidates.values())} sample(s) in {len(todo)} shard(s) with {settings.clip_model} "
-            f"({settings.concurrency} actor(s){', GPU' if settings.gpus_per_actor else ''})")  # fmt: skip
+        for spec in todo:
+            if not candidates.get(spec["name"]):  # nothing left to score: no CLIP model loads for it
+                write_parquet(SCORES.empty_table(), spec["out"])
+        todo = [spec for spec in todo if candidates.get(spec["name"])]
+        log(f"CLIP scores of {sum(len(candidates[s['name']]) for s in todo)} sample(s) in {len(todo)} of {len(score_specs)} shard(s) "
+            f"with {settings.clip_model} ({settings.concurrency} actor(s){', GPU' if settings.gpus_per_actor else ''})")  # fmt: skip
         t_score = time.time()
         # as in evaluation: restarts bounded, a shard waits for its actor's restart (a lost node's actors come back
         # only once the cluster has room, and every try meanwhile would count)
@@ -545,6 +566,50 @@ def curate(
     manifest = build_manifest(table, shards, output)
     summary = summarize(table, settings, threshold, len(shards), damaged, time.time() - t0, hash_seconds, score_seconds)
     return CurateResult(table, manifest, summary)
+
+
+def check_exclude(exclude: Sequence[Shard]) -> int:
+    """The samples of the ``--exclude-near`` shards, from their tar headers (no image is read).
+
+    Raises ``ValueError`` naming a shard that is damaged or missing, or when the shards hold no
+    sample: checked against fewer images than meant, the leak filter would let leaks through
+    without a word. (:func:`curate` checks the hashed shards again; this finds it before any output.)
+    """
+    total = 0
+    for s in exclude:
+        index = index_tar(s.tar) if s.tar is not None else None
+        damage = index.damage if index is not None else "no tar"
+        if damage:
+            raise ValueError(_exclude_damaged(s, damage))
+        total += len(index.samples)
+    if not total:
+        raise ValueError(f"the --exclude-near shard(s) ({_named(exclude)}) hold no samples: nothing to check against")
+    return total
+
+
+def _named(shards: Sequence[Shard]) -> str:
+    return ", ".join(s.tar or s.name for s in shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+
+
+def _exclude_damaged(shard: Shard, damage: str) -> str:
+    return (f"--exclude-near shard {shard.tar or shard.name}: {damage}; the leak filter would check against fewer images "
+            "than the evaluation set holds: repair it or leave it out of --exclude-near")  # fmt: skip
+
+
+def _exclude_hashes(exclude: Sequence[Shard], folder: str) -> pa.Table:
+    """The cached hashes of the ``--exclude-near`` shards; ``ValueError`` (and the offending cache removed, so a
+    re-run reads the shards again) when one is damaged or no image of theirs is usable (:func:`check_exclude`)."""
+    for s in exclude:
+        path = join(folder, f"{s.name}.parquet")
+        if damage := _damage(path):
+            storage.remove(path)
+            raise ValueError(_exclude_damaged(s, damage))
+    table = _concat(exclude, folder)
+    if not pc.sum(pc.is_null(table["error"])).as_py():
+        for s in exclude:
+            storage.remove(join(folder, f"{s.name}.parquet"))
+        raise ValueError(f"the --exclude-near shard(s) ({_named(exclude)}) hold no samples with a readable image: nothing to check against")
+    return table
 
 
 def _damage(path: str) -> str | None:

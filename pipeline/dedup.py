@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 HASH_BITS = 64
+THUMB_BYTES = 4 * 4 * 3  # a 4x4 RGB thumbnail
 
 
 def hash_to_int(hex_hash: str) -> int:
@@ -144,6 +145,9 @@ def colour_thumbnail(img) -> str:
 
 
 def thumbnails(hex_thumbs: Sequence[str]) -> np.ndarray:
+    """Hex thumbnails (:func:`colour_thumbnail`) as a (N, 48) uint8 array; (0, 48) for none."""
+    if not len(hex_thumbs):
+        return np.zeros((0, THUMB_BYTES), np.uint8)
     return np.array([np.frombuffer(bytes.fromhex(t), dtype=np.uint8) for t in hex_thumbs], dtype=np.uint8).reshape(len(hex_thumbs), -1)
 
 

@@ -9,6 +9,7 @@ weights score every pair alike, so they could not show a filter working).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import tarfile
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -89,6 +91,131 @@ def test_settings_are_checked():
         curate.CurateSettings(clip_model="ViT-B-32", classifier="c.pt")
     with pytest.raises(ValueError, match="top_fraction"):
         curate.CurateSettings(clip_model="ViT-B-32", top_fraction=1.5)
+    for field, bad in (("colour_tolerance", -5.0), ("colour_tolerance", float("nan")), ("min_clip_score", float("nan")), ("max_retries", -1)):
+        with pytest.raises(ValueError, match=field):
+            curate.CurateSettings(clip_model="ViT-B-32", **{field: bad})
+    with pytest.raises(ValueError, match="max_classifier_score"):
+        curate.CurateSettings(clip_model="ViT-B-32", classifier="c.pt", max_classifier_score=float("nan"))
+    assert curate.CurateSettings(clip_model="ViT-B-32", min_clip_score=float("inf"), colour_tolerance=255.0).min_clip_score == float("inf")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--colour-tolerance", "-5"), ("--colour-tolerance", "nan"), ("--min-clip-score", "nan"), ("--top-fraction", "nan"),
+        ("--max-classifier-score", "nan", "--classifier", "c.pt"), ("--dedup-distance", "-1"), ("--max-retries", "-1"),
+        ("--batch-size", "0"), ("--concurrency", "-1"), ("--cpus-per-actor", "0"),
+    ],
+)  # fmt: skip
+def test_bad_numbers_are_usage_errors(flags, tmp_path, capsys):
+    """Refused by the flag parser (exit 2, the reason said) before anything starts or is written."""
+    with pytest.raises(SystemExit) as exit_:
+        curate_job.main(["--shards", str(tmp_path), "--output", str(tmp_path / "out"), "--clip-model", "ViT-B-32", *flags])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flags[0] in err or flags[0].removeprefix("--").replace("-", "_") in err
+    assert not (tmp_path / "out").exists()
+
+
+def write_tar(path, samples: dict[str, dict[str, bytes]]) -> str:
+    """A webdataset tar of ``samples`` (key -> extension -> data), in key order."""
+    with tarfile.open(path, "w") as tar:
+        for key in sorted(samples):
+            for ext, data in samples[key].items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def jpeg(colour: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def unusable_shards(tmp_path):
+    """A folder of shards without one usable sample: an empty tar, bytes that are no tar, an undecodable image."""
+    folder = tmp_path / "unusable"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", {})
+    (folder / "00001.tar").write_bytes(b"PAR1 not a tar" * 100)
+    write_tar(folder / "00002.tar", {"000020000": {"jpg": b"\xff\xd8 not a jpeg", "txt": b"a caption"}})
+    return str(folder)
+
+
+def test_zero_samples_pass_every_decision(unusable_shards, tmp_path):
+    """Dedup (also against an eval set), the CLIP filters, the summary and the histogram with no usable sample."""
+    assert dedup.thumbnails([]).shape == (0, 48) and dedup.near_pairs(dedup.from_hex([]), 50).shape == (0, 3)
+    other = curate.hash_shard(write_tar(tmp_path / "eval.tar", {"e": {"jpg": jpeg((200, 10, 10))}}))[0]
+    other = other.append_column("shard", pa.array(["eval"], pa.string()))
+    for shard in find_shards(unusable_shards):
+        table, damage = curate.hash_shard(shard.tar)
+        assert (damage is not None) == (shard.name == "00001")
+        hashes = table.append_column("shard", pa.array([shard.name] * table.num_rows, pa.string()))
+        for settings in (curate.CurateSettings(), curate.CurateSettings(dedup="exact")):
+            for exclude in (None, other):
+                assert curate.decide_dedup(hashes, settings, exclude) == [{"reason": "unreadable", "duplicate_of": None, "phash_distance": None}] * hashes.num_rows
+    settings = curate.CurateSettings(clip_model="ViT-B-32", min_clip_score=0.3, top_fraction=0.5)
+    empty = CURATION.empty_table()
+    assert curate.decide_scores(empty, settings) == ([], None)
+    summary = curate.summarize(empty, settings, None, 3, {}, 0.0, 0.0, 0.0)
+    assert summary["samples"] == summary["kept"] == 0 and summary["clip_scores"] is None
+    assert [line.split() for line in curate.format_summary(summary, "out").splitlines() if "kept" in line] == [["kept", "0", "0.0%"]]
+    curate.plot_scores(empty, settings, None, str(tmp_path / "scores.png"))
+    assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_curation_of_no_usable_sample_is_an_empty_shard_set(unusable_shards, tmp_path, ray_driver):  # noqa: F811
+    """As when the filters keep nothing: exit 0, one empty output shard per input shard, every table, nothing scored."""
+    out = str(tmp_path / "out")
+    assert run_curate("--shards", unusable_shards, "--output", out, "--clip-model", "ViT-B-32", "--top-fraction", "0.5") == 0
+    table = read_table(os.path.join(out, "curation.parquet"), CURATION)
+    assert table["reason"].to_pylist() == ["unreadable"]  # the one sample read: its image does not decode
+    assert [s.name for s in find_shards(out)] == ["00000", "00001", "00002"] and tar_keys(out) == []
+    manifest = read_table(os.path.join(out, "manifest.parquet"), SHARD_MANIFEST)
+    assert manifest["samples"].to_pylist() == [0, 0, 1] and sum(manifest["successes"].to_pylist()) == 0
+    summary = json.load(open(os.path.join(out, "curate_summary.json")))
+    assert summary["samples"] == 1 and summary["kept"] == 0 and summary["dropped"]["unreadable"] == 1
+    assert list(summary["damaged_shards"]) == ["00001"] and "not a readable tar" in summary["damaged_shards"]["00001"]
+    assert summary["clip_scores"] is None and not os.path.exists(os.path.join(out, "clip_scores.png"))
+
+
+def test_an_exclude_set_that_cannot_serve_is_refused(unusable_shards, tmp_path, capsys):
+    """A damaged, non-tar or empty --exclude-near set: a usage error naming it, before any output (the leak filter
+    would pass leaks silently); the library refuses the hashed set too, and drops the cache it refused."""
+    good = write_tar(tmp_path / "00000.tar", {"k": {"jpg": jpeg((10, 200, 10)), "txt": b"green"}})
+    table = tmp_path / "val.parquet"
+    pq.write_table(pa.table({"key": ["k"]}), str(table))
+    truncated = tmp_path / "trunc" / "00000.tar"
+    truncated.parent.mkdir()
+    truncated.write_bytes(open(good, "rb").read()[:700])
+    cases = {
+        str(table): "not a readable tar", str(truncated): "truncated", os.path.join(unusable_shards, "00000.tar"): "hold no samples: nothing to check against",
+        os.path.join(unusable_shards, "00001.tar"): "not a readable tar",
+    }  # fmt: skip
+    for path, why in cases.items():
+        with pytest.raises(ValueError, match=why):
+            curate.check_exclude(find_shards(path))
+        out = tmp_path / "out"
+        assert run_curate("--shards", good, "--output", str(out), "--exclude-near", path) == 2
+        err = capsys.readouterr().err
+        assert why in err and path in err and not out.exists()
+    assert curate.check_exclude(find_shards(good)) == 1
+
+    folder = tmp_path / "hashes"  # the check on the hashed set (curate.curate), which decodes the images too
+    for name, shard in (("damaged", find_shards(str(truncated))[0]), ("no image", find_shards(os.path.join(unusable_shards, "00002.tar"))[0])):
+        spec = {"name": shard.name, "tar": shard.tar, "out": str(folder / f"{shard.name}.parquet")}
+        curate.hash_shards_batch(pa.Table.from_pylist([spec]), "phash")
+        with pytest.raises(ValueError, match="truncated" if name == "damaged" else "no samples with a readable image"):
+            curate._exclude_hashes([shard], str(folder))
+        assert not os.path.exists(spec["out"]), name  # a re-run reads the shard again
+    shard = find_shards(good)[0]
+    curate.hash_shards_batch(pa.Table.from_pylist([{"name": shard.name, "tar": shard.tar, "out": str(folder / "00000.parquet")}]), "phash")
+    assert curate._exclude_hashes([shard], str(folder))["key"].to_pylist() == ["k"]
 
 
 # ----------------------------------------------------------------------------- the world, shards and model
