@@ -5,7 +5,9 @@ it (``keep_numbers`` -> ``--keep-numbers``) with the string literal under the fi
 help, made by tyro: defaults shown in ``--help``, ``Literal`` fields as choices, booleans
 as ``--flag/--no-flag``, lists as several values (``--k 5 10``) or, marked with
 ``tyro.conf.UseAppendAction``, a repeatable flag. Aliases are declared on the field
-(``Annotated[str, tyro.conf.arg(aliases=("--out",))]``). A job with presets has a
+(``Annotated[str, tyro.conf.arg(aliases=("--out",))]``); one field given under two of its
+names with different values (``--k 3 --num-labels 5``) is a usage error, where argparse
+would keep the last in silence. A job with presets has a
 ``config`` field: ``--config preset.yaml`` makes the preset's values the defaults, and
 flags override them. ``__post_init__`` checks values; its ``ValueError`` becomes a usage
 error (exit status 2).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -52,8 +55,34 @@ def parse(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: s
     hints = typing.get_type_hints(cls)
     bools = {f.name for f in dataclasses.fields(cls) if hints[f.name] is bool}
     args = _old_bool_spellings(args, bools)
+    _refuse_conflicting_aliases(cls, args, prog)
     default = _preset(cls, args) if "config" in {f.name for f in dataclasses.fields(cls)} else None
     return tyro.cli(cls, args=args, default=default, prog=prog, description=description)
+
+
+def _refuse_conflicting_aliases(cls: type, args: list[str], prog: str) -> None:
+    """Exit 2 when a field is given under two of its names (flag and alias) with different values."""
+    names: dict[str, str] = {}  # each spelling of a flag with aliases -> its field
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        for meta in getattr(hint, "__metadata__", ()):
+            aliases = getattr(meta, "aliases", None)
+            if aliases:
+                flag = "--" + (getattr(meta, "name", None) or name)
+                for spelling in (flag, *aliases):
+                    body = spelling.removeprefix("--")
+                    for variant in (body, body.replace("_", "-"), body.replace("-", "_")):  # tyro takes both
+                        names["--" + variant] = name
+    given: dict[str, dict[str, tuple[str, ...]]] = {}  # field -> the last values given under each spelling
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in names:
+            values = (value,) if eq else tuple(itertools.takewhile(lambda a: not a.startswith("--"), args[i + 1 :]))
+            given.setdefault(names[flag], {})[flag] = values
+    for spellings in given.values():
+        if len(set(spellings.values())) > 1:
+            said = " and ".join(f"{flag} {' '.join(values)}" for flag, values in spellings.items())
+            print(f"usage: {prog} [-h] [OPTIONS]\nerror: {said}: these are one flag under two names; give one value", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def _old_bool_spellings(args: list[str], bools: set[str]) -> list[str]:

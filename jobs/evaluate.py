@@ -186,7 +186,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     (``check_pretrained``, no tensor loaded); a released .pth is read for its ViT shape,
     and imported in full by each predictor actor.
     """
-    from model.checkpoint import check_pretrained, load_clip_visual, load_tensors
+    from model.checkpoint import check_checkpoint_file, check_pretrained, load_clip_visual, load_tensors
     from model.convert import vision_config_from_openai
     from model.hub import resolve
 
@@ -212,8 +212,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
         image_size = model_cfg.vision.image_size
         check_caption_length(cfg, model_cfg, os.path.join(checkpoint, "tokenizer.model"))
     elif os.path.isfile(checkpoint):
-        if not cfg.tokenizer:
-            raise ValueError(f"{cfg.checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
+        check_checkpoint_file(checkpoint, cfg.tokenizer)
         sd = load_tensors(checkpoint)
         if "vision_encoder.conv1.weight" in sd:
             image_size = vision_config_from_openai(sd, "vision_encoder.").image_size

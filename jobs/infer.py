@@ -7,6 +7,9 @@ base CLIP weights for the frozen blocks (``--clip-weights ViT-L-14.pt``) unless 
 holds every key, and LLaMA-2's ``--llama-params params.json``. Prints the reference's
 "| prob: 0.05742 - coffee" lines, or JSON with ``--format json``. Uses CUDA when present,
 else the CPU; ``--precision auto`` runs bf16 on a GPU and fp32 on a CPU (see model/precision.py).
+Images are decoded as ingestion decodes them (pipeline/images.py: upright, transparency on
+white, a decompression bomb refused); one that cannot be read is reported and the others
+labelled, with exit status 1.
 
 ``--onnx DIR`` runs the same one-shot sampling with the ONNX graphs that
 ``jobs.export_onnx`` writes, in onnxruntime on the CPU, instead of a PyTorch checkpoint:
@@ -31,7 +34,6 @@ from typing import Annotated, Literal
 
 import torch
 import tyro
-from PIL import Image
 
 from jobs._cli import parse
 from model.precision import PRECISIONS
@@ -128,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in notes:
         print(f"note: {note}", file=log)
+    vocab = model.cfg.decoder.vocab_size + model.cfg.n_special  # one-shot sampling's first tokens: the top-k of these logits
+    if cfg.num_labels > vocab and not cfg.caption:
+        print(f"error: --num-labels {cfg.num_labels} is larger than the model's vocabulary of {vocab} tokens: k can be at most {vocab}", file=sys.stderr)
+        return 2
     dtype = resolve_dtype(cfg.precision, device)
     if cfg.onnx:
         print(f"model: {model.n_parameters / 1e6:.1f}M parameters, ONNX graphs in onnxruntime on the CPU in float32", file=log)
@@ -151,10 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         paths, tensors = [], []
         for path in cfg.images[start : start + cfg.batch_size]:
             try:
-                with Image.open(path) as img:
-                    tensors.append(transform(img.convert("RGB")))
+                tensors.append(transform(_read_image(path)))
                 paths.append(path)
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError) as err:  # ImageRefused included: not an image, undecodable, a decompression bomb
                 print(f"error: {path}: cannot read the image ({err})", file=sys.stderr)
                 failed += 1
         if not tensors:
@@ -196,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def _read_image(path: str):
+    """The upright RGB picture of an image file, decoded as ingestion decodes it (pipeline.images); raises OSError or ImageRefused."""
+    from pipeline.images import decode_image
+
+    with open(path, "rb") as f:
+        return decode_image(f.read())
+
+
 def _write_attention_map(cfg: InferConfig, model, tok, path: str, image: torch.Tensor, out, written: set[str], log) -> str:
     """The PNG of one image's label attention maps in ``cfg.attention_map``; returns its path."""
     from model.attention import label_maps
@@ -214,11 +227,10 @@ def _write_attention_map(cfg: InferConfig, model, tok, path: str, image: torch.T
         n += 1
         target = os.path.join(cfg.attention_map, f"{stem}-{n}.png")
     written.add(target)
-    with Image.open(path) as img:
-        write_figure(
-            target, img, [label for label, _ in kept], [p for _, p in kept], [maps[label].float().cpu().numpy() for label, _ in kept],
-            caption=f"{os.path.basename(path)}: first label token's attention, {which}",
-        )
+    write_figure(
+        target, _read_image(path), [label for label, _ in kept], [p for _, p in kept], [maps[label].float().cpu().numpy() for label, _ in kept],
+        caption=f"{os.path.basename(path)}: first label token's attention, {which}",
+    )
     return target
 
 

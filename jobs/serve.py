@@ -63,7 +63,11 @@ def parse_args(argv: list[str] | None) -> ServeConfig:
 
 
 class Predictor:
-    """The model behind the page: loaded once; labels and attention maps of PIL images."""
+    """The model behind the page: loaded once; labels and attention maps of PIL images.
+
+    The page decodes an upload with ``pipeline.images.decode_image``, as ingestion and
+    ``jobs.infer`` do, so the model sees the picture training saw.
+    """
 
     def __init__(self, cfg: ServeConfig):
         import torch
@@ -77,6 +81,7 @@ class Predictor:
         model, self.tokenizer, self.notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
         self.model = place(model, self.device, self.dtype)
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.max_k = self.model.cfg.decoder.vocab_size + self.model.cfg.n_special  # one-shot sampling's first tokens: a top-k of these logits
         self.transform = preprocess(self.model.cfg.vision.image_size)
 
     def _tensor(self, image):
@@ -87,6 +92,8 @@ class Predictor:
 
         from model.sampling import one_shot
 
+        if not 1 <= k <= self.max_k:
+            raise ValueError(f"k {k}: the model's vocabulary has {self.max_k} tokens, k must be in 1..{self.max_k}")
         with torch.inference_mode():
             (out,) = one_shot(self.model, self._tensor(image)[None], self.tokenizer, k=k)
         return out.labels, out.probs

@@ -7,14 +7,13 @@ server (``st.cache_resource``) and the labels of an image are kept per (image, k
 from __future__ import annotations
 
 import html
-import io
 import sys
 from dataclasses import astuple
 
 import streamlit as st
-from PIL import Image
 
 from jobs.serve import Predictor, ServeConfig, parse_args
+from pipeline.images import ImageRefused, decode_image
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
 
@@ -26,8 +25,7 @@ def predictor(key: tuple) -> Predictor:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def top_labels(key: tuple, data: bytes, k: int) -> tuple[list[str], list[float]]:
-    with Image.open(io.BytesIO(data)) as img:
-        return predictor(key).labels(img, k)
+    return predictor(key).labels(decode_image(data), k)
 
 
 def bars(labels: list[str], probs: list[float]) -> str:
@@ -61,15 +59,15 @@ def main() -> None:
         "the top-k first tokens in one step, each completed into a label in parallel"
     )
     upload = st.file_uploader("Drop an image here, or browse", type=IMAGE_TYPES)
-    k = st.slider("k: labels to sample", min_value=1, max_value=100, value=cfg.num_labels)
+    largest = min(100, model.max_k)
+    k = st.slider("k: labels to sample", min_value=1, max_value=largest, value=min(cfg.num_labels, largest))
     if upload is None:
         st.info("Upload an image to see its labels.")
         st.stop()
     data = upload.getvalue()
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            image = img.convert("RGB")
-    except OSError as err:
+        image = decode_image(data)  # as ingestion decodes it: upright, transparency on white, a decompression bomb refused
+    except ImageRefused as err:
         st.error(f"cannot read {upload.name} as an image: {err}")
         st.stop()
     labels, probs = top_labels(key, data, k)

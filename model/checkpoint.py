@@ -325,6 +325,26 @@ def import_nxtp(
     return model.eval(), tok, notes
 
 
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+def _looks_like_weights(path: str) -> bool:
+    """A file ``load_tensors`` may read: a torch file (a zip archive or a legacy pickle) or one named as weights."""
+    if path.lower().endswith(_WEIGHT_SUFFIXES):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"  # torch.save's zip archive; a pickle's protocol opcode
+
+
+def check_checkpoint_file(checkpoint: str, tokenizer_path: str | None) -> None:
+    """A checkpoint given as a file must be a released NxTP checkpoint, and those need the LLaMA tokenizer."""
+    if not _looks_like_weights(checkpoint):
+        raise ValueError(f"{checkpoint} is not a checkpoint: neither an exported model folder nor a released NxTP checkpoint (a torch .pth)")
+    if not tokenizer_path:
+        raise ValueError(f"{checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
+
+
 def load_model(
     checkpoint: str,
     tokenizer_path: str | None = None,
@@ -334,8 +354,7 @@ def load_model(
 ) -> tuple[NxTP, Tokenizer, list[str]]:
     """An exported model (a folder, or a hub id: see ``model.hub.resolve``), or a released NxTP ``.pth`` (which needs ``tokenizer_path``)."""
     if os.path.isfile(checkpoint):
-        if not tokenizer_path:
-            raise ValueError(f"{checkpoint} is a released NxTP checkpoint: pass the LLaMA tokenizer (--tokenizer tokenizer.model)")
+        check_checkpoint_file(checkpoint, tokenizer_path)
         return import_nxtp(checkpoint, tokenizer_path, clip_weights, llama_params)
     if not os.path.isdir(checkpoint) and not hub.is_hub_id(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from jobs import evaluate as job
-from jobs._cli import SUBMITTED
+from jobs._cli import SUBMITTED, parse
 from model.checkpoint import check_pretrained, load_pretrained, save_pretrained
 from model.sampling import one_shot
 from model.tokenizer import Tokenizer
@@ -332,6 +332,11 @@ def test_missing_inputs_are_named(tmp_path, export, small_dataset, capsys):
     assert job.main(_argv(export, str(tmp_path / "nowhere"), labels, str(tmp_path / "o"))) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'nowhere'}: no such folder or shard" in err and "resolved where the job runs" in err
+    picture = tmp_path / "photo.jpg"  # a file that is no checkpoint is not taken for a released one
+    Image.new("RGB", (8, 8)).save(picture)
+    assert job.main(_argv(str(picture), shards, labels, str(tmp_path / "o"))) == 2
+    err = capsys.readouterr().err
+    assert f"{picture} is not a checkpoint" in err and "pass the LLaMA tokenizer" not in err
     os.remove(os.path.join(labels, "labels", "00000.parquet"))
     assert job.main(_argv(export, shards, labels, str(tmp_path / "o"))) == 2
     assert "00000.parquet" in capsys.readouterr().err
@@ -344,6 +349,20 @@ def test_relative_paths_are_refused_under_job_submission(monkeypatch, capsys):
     assert "paths are resolved on the cluster" in capsys.readouterr().err
     cfg = job.EvaluateConfig(checkpoint="/m", shards="/data/coco_val/", labels="/l", output="/o", k=[10, 5, 10])
     assert cfg.dataset == "coco_val" and cfg.k == [5, 10]
+
+
+def test_one_flag_under_two_names_takes_one_value(capsys):
+    """--k and --num-labels (and --out and --output) name one flag: two different values are refused."""
+    flags = ["--checkpoint", "/m", "--shards", "/s", "--labels", "/l"]
+    for extra, said in (
+        (["--output", "/o", "--k", "5", "10", "--num-labels", "5"], "--k 5 10 and --num-labels 5"),
+        (["--out", "/o", "--num_labels=3", "--output", "/p"], "--out /o and --output /p"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            job.main(flags + extra)
+        assert exit_.value.code == 2 and f"error: {said}: these are one flag under two names" in capsys.readouterr().err
+    cfg = parse(job.EvaluateConfig, flags + ["--output", "/o", "--k", "5", "10", "--num-labels", "5", "10"], prog="evaluate", description=None)
+    assert cfg.k == [5, 10]
 
 
 def test_stage_plan_follows_the_cluster():

@@ -1,9 +1,14 @@
 """jobs.infer on an exported model and on a released-layout checkpoint."""
 
+import io
 import json
 import os
+import struct
+import zlib
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from jobs import infer
@@ -134,3 +139,111 @@ def test_infer_writes_an_attention_map_per_image(tmp_path, world, capsys):
         infer.main(["--checkpoint", export, "--image", images[0], "--head", "1"])
     with pytest.raises(ValueError, match="they need --attention-map DIR"):
         infer.InferConfig(checkpoint=export, images=images, head=1)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header announces width x height (RGB, 8 bit) and that holds no pixels: a decompression bomb's first bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def _odd_images(tmp_path, world) -> tuple[list[str], list[Image.Image]]:
+    """Files that Pillow's plain ``convert("RGB")`` reads wrongly, and the upright RGB pictures ingestion makes of them."""
+    photo = Image.open(_images(world, 1)[0]).convert("RGB").resize((48, 36))
+    # a JPEG stored on its side, EXIF orientation 6: shown (and ingested) turned 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "exif6.jpg", exif=exif)
+    with Image.open(tmp_path / "exif6.jpg") as img:
+        stored = img.convert("RGB")
+    upright = stored.transpose(Image.Transpose.ROTATE_270)
+    # a palette PNG whose colour 0 (black) is transparent: on white, as ingestion composites it
+    index = np.zeros((40, 40), np.uint8)
+    index[5:20, 5:35], index[22:36, 10:30] = 1, 2
+    palette = Image.fromarray(index, "P")
+    palette.putpalette([0, 0, 0, 220, 30, 30, 30, 60, 200])
+    palette.save(tmp_path / "pal_t.png", transparency=0)
+    composited = Image.fromarray(np.array([[255, 255, 255], [220, 30, 30], [30, 60, 200]], np.uint8)[index], "RGB")
+    # a 16-bit grey gradient: scaled to 8 bits (65535 -> 255), not clipped to white
+    grey16 = np.linspace(0, 65535, 40 * 40).reshape(40, 40).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    scaled = Image.fromarray(np.rint(grey16 / 257.0).astype(np.uint8), "L").convert("RGB")
+    files = [str(tmp_path / name) for name in ("exif6.jpg", "pal_t.png", "g16.png")]
+    for path, picture in zip(files, (upright, composited, scaled)):
+        with Image.open(path) as img:
+            assert np.asarray(img.convert("RGB")).tolist() != np.asarray(picture).tolist(), f"{path}: Pillow alone reads it right"
+    return files, [upright, composited, scaled]
+
+
+def test_infer_decodes_images_as_ingestion_does(tmp_path, world, capsys):
+    tok = Tokenizer(world.tokenizer)
+    model = _tiny_model(tok)
+    export = save_pretrained(model, tok, str(tmp_path / "export"))
+    files, pictures = _odd_images(tmp_path, world)
+    assert infer.main(["--checkpoint", export, "--image", *files, "--format", "json", "--num-labels", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    transform = preprocess(model.cfg.vision.image_size)
+    expected = one_shot(model, torch.stack([transform(p) for p in pictures]), tok, k=5)
+    assert [r["image"] for r in out] == files
+    assert [(r["labels"], r["probs"]) for r in out] == [(e.labels, [round(p, 5) for p in e.probs]) for e in expected]
+
+
+def test_infer_refuses_a_decompression_bomb_and_labels_the_rest(tmp_path, world, capsys):
+    tok = Tokenizer(world.tokenizer)
+    export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
+    huge = tmp_path / "bomb.png"  # past Pillow's own limit
+    huge.write_bytes(_png_header_only(100_000, 100_000))
+    large = tmp_path / "large.png"  # under Pillow's limit, over ingestion's max_image_area (8192 x 8192)
+    large.write_bytes(_png_header_only(10_000, 10_000))
+    truncated = tmp_path / "trunc.jpg"
+    good = _images(world, 2)
+    truncated.write_bytes(open(good[0], "rb").read()[:600])
+    assert infer.main(["--checkpoint", export, "--image", str(huge), good[0], str(large), str(truncated), good[1], "--k", "2", "--format", "json"]) == 1
+    captured = capsys.readouterr()
+    assert f"error: {huge}: cannot read the image (image area too large: " in captured.err
+    assert f"error: {large}: cannot read the image (image area too large: 10000x10000 = 100.0 Mpx > 67.1 Mpx (max_image_area))" in captured.err
+    assert f"error: {truncated}: cannot read the image (decode_error: jpeg)" in captured.err
+    assert [r["image"] for r in json.loads(captured.out)] == good
+
+
+def test_infer_k_is_at_most_the_vocabulary_and_given_once(tmp_path, world, capsys):
+    tok = Tokenizer(world.tokenizer)
+    model = _tiny_model(tok)
+    export = save_pretrained(model, tok, str(tmp_path / "export"))
+    image = _images(world, 1)[0]
+    vocab = tok.n_base + 2
+    assert model.decoder.lm_head.weight.shape[0] == vocab
+    assert infer.main(["--checkpoint", export, "--image", image, "--k", str(vocab + 1)]) == 2
+    assert f"--num-labels {vocab + 1} is larger than the model's vocabulary of {vocab} tokens: k can be at most {vocab}" in capsys.readouterr().err
+    assert infer.main(["--checkpoint", export, "--image", image, "--k", str(vocab), "--max-steps", "2", "--format", "json"]) == 0
+    (got,) = json.loads(capsys.readouterr().out)
+    assert 1 <= len(got["labels"]) <= vocab
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(["--checkpoint", export, "--image", image, "--k", "3", "--num-labels", "5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error: --k 3 and --num-labels 5: these are one flag under two names" in err
+    assert infer.main(["--checkpoint", export, "--image", image, "--k=3", "--num-labels", "3", "--format", "json"]) == 0
+    (got,) = json.loads(capsys.readouterr().out)
+    assert 1 <= len(got["labels"]) <= 3
+
+
+def test_infer_says_what_a_checkpoint_file_is(tmp_path, world, capsys):
+    tok = Tokenizer(world.tokenizer)
+    image = _images(world, 1)[0]
+    assert infer.main(["--checkpoint", image, "--image", image]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {image} is not a checkpoint: neither an exported model folder nor a released NxTP checkpoint" in err
+    assert "released NxTP checkpoint: pass the LLaMA tokenizer" not in err
+    sd = official_state_dict(tok.n_base, tok.delimiter_id)
+    for name in ("nxtp.pth", "nxtp_weights"):  # by its name, or by its contents (torch.save's zip archive)
+        _save_official(tmp_path / name, sd)
+        assert infer.main(["--checkpoint", str(tmp_path / name), "--image", image]) == 2
+        assert f"error: {tmp_path / name} is a released NxTP checkpoint: pass the LLaMA tokenizer" in capsys.readouterr().err
+    buffer = io.BytesIO()
+    torch.save({"model": sd}, buffer, _use_new_zipfile_serialization=False)  # the legacy pickle format
+    (tmp_path / "legacy").write_bytes(buffer.getvalue())
+    assert infer.main(["--checkpoint", str(tmp_path / "legacy"), "--image", image]) == 2
+    assert "is a released NxTP checkpoint: pass the LLaMA tokenizer" in capsys.readouterr().err

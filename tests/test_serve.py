@@ -7,12 +7,14 @@ every wait is bounded.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -103,6 +105,39 @@ def test_predictor_gives_one_shot_labels_and_attention_pictures(tmp_path, world)
     assert half.dtype == torch.bfloat16 and half.model.decoder.lm_head.weight.dtype == torch.bfloat16
     (expected,) = one_shot(place(model, "cpu", torch.bfloat16), preprocess(model.cfg.vision.image_size)(image)[None].bfloat16(), tok, k=4)
     assert half.labels(image, 4) == (expected.labels, expected.probs)
+
+
+def test_page_decodes_uploads_as_infer_does_and_refuses_a_bomb(tmp_path, world, monkeypatch, capsys):
+    """The page in Streamlit's own test runner (no server, no browser): an upload is decoded as ``jobs.infer`` decodes a file."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_infer import _odd_images, _png_header_only
+
+    tok = Tokenizer(world.tokenizer)
+    export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
+    monkeypatch.setattr(sys, "argv", [serve.PAGE, "--checkpoint", export, "--device", "cpu", "--num-labels", "3"])
+    page = AppTest.from_file(serve.PAGE, default_timeout=120)
+    page.run()
+    assert not page.exception and not page.error
+    page.file_uploader[0].set_value(("bomb.png", _png_header_only(100_000, 100_000), "image/png")).run()
+    assert not page.exception, "a decompression bomb is a message on the page, not a traceback"
+    assert len(page.error) == 1 and page.error[0].value.startswith("cannot read bomb.png as an image: image area too large: ")
+    assert not page.html, "no labels for it"
+    files, _ = _odd_images(tmp_path, world)
+    for path in files:
+        with open(path, "rb") as f:
+            page.file_uploader[0].set_value((os.path.basename(path), f.read(), "image/png")).run()
+        assert not page.exception and not page.error
+        assert infer.main(["--checkpoint", export, "--image", path, "--num-labels", "3", "--format", "json"]) == 0
+        (expected,) = json.loads(capsys.readouterr().out)
+        shown = re.findall(r'data-label="(.*?)" data-prob="([0-9.]+)"', page.html[0].value)
+        assert [html.unescape(label) for label, _ in shown] == expected["labels"], path
+        assert [float(p) for _, p in shown] == pytest.approx(expected["probs"], abs=1e-5)
+    # k: at most the vocabulary's size (one-shot sampling's top-k of the logits)
+    predictor = serve.Predictor(serve.ServeConfig(checkpoint=export, device="cpu"))
+    assert predictor.max_k == tok.n_base + 2
+    with Image.open(files[0]) as img, pytest.raises(ValueError, match=f"vocabulary has {tok.n_base + 2} tokens, k must be in 1..{tok.n_base + 2}"):
+        predictor.labels(img.convert("RGB"), tok.n_base + 3)
 
 
 @pytest.mark.cluster
