@@ -13,6 +13,9 @@
   a large JPEG is decoded at a reduced DCT scale when only a smaller picture is needed, so
   peak memory follows the output size, not the file's.
 
+Decoding needs only Pillow and numpy (``jobs.infer`` and ``jobs.serve`` decode with it in the
+``infer`` extra's install); resizing and re-encoding use OpenCV (the ``data`` extra's).
+
 :class:`ImageResizer` has img2dataset's ``Resizer`` interface (a stream in; image bytes,
 sizes and an error message out), with the same resize modes and failure messages that
 :func:`pipeline.ingest.classify_error` reads: ``not_an_image: <kind>`` when the body
@@ -26,7 +29,6 @@ import io
 import math
 import warnings
 
-import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
@@ -230,6 +232,8 @@ class ImageResizer:
         img, original = _decode(data, self.max_image_area, needed)
         if min(original) < self.min_image_size:
             raise ImageRefused("image too small")
+        import cv2  # the data stack's: decoding alone (jobs.infer, the infer extra) needs only Pillow
+
         pixels = np.asarray(img)
         size = target_size(*original, self.image_size, self.resize_mode)
         if size != (img.width, img.height):
@@ -248,6 +252,8 @@ class ImageResizer:
             top, left = (h - s) // 2, (w - s) // 2
             return np.ascontiguousarray(pixels[max(0, top) : max(0, top) + s, max(0, left) : max(0, left) + s])
         if self.resize_mode == "border":
+            import cv2
+
             top, left = (s - h) // 2, (s - w) // 2
             return cv2.copyMakeBorder(pixels, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT, value=(255, 255, 255))
         return pixels
