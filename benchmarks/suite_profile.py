@@ -135,6 +135,18 @@ def tally(rows: list[dict], key: str) -> dict[str, dict]:
                        key=lambda kv: -kv[1]["cpu_s"]))  # fmt: skip
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def profile(command: list[str], interval: float) -> dict:
     sampler = Sampler(interval)
     before, t0 = psutil.cpu_times(), time.time()
@@ -150,7 +162,7 @@ def profile(command: list[str], interval: float) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(command),
-        "device": f"{platform.processor() or platform.machine()}, {cores} cores",
+        "device": f"{cpu_name()}, {cores} cores",
         "returncode": returncode,
         "wall_s": round(wall, 1),
         "busy_fraction": round(busy / total, 3) if total > 0 else 0.0,
