@@ -173,10 +173,15 @@ def site(tmp_path_factory):
         yield base, root
 
 
+# a /hang/ request costs this long; an answered one on 127.0.0.1 must never take as long, also on a loaded
+# 2-core machine (at 1 s, one suite run saw a spurious timeout: a retry too many in the count asserted below)
+TIMEOUT_S = 4
+
+
 def test_fetch_retries_transient_failures_with_backoff(site):
     base, _ = site
     pauses: list[float] = []
-    policy = ingest.FetchPolicy(timeout=1, retries=2, backoff_s=0.4)
+    policy = ingest.FetchPolicy(timeout=TIMEOUT_S, retries=2, backoff_s=0.4)
 
     def fetch(path: str) -> ingest.Fetched:
         pauses.clear()
@@ -250,7 +255,7 @@ def test_web_ingestion_retries_refetches_and_stores_every_format(site, ray_drive
     uid = {name: f"cc3m-{i:09d}" for i, name in enumerate(rows)}
     out = str(tmp_path / "out")
     args = [
-        "--source", "cc3m", "--input", url_list, "--output", out, "--samples-per-shard", "8", "--timeout", "1",
+        "--source", "cc3m", "--input", url_list, "--output", out, "--samples-per-shard", "8", "--timeout", str(TIMEOUT_S),
         "--retries", "2", "--retry-backoff", "0.01", "--user-agent-token", "mybot", "--max-image-bytes", "1000000",
     ]  # fmt: skip
     assert run_job(*args) == 0
