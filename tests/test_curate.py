@@ -28,6 +28,7 @@ from pipeline.shards import find_shards, index_tar
 from pipeline.tiny_clip import train_tiny_clip
 from schemas import CURATION, SHARD_MANIFEST, read_table
 from tests.test_ingest import ray_driver, run_job, time_limit  # noqa: F401 - fixtures
+from tests.test_shards import write_tar
 
 N_TRAIN, N_VAL = 240, 60
 
@@ -117,17 +118,6 @@ def test_bad_numbers_are_usage_errors(flags, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def write_tar(path, samples: dict[str, dict[str, bytes]]) -> str:
-    """A webdataset tar of ``samples`` (key -> extension -> data), in key order."""
-    with tarfile.open(path, "w") as tar:
-        for key in sorted(samples):
-            for ext, data in samples[key].items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def jpeg(colour: tuple[int, int, int]) -> bytes:
     from PIL import Image
 
@@ -141,16 +131,16 @@ def unusable_shards(tmp_path):
     """A folder of shards without one usable sample: an empty tar, bytes that are no tar, an undecodable image."""
     folder = tmp_path / "unusable"
     folder.mkdir()
-    write_tar(folder / "00000.tar", {})
+    write_tar(folder / "00000.tar", [])
     (folder / "00001.tar").write_bytes(b"PAR1 not a tar" * 100)
-    write_tar(folder / "00002.tar", {"000020000": {"jpg": b"\xff\xd8 not a jpeg", "txt": b"a caption"}})
+    write_tar(folder / "00002.tar", [("000020000", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"a caption"})])
     return str(folder)
 
 
 def test_zero_samples_pass_every_decision(unusable_shards, tmp_path):
     """Dedup (also against an eval set), the CLIP filters, the summary and the histogram with no usable sample."""
     assert dedup.thumbnails([]).shape == (0, 48) and dedup.near_pairs(dedup.from_hex([]), 50).shape == (0, 3)
-    other = curate.hash_shard(write_tar(tmp_path / "eval.tar", {"e": {"jpg": jpeg((200, 10, 10))}}))[0]
+    other = curate.hash_shard(write_tar(tmp_path / "eval.tar", [("e", {"jpg": jpeg((200, 10, 10))})]))[0]
     other = other.append_column("shard", pa.array(["eval"], pa.string()))
     for shard in find_shards(unusable_shards):
         table, damage = curate.hash_shard(shard.tar)
@@ -187,7 +177,7 @@ def test_a_curation_of_no_usable_sample_is_an_empty_shard_set(unusable_shards, t
 def test_an_exclude_set_that_cannot_serve_is_refused(unusable_shards, tmp_path, capsys):
     """A damaged, non-tar or empty --exclude-near set: a usage error naming it, before any output (the leak filter
     would pass leaks silently); the library refuses the hashed set too, and drops the cache it refused."""
-    good = write_tar(tmp_path / "00000.tar", {"k": {"jpg": jpeg((10, 200, 10)), "txt": b"green"}})
+    good = write_tar(tmp_path / "00000.tar", [("k", {"jpg": jpeg((10, 200, 10)), "txt": b"green"})])
     table = tmp_path / "val.parquet"
     pq.write_table(pa.table({"key": ["k"]}), str(table))
     truncated = tmp_path / "trunc" / "00000.tar"
