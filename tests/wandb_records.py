@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 BLOCK = 32768
 HEADER = 7
@@ -59,8 +60,23 @@ def run_id(run_folder: str) -> str:
     return os.path.basename(path)[len("run-") : -len(".wandb")]
 
 
-def history(run_folder: str) -> list[dict]:
-    """The rows logged in one run folder (``offline-run-*``): {key: value, "_step": step}."""
+def history(run_folder: str, until=None, timeout_s: float = 60.0) -> list[dict]:
+    """The rows logged in one run folder (``offline-run-*``): {key: value, "_step": step}.
+
+    ``until(rows)``: read again until it holds, for at most ``timeout_s``. A run finished in this
+    process may have its last records still on their way to the file: W&B's service writes the
+    transaction log from its own process, and one suite run read a run folder before its last row
+    was there.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = _history(run_folder)
+        if until is None or until(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _history(run_folder: str) -> list[dict]:
     (path,) = glob.glob(os.path.join(run_folder, "run-*.wandb"))
     rows = []
     for record in records(path):
