@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in notes:
         print(f"note: {note}", file=log)
-    vocab = model.cfg.decoder.vocab_size + model.cfg.n_special  # one-shot sampling's first tokens: the top-k of these logits
+    vocab = model.cfg.n_logits
     if cfg.num_labels > vocab and not cfg.caption:
         print(f"error: --num-labels {cfg.num_labels} is larger than the model's vocabulary of {vocab} tokens: k can be at most {vocab}", file=sys.stderr)
         return 2

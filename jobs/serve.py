@@ -81,7 +81,7 @@ class Predictor:
         model, self.tokenizer, self.notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
         self.model = place(model, self.device, self.dtype)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.max_k = self.model.cfg.decoder.vocab_size + self.model.cfg.n_special  # one-shot sampling's first tokens: a top-k of these logits
+        self.max_k = self.model.cfg.n_logits
         self.transform = preprocess(self.model.cfg.vision.image_size)
 
     def _tensor(self, image):

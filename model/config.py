@@ -96,6 +96,11 @@ class NxTPConfig:
     def n_special(self) -> int:
         return 2  # <|image|> and the pad token
 
+    @property
+    def n_logits(self) -> int:
+        """The output layer's width: the base vocabulary and the special tokens (one-shot sampling's top-k is of these)."""
+        return self.decoder.vocab_size + self.n_special
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
