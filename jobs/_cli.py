@@ -5,9 +5,10 @@ it (``keep_numbers`` -> ``--keep-numbers``) with the string literal under the fi
 help, made by tyro: defaults shown in ``--help``, ``Literal`` fields as choices, booleans
 as ``--flag/--no-flag``, lists as several values (``--k 5 10``) or, marked with
 ``tyro.conf.UseAppendAction``, a repeatable flag. Aliases are declared on the field
-(``Annotated[str, tyro.conf.arg(aliases=("--out",))]``); one field given under two of its
-names with different values (``--k 3 --num-labels 5``) is a usage error, where argparse
-would keep the last in silence. A job with presets has a
+(``Annotated[str, tyro.conf.arg(aliases=("--out",))]``); one field given twice with
+different values (``--k 3 --num-labels 5``, ``--k 5 --k 10``, ``--flag --no-flag``) is a
+usage error, where argparse would keep the last in silence; so is nan or infinity for a
+number flag (it would slip past every range check). A job with presets has a
 ``config`` field: ``--config preset.yaml`` makes the preset's values the defaults, and
 flags override them. ``__post_init__`` checks values; its ``ValueError`` becomes a usage
 error (exit status 2).
@@ -27,9 +28,11 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import sys
+import types
 import typing
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
@@ -55,34 +58,82 @@ def parse(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: s
     hints = typing.get_type_hints(cls)
     bools = {f.name for f in dataclasses.fields(cls) if hints[f.name] is bool}
     args = _old_bool_spellings(args, bools)
-    _refuse_conflicting_aliases(cls, args, prog)
+    _refuse_conflicting_values(cls, args, prog)
     default = _preset(cls, args) if "config" in {f.name for f in dataclasses.fields(cls)} else None
     return tyro.cli(cls, args=args, default=default, prog=prog, description=description)
 
 
-def _refuse_conflicting_aliases(cls: type, args: list[str], prog: str) -> None:
-    """Exit 2 when a field is given under two of its names (flag and alias) with different values."""
-    names: dict[str, str] = {}  # each spelling of a flag with aliases -> its field
-    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
-        for meta in getattr(hint, "__metadata__", ()):
-            aliases = getattr(meta, "aliases", None)
-            if aliases:
-                flag = "--" + (getattr(meta, "name", None) or name)
-                for spelling in (flag, *aliases):
-                    body = spelling.removeprefix("--")
-                    for variant in (body, body.replace("_", "-"), body.replace("-", "_")):  # tyro takes both
-                        names["--" + variant] = name
-    given: dict[str, dict[str, tuple[str, ...]]] = {}  # field -> the last values given under each spelling
+def _flag_spellings(cls: type) -> tuple[dict[str, tuple[str, tuple[str, ...] | None]], dict[str, Any], set[str]]:
+    """(each spelling of each flag -> (its field, the value the spelling itself gives, for
+    ``--flag`` / ``--no-flag`` booleans), each field's type without ``Annotated``, the
+    repeatable fields (``tyro.conf.UseAppendAction``))."""
+    import tyro
+
+    names: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    types, repeatable = {}, set()
+    for field in dataclasses.fields(cls):
+        metas = getattr(hints[field.name], "__metadata__", ())
+        if any(meta is tyro.conf.UseAppendAction for meta in metas):
+            repeatable.add(field.name)
+        flag, aliases = field.name, ()
+        for meta in metas:
+            flag = getattr(meta, "name", None) or flag
+            aliases = getattr(meta, "aliases", None) or aliases
+        types[field.name] = bare = typing.get_args(hints[field.name])[0] if metas else hints[field.name]
+        for spelling in ("--" + flag.removeprefix("--"), *aliases):
+            body = spelling.removeprefix("--")
+            for variant in (body, body.replace("_", "-"), body.replace("-", "_")):  # tyro takes both
+                names["--" + variant] = (field.name, ("true",) if bare is bool else None)
+                if bare is bool:
+                    names["--no-" + variant] = names["--no_" + variant] = (field.name, ("false",))
+    return names, types, repeatable
+
+
+def _refuse_conflicting_values(cls: type, args: list[str], prog: str) -> None:
+    """Exit 2 when one field is given twice with different values: under two of its names
+    (flag and alias), as ``--flag`` and ``--no-flag``, or one name repeated (argparse would keep
+    the last in silence); or when a number flag is given nan or infinity, which slips past
+    every range check. Repeatable fields (``tyro.conf.UseAppendAction``) repeat by design."""
+    names, types, repeatable = _flag_spellings(cls)
+    given: dict[str, list[tuple[str, tuple[str, ...]]]] = {}  # field -> (spelling, values) as given, in order
     for i, arg in enumerate(args):
         flag, eq, value = arg.partition("=")
         if flag in names:
-            values = (value,) if eq else tuple(itertools.takewhile(lambda a: not a.startswith("--"), args[i + 1 :]))
-            given.setdefault(names[flag], {})[flag] = values
-    for spellings in given.values():
-        if len(set(spellings.values())) > 1:
-            said = " and ".join(f"{flag} {' '.join(values)}" for flag, values in spellings.items())
-            print(f"usage: {prog} [-h] [OPTIONS]\nerror: {said}: these are one flag under two names; give one value", file=sys.stderr)
-            raise SystemExit(2)
+            field, fixed = names[flag]
+            values = fixed or ((value,) if eq else tuple(itertools.takewhile(lambda a: not a.startswith("--"), args[i + 1 :])))
+            given.setdefault(field, []).append((flag, values))
+    problem = None
+    for field, said in given.items():
+        numbers = [float(v) for _, values in said for v in values if _is_float(v)] if float in (types[field], *typing.get_args(types[field])) else []
+        last = dict(said)  # the last value under each spelling
+        if any(not math.isfinite(x) for x in numbers):
+            problem = f"{said[0][0]} {' '.join(said[0][1])}: this flag takes a finite number"
+        elif field in repeatable or len({values for _, values in said}) < 2:
+            continue
+        elif types[field] is bool:
+            problem = f"{' and '.join(last)}: these contradict each other; give one"
+        elif len(last) > 1:
+            problem = " and ".join(f"{flag} {' '.join(values)}".strip() for flag, values in last.items())
+            problem += ": these are one flag under two names; give one value"
+        else:
+            flag = said[0][0]
+            problem = " and ".join(f"{flag} {' '.join(values)}".strip() for _, values in said)
+            problem += ": the flag is given twice with different values; give it once"
+            if typing.get_origin(types[field]) in (list, tuple):
+                problem += f" (a list takes several values after one {flag})"
+        break
+    if problem:
+        print(f"usage: {prog} [-h] [OPTIONS]\nerror: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _old_bool_spellings(args: list[str], bools: set[str]) -> list[str]:
@@ -133,7 +184,7 @@ def _preset(cls: type[T], args: list[str]) -> T | None:
     for name, f in fields.items():
         flag = f"--{name.replace('_', '-')}"
         if name in values and not (isinstance(values[name], list) and flag in given):
-            value = _from_yaml(cls, name, values[name])
+            value = _from_yaml(cls, name, values[name], f"--config {known.config}")
         elif f.default is not dataclasses.MISSING:
             value = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -144,13 +195,45 @@ def _preset(cls: type[T], args: list[str]) -> T | None:
     return default
 
 
-def _from_yaml(cls: type, name: str, value: Any) -> Any:
-    """A YAML value as the field's type where YAML cannot say it: mappings in a list of dataclasses."""
+def _from_yaml(cls: type, name: str, value: Any, where: str) -> Any:
+    """A YAML value as the field's type: mappings in a list of dataclasses become those (their keys
+    checked), numbers YAML 1.1 reads as text (``3e-5``) become floats; a value of another kind is
+    a usage error naming ``where`` (the preset) and the field."""
     hint = typing.get_type_hints(cls)[name]
     args = typing.get_args(hint)
     if isinstance(value, list) and args and dataclasses.is_dataclass(args[0]):
-        return [args[0](**v) if isinstance(v, dict) else v for v in value]
+        return [_yaml_entry(args[0], v, f"{where}: {name}[{i}]") for i, v in enumerate(value)]
+    kinds = set(args) - {type(None)} if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    if value is None or len(kinds) != 1:
+        return value
+    kind = kinds.pop()
+    if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            _usage_error(f"{where}: {name}: {value!r} is not a number")
+        if not math.isfinite(number):
+            _usage_error(f"{where}: {name}: {value!r}: this field takes a finite number")
+        return number
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        _usage_error(f"{where}: {name}: {value!r} is not a whole number")
+    if kind is bool and not isinstance(value, bool):
+        _usage_error(f"{where}: {name}: {value!r} is not true or false")
     return value
+
+
+def _yaml_entry(cls: type, value: Any, where: str) -> Any:
+    """One mapping of a YAML list as the dataclass ``cls``; its keys must be the dataclass's fields."""
+    if not isinstance(value, dict):
+        return value
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        _usage_error(f"{where}: unknown key(s) {unknown} (an entry takes {', '.join(names)})")
+    try:
+        return cls(**value)
+    except (TypeError, ValueError) as err:
+        _usage_error(f"{where}: {err}")
 
 
 def _usage_error(message: str) -> typing.NoReturn:
