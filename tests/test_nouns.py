@@ -104,6 +104,13 @@ def test_synthetic_world_captions_give_the_ground_truth(world, spacy_extractor):
         ("a dog on a table", "ok"),
         ("wedding rings", "ok"),
         ("Café de Flore in Paris at night", "ok"),
+        # accents and full-width letters count as a-z once folded; other scripts stay non-English
+        ("a jalapeño pizza", "ok"),
+        ("the café", "ok"),
+        ("a ＤＯＧ on a ｂｅａｃｈ", "ok"),
+        ("Ёлка в снегу", "non_english"),
+        ("Ελληνικό χωριό στο βουνό", "non_english"),
+        ("une crêpe à la crème", "non_english"),
         # documented limit: a short foreign caption without two function words passes
         ("un chien", "ok"),
     ],
@@ -123,6 +130,55 @@ def test_very_long_caption_is_truncated(spacy_extractor):
     assert len(caption) > 100_000 and nouns.is_truncated(caption)
     assert not nouns.is_truncated(head)
     assert spacy_extractor([caption]) == [["circle", "table"]]  # the zebra lies past MAX_CAPTION_CHARS
+
+
+@pytest.mark.parametrize(
+    "text,folded",
+    [
+        ("a piñata", "a pinata"),
+        ("Résumé on a DESK", "resume on a desk"),
+        ("a ＤＯＧ on a ｂｅａｃｈ, ２ cats", "a dog on a beach, 2 cats"),
+        ("a ﬁsh in the İstanbul straße", "a fish in the istanbul strasse"),
+        ("smørrebrød, crème brûlée & œufs", "smorrebrod, creme brulee & oeufs"),
+        ("cafe\u0301 au lait", "cafe au lait"),  # a combining accent after its letter
+        # symbols keep their place (and become spaces), not NFKD's letters: not "niketm", "m2"
+        ("Nike™ shoes, 10 m² room", "nike shoes, 10 m room"),
+        ("a dog and a 一只狗", "a dog and a"),  # other scripts still become spaces
+    ],
+)
+def test_normalize_folds_accents_and_full_width_letters(text, folded):
+    assert nouns.normalize(text) == folded
+
+
+def test_plain_ascii_is_not_changed_by_folding(world):
+    captions = [row["caption"] for row in _world_rows(world, 300)] + [c for c, _ in HAND_WRITTEN]
+    lines = [line for c in captions for line in c.split("\n")]
+    assert all(line.isascii() for line in lines) and len(lines) > 900
+    assert [nouns.fold(line) for line in lines] == [line.lower() for line in lines]
+
+
+@pytest.mark.parametrize(
+    "caption,plain,expected",
+    [
+        ("a jalapeño pizza", "a jalapeno pizza", ["jalapeno", "pizza"]),
+        ("a café on the street", "a cafe on the street", ["cafe", "street"]),
+        ("résumé on a desk", "resume on a desk", ["resume", "desk"]),
+        ("a ＤＯＧ on a ｂｅａｃｈ", "a dog on a beach", ["dog", "beach"]),
+        ("crème brûlée on a plate", "creme brulee on a plate", ["brulee", "plate"]),
+    ],
+)
+def test_accented_captions_give_the_labels_of_their_plain_spelling(spacy_extractor, caption, plain, expected):
+    assert spacy_extractor([caption, plain]) == [expected, expected]
+
+
+def test_labels_longer_than_the_maximum_are_dropped(spacy_extractor):
+    assert nouns.MAX_LABEL_CHARS == 40
+    longest, over = "x" * nouns.MAX_LABEL_CHARS, "x" * (nouns.MAX_LABEL_CHARS + 1)
+    assert spacy_extractor(["a dog " + "x" * 3000]) == [["dog"]]
+    assert spacy_extractor(["a dog near a " + longest, "a dog near a " + over]) == [["dog", longest], ["dog"]]
+    tagged = [("dog", "NN"), (longest, "NN"), (over, "NN"), ("ox", "NN")]
+    assert list(spacy_extractor._labels(tagged)) == ["dog", longest]
+    assert list(spacy_extractor._reference_labels(tagged)) == ["dog", longest]
 
 
 def test_backends_tokenize_as_documented(spacy_extractor):
@@ -198,6 +254,9 @@ def test_nltk_backend_with_a_tagger_trained_here(tmp_path, monkeypatch):
         "a stock image of three red stars in the sky",
         None,
         "Ein Hund auf dem Tisch",
+        # both backends see the folded text: accents stripped, full-width letters made plain
+        "A dóg sitting on a bénch",
+        "ｔｗｏ ｍｉｃｅ ａｎｄ ａ ｒｅｄ ｃｕｐ ｏｎ ｔｈｅ ｔａｂｌｅ",
     ]
     expected = [
         ["dog", "bench"],
@@ -207,6 +266,8 @@ def test_nltk_backend_with_a_tagger_trained_here(tmp_path, monkeypatch):
         ["star", "sky"],
         [],
         [],
+        ["dog", "bench"],
+        ["mouse", "cup", "table"],
     ]
     assert extractor(captions) == expected
     assert NounExtractor("spacy")(captions) == expected
