@@ -124,7 +124,7 @@ them see each other):
 ```python
 from transformers import AutoTokenizer, LlamaForCausalLM
 decoder = LlamaForCausalLM.from_pretrained("{name}", subfolder="decoder")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
 ```
 
 The ViT alone is an `open_clip` vision tower (`visual.*`; CLIP's pooled projection and the text tower

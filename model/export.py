@@ -16,6 +16,15 @@ Format 2, written by :func:`write_folder` (every weight stored once)::
 
 Format 1 (config.json + the whole state dict in model.safetensors + tokenizer.model)
 is still read. Hub ids are model/hub.py's.
+
+A damaged folder is refused with a :class:`WeightError` naming the file and what is wrong
+with it (a missing file or key, a shape, JSON that does not parse, a config.json without
+its ``model``, a tokenizer.model SentencePiece cannot read), before any tensor is loaded.
+
+A model read by :func:`load_folder` keeps what the folder holds beyond the model itself:
+config.json's other keys (``step``, ``checkpoint``: ``model.export_extra``) and the model
+card (``model.export_card``), which ``NxTP.save_pretrained`` / ``push_to_hub`` write back,
+so that loading and saving again gives the same config.json (in format 2) and README.md.
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ VISION_FILE = "vision/open_clip_model.safetensors"
 DECODER_CONFIG = "decoder/config.json"
 VISION_CONFIG = "vision/open_clip_config.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+CARD_FILE = "README.md"
+# config.json's keys that write_folder writes itself; the others are its ``extra`` (kept by load_folder)
+WRITTEN_KEYS = ("model_type", "auto_map", "format", "format_version", "model", "tokenizer", "image_token_id", "pad_token_id")
 # what open_clip needs for a CLIP model when NxTP's ViT has no named base model: a text tower that no weights fill
 PLACEHOLDER_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}
 
@@ -203,7 +215,7 @@ def write_folder(model: NxTP, tok: Tokenizer, folder: str, extra: dict | None = 
     _write_json(os.path.join(folder, "tokenizer_config.json"), tok_config)
     _write_json(os.path.join(folder, "special_tokens_map.json"), specials)
     shutil.copyfile(hf_config.__file__, os.path.join(folder, CONFIG_CODE))
-    config = {
+    config = {  # WRITTEN_KEYS, then the extra
         "model_type": hf_config.MODEL_TYPE,
         "auto_map": {"AutoConfig": f"{CONFIG_CODE.removesuffix('.py')}.{hf_config.NxTPHFConfig.__name__}"},
         "format": FORMAT,
@@ -220,18 +232,49 @@ def write_folder(model: NxTP, tok: Tokenizer, folder: str, extra: dict | None = 
 # ----------------------------------------------------------------------------- reading
 
 
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; anything else raises a WeightError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise WeightError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(obj, dict):
+        raise WeightError(f"{path}: holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def read_config(folder: str) -> tuple[NxTPConfig, dict]:
     """(model config, the whole config.json) of an export of a readable format version."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder}: not an exported NxTP model (no config.json)")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = _read_json(path)
     if meta.get("format") != FORMAT:
         raise WeightError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise WeightError(f"{path}: format version {meta.get('format_version')}, this code reads {', '.join(map(str, READABLE_VERSIONS))}")
-    return NxTPConfig.from_dict(meta["model"]), meta
+    if "model" not in meta:
+        raise WeightError(f"{path}: missing key 'model' (the NxTP config)")
+    if not isinstance(meta["model"], dict):
+        raise WeightError(f"{path}: key 'model' holds a JSON {type(meta['model']).__name__}, not the NxTP config")
+    try:
+        cfg = NxTPConfig.from_dict(meta["model"])
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as err:
+        raise WeightError(f"{path}: key 'model' is not a valid NxTP config ({type(err).__name__}: {err})") from err
+    return cfg, meta
+
+
+def read_tokenizer(path: str) -> Tokenizer:
+    """The export's tokenizer.model; missing or unreadable raises a WeightError naming it."""
+    if not os.path.isfile(path):
+        raise WeightError(f"{path}: missing (the export needs its tokenizer)")
+    try:
+        return Tokenizer(path)
+    except RuntimeError as err:  # sentencepiece: "could not parse ModelProto"
+        raise WeightError(f"{path}: not a readable SentencePiece model ({str(err).strip()})") from err
+    except ValueError as err:  # no BOS/EOS, no "," piece: the message names the file
+        raise WeightError(str(err)) from err
 
 
 def weight_files(folder: str) -> list[str]:
@@ -272,9 +315,9 @@ def _check_part_config(path: str, expected: dict, section: str | None = None) ->
     """The values of ``expected`` equal those of the JSON file (of its ``section``), else a WeightError naming the file and key."""
     if not os.path.isfile(path):
         raise WeightError(f"{path}: missing (the export is incomplete)")
-    with open(path) as f:
-        found = json.load(f)
-    found = (found.get(section) or {}) if section else found
+    found = _read_json(path)
+    if section:
+        found = found.get(section) if isinstance(found.get(section), dict) else {}
     for key, value in expected.items():
         if found.get(key) != value:
             name = f"{section}.{key}" if section else key
@@ -288,9 +331,7 @@ def check_folder(folder: str) -> NxTPConfig:
     for rel, expected in _expected_files(cfg, version).items():
         _check_weights(os.path.join(folder, rel), expected)
     tok_path = os.path.join(folder, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise WeightError(f"{tok_path}: missing (the export needs its tokenizer)")
-    tok = Tokenizer(tok_path)
+    tok = read_tokenizer(tok_path)
     if tok.n_base != cfg.decoder.vocab_size:
         raise WeightError(f"{tok_path}: the tokenizer has {tok.n_base} pieces, the model {cfg.decoder.vocab_size}")
     if version >= 2:
@@ -304,11 +345,16 @@ def check_folder(folder: str) -> NxTPConfig:
 
 
 def load_folder(folder: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[NxTP, Tokenizer]:
-    """An export (format 1 or 2) in eval mode, and its tokenizer (also set as ``model.tokenizer``)."""
+    """An export (format 1 or 2) in eval mode, and its tokenizer (also set as ``model.tokenizer``).
+
+    The model keeps config.json's other keys as ``model.export_extra`` and README.md as
+    ``model.export_card``, for ``save_pretrained`` to write back.
+    """
     from safetensors.torch import load_file
 
     cfg = check_folder(folder)
-    if read_config(folder)[1]["format_version"] == 1:
+    meta = read_config(folder)[1]
+    if meta["format_version"] == 1:
         state = load_file(os.path.join(folder, REST_FILE))
     else:
         state = join_state({rel: load_file(os.path.join(folder, rel)) for rel in (REST_FILE, DECODER_FILE, VISION_FILE)}, cfg, folder)
@@ -316,4 +362,9 @@ def load_folder(folder: str, device: str | torch.device = "cpu", dtype: torch.dt
     convert.load_state_strict(model, state, folder)
     model = place(model, device, dtype or torch.float32)  # the float32 rule: model.precision
     model.tokenizer = Tokenizer(os.path.join(folder, "tokenizer.model"))
+    model.export_extra = {k: v for k, v in meta.items() if k not in WRITTEN_KEYS}
+    card = os.path.join(folder, CARD_FILE)
+    if os.path.isfile(card):
+        with open(card, encoding="utf-8", newline="") as f:  # as huggingface_hub's ModelCard.save wrote it
+            model.export_card = f.read()
     return model, model.tokenizer

@@ -2,6 +2,10 @@
 
 ``NxTP.from_pretrained(folder_or_hub_id)``, ``save_pretrained`` and ``push_to_hub`` come
 from huggingface_hub's ``PyTorchModelHubMixin``; the folder layout is model/export.py's.
+A loaded model saves what its folder held beyond the model (config.json's ``step`` and
+``checkpoint``, the model card) back: ``NxTP.from_pretrained(a).save_pretrained(b)`` gives
+``b`` the config.json and README.md of ``a`` (format 1 folders are rewritten in format 2).
+``save_pretrained(b, model_card_kwargs=...)`` writes a new card from those arguments instead.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class NxTP(
         self.decoder = Decoder(cfg.decoder, cfg.n_special)
         # the tokenizer the vocabulary was built from: set by the loaders, needed to save
         self.tokenizer: Tokenizer | None = None
+        # what the folder it was loaded from held beyond the model (model.export.load_folder), written back when saving:
+        # config.json's other keys (step, checkpoint) and the model card README.md
+        self.export_extra: dict = {}
+        self.export_card: str | None = None
 
     @property
     def n_image_tokens(self) -> int:
@@ -123,7 +131,24 @@ class NxTP(
 
         if self.tokenizer is None:
             raise ValueError("saving needs the tokenizer the vocabulary was built from: set model.tokenizer = Tokenizer(path) first")
-        write_folder(self, self.tokenizer, str(save_directory))
+        write_folder(self, self.tokenizer, str(save_directory), self.export_extra)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False, token=None, cache_dir=None,
+                        local_files_only: bool = False, revision: str | None = None, **model_kwargs) -> NxTP:  # fmt: skip
+        """huggingface_hub's ``from_pretrained`` on the resolved folder, whose config.json is checked first.
+
+        The mixin parses config.json itself before calling :meth:`_from_pretrained`: a damaged
+        one is refused here with model.export's WeightError naming it, not a bare JSON error.
+        """
+        from model.export import read_config
+        from model.hub import resolve
+
+        folder = resolve(str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                         force_download=force_download, token=token)  # fmt: skip
+        read_config(folder)
+        return super().from_pretrained(folder, force_download=force_download, token=token, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, revision=revision, **model_kwargs)  # fmt: skip
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool, local_files_only: bool,
@@ -138,9 +163,15 @@ class NxTP(
         return model
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        """The README.md of an export; ``kwargs`` as :func:`model.card.model_card` takes them (training config, evaluation...)."""
+        """The README.md of an export; ``kwargs`` as :func:`model.card.model_card` takes them (training config, evaluation...).
+
+        Without ``kwargs``, a model loaded from a folder gives that folder's card (its
+        training config, data and evaluation are known only there).
+        """
         from model.card import model_card
 
+        if not kwargs and self.export_card is not None:
+            return ModelCard(self.export_card)
         return ModelCard(model_card(self, self._hub_mixin_info.model_card_data, **kwargs))
 
 

@@ -133,6 +133,32 @@ def test_mixin_save_pretrained_writes_the_same_folder(export, model, tok, tmp_pa
         model.save_pretrained(tmp_path / "no_tokenizer")
 
 
+def test_loaded_model_saves_the_same_config_and_card(export, tmp_path, monkeypatch):
+    """from_pretrained(...).save_pretrained(...) and push_to_hub keep config.json's step and checkpoint and the whole card."""
+    from huggingface_hub import HfApi
+
+    loaded = NxTP.from_pretrained(export)
+    assert loaded.export_extra == {"step": 7, "checkpoint": "step7"}
+    loaded.save_pretrained(tmp_path / "again")
+    assert _files(str(tmp_path / "again")) == FILES
+    for rel in FILES:  # config.json and README.md included: every file as the export wrote it
+        assert (tmp_path / "again" / rel).read_bytes() == Path(export, rel).read_bytes(), rel
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "Trained for 7 optimizer steps" in card and "world_val" in card and "| no_labels | 3 |" in card
+    # push_to_hub uploads what save_pretrained writes (the Hub replaced by a copy of the folder it is given)
+    uploaded = tmp_path / "uploaded"
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("Repo", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, *, folder_path, **kw: shutil.copytree(folder_path, uploaded))
+    loaded.push_to_hub("nxtp-test/again")
+    assert _files(str(uploaded)) == FILES
+    assert all((uploaded / rel).read_bytes() == Path(export, rel).read_bytes() for rel in FILES)
+    # new card arguments give a new card from them alone; the config keeps its step
+    loaded.save_pretrained(tmp_path / "new_card", model_card_kwargs={"evaluation": CARD["evaluation"]})
+    new_card = (tmp_path / "new_card" / "README.md").read_text()
+    assert "world_val" in new_card and "Trained for 7" not in new_card
+    assert (tmp_path / "new_card" / "config.json").read_bytes() == Path(export, "config.json").read_bytes()
+
+
 def test_model_card(export):
     from huggingface_hub import ModelCard
 
@@ -437,6 +463,11 @@ def test_format_1_folders_still_load(model, tok, images, expected, tmp_path, wor
         infer.main(["--checkpoint", str(old), "--image", image, "--num-labels", "3", "--max-steps", "4"]) == 0
     )
     assert "| prob: " in capsys.readouterr().out
+    # rewritten in format 2 (the README's recipe), config.json's step and checkpoint are kept
+    loaded.save_pretrained(tmp_path / "export_v2")
+    config = json.loads((tmp_path / "export_v2" / "config.json").read_text())
+    assert (config["format_version"], config["step"], config["checkpoint"], config["model"]) == (2, 3, "step3", model.cfg.to_dict())
+    assert list(config)[-2:] == ["step", "checkpoint"]
     # a format-1 folder that does not match its config names the file and key, as before
     config = json.loads((old / "config.json").read_text())
     config["model"]["decoder"]["hidden_dim"] += 8
@@ -461,6 +492,12 @@ def _replace_tensor(path: str, key: str, value: torch.Tensor | None, extra: dict
     save_file({**tensors, **(extra or {})}, path, metadata={"format": "pt"})
 
 
+def _edit_config(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def _damaged(export: str, tmp_path: Path, name: str) -> Path:
     folder = tmp_path / name
     shutil.copytree(export, folder)
@@ -482,8 +519,19 @@ def _damaged(export: str, tmp_path: Path, name: str) -> Path:
         (lambda f: (f / "decoder" / "config.json").write_text((f / "decoder" / "config.json").read_text().replace('"intermediate_size": 344', '"intermediate_size": 352')),
          r"decoder/config.json: intermediate_size is 352, config.json's model needs 344"),
         (lambda f: os.remove(f / "tokenizer.model"), r"tokenizer.model: missing"),
+        (lambda f: _edit_config(f, lambda c: c.pop("model")), r"/config.json: missing key 'model' \(the NxTP config\)"),
+        (lambda f: (f / "config.json").write_text('{"format": "nxtp", "model": '), r"/config.json: not valid JSON \(Expecting value"),
+        (lambda f: (f / "tokenizer.model").write_bytes((f / "tokenizer.model").read_bytes()[:1000]),
+         r"tokenizer.model: not a readable SentencePiece model \(.*could not parse ModelProto"),
+        (lambda f: _edit_config(f, lambda c: c["model"]["decoder"].update(n_heads="four")),
+         r"/config.json: key 'model' is not a valid NxTP config \(TypeError"),
+        (lambda f: _edit_config(f, lambda c: c.update(model=[1, 2])), r"/config.json: key 'model' holds a JSON list, not the NxTP config"),
+        (lambda f: (f / "config.json").write_text("[]"), r"/config.json: holds a JSON list, not an object"),
+        (lambda f: (f / "vision" / "open_clip_config.json").write_text("{"), r"vision/open_clip_config.json: not valid JSON"),
     ],
-    ids=["missing file", "wrong shape", "missing key", "unexpected key", "truncated file", "decoder config", "no tokenizer"],
+    ids=["missing file", "wrong shape", "missing key", "unexpected key", "truncated file", "decoder config", "no tokenizer",
+         "config without model", "config not JSON", "truncated tokenizer", "model config of wrong types", "model not an object",
+         "config a list", "vision config not JSON"],
 )  # fmt: skip
 def test_damaged_folder_names_the_file_and_key(export, tmp_path, damage, message, world, capsys):
     folder = _damaged(export, tmp_path, "damaged")
@@ -496,3 +544,41 @@ def test_damaged_folder_names_the_file_and_key(export, tmp_path, damage, message
     assert infer.main(["--checkpoint", str(folder), "--image", image]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(folder) in err
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: _edit_config(f, lambda c: c.pop("model")), "config.json: missing key 'model' (the NxTP config)"),
+        (lambda f: (f / "tokenizer.model").write_bytes((f / "tokenizer.model").read_bytes()[:1000]),
+         "tokenizer.model: not a readable SentencePiece model ("),
+        (lambda f: (f / "config.json").write_text('{"model": '), "config.json: not valid JSON (Expecting value: line 1 column 11"),
+    ],
+    ids=["config without model", "truncated tokenizer", "config not JSON"],
+)  # fmt: skip
+def test_damaged_folder_is_one_error_line_in_every_job(export, tmp_path, damage, message, world, capsys):
+    """jobs.infer, jobs.evaluate and jobs.export_onnx refuse the folder with exit status 2 and an error line naming the file."""
+    from jobs import evaluate, export_onnx
+    from tests.test_evaluate import _jpeg, _write_labels
+    from tests.test_shards import write_tar
+
+    folder = _damaged(export, tmp_path, "damaged")
+    damage(folder)
+    shards, labels = tmp_path / "shards", tmp_path / "labels"
+    shards.mkdir()
+    write_tar(shards / "00000.tar", [("000000000", {"jpg": _jpeg(world)[0]})])
+    _write_labels(str(labels), "00000", {"000000000": ["circle"]})
+    image = next(os.path.join(world.root, s["file"]) for s in world.samples("val") if s["kind"] == "good")
+    runs = {
+        "infer": lambda: infer.main(["--checkpoint", str(folder), "--image", image]),
+        "evaluate": lambda: evaluate.main(["--checkpoint", str(folder), "--shards", str(shards), "--labels", str(labels),
+                                           "--output", str(tmp_path / "report")]),
+        "export_onnx": lambda: export_onnx.main(["--checkpoint", str(folder), "--output", str(tmp_path / "onnx")]),
+    }  # fmt: skip
+    capsys.readouterr()
+    for job, run in runs.items():
+        assert run() == 2, job
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (job, err)
+        assert err.startswith(f"error: {folder}/") and message in err, (job, err)
+    assert not (tmp_path / "report").exists() and not (tmp_path / "onnx").exists()
