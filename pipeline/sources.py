@@ -31,6 +31,7 @@ import codecs
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -251,14 +252,28 @@ def _column_index(spec: str | None, names: list[str] | None, defaults: tuple[str
     for w in wanted:
         if w in lower:
             return lower.index(w)
-    raise SourceError(f"{path}:1: header {names!r} names no {what} column (looked for {'/'.join(wanted)}; set {flag})")
+    raise SourceError(
+        f"{path}:1: header {names!r} names no {what} column (looked for {'/'.join(wanted)}; set {flag}); "
+        "if line 1 is data rather than a header, none of its fields is a URL with a scheme (https://...)"
+    )
 
 
 # ----------------------------------------------------------------------------- CC3M / CC12M
 
 
+_URL_START = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+_PEEK_ROWS = 50  # rows read ahead to tell the url column (a caption may quote a URL; a row's URL may be empty)
+
+
 def _looks_like_url(text: str) -> bool:
-    return "://" in text
+    """The field starts with a scheme and "://" (a caption that quotes a URL does not)."""
+    return _URL_START.match(text) is not None
+
+
+def _is_header(fields: list[str]) -> bool:
+    """No field is a URL and none is empty (a header names every column; a first data row whose
+    URL is empty is data, its URL then filtered, not a header naming nothing)."""
+    return not any(_looks_like_url(f) for f in fields) and all(f.strip() for f in fields)
 
 
 def read_tsv(
@@ -278,11 +293,13 @@ def read_tsv(
     quotes (spreadsheet exports), quotes elsewhere are text; blank lines are no rows;
     ``.gz`` / ``.bz2`` / ``.xz`` / ``.zst`` files are decompressed.
 
-    Columns: a first row in which no field holds "://" is a header; ``url_col`` /
-    ``caption_col`` name its columns (default: url / image_url / link ..., caption / text /
-    title / alt ...). Without a header they are 0-based column numbers; by default the
-    field holding "://" in the first row is the URL and, with two columns, the other one
-    the caption (CC3M writes caption<TAB>url, CC12M url<TAB>caption). The key is the
+    Columns: a first row in which no field starts with a URL scheme ("https://") and no
+    field is empty is a header; ``url_col`` / ``caption_col`` name its
+    columns (default: url / image_url / link ..., caption / text / title / alt ...).
+    Without a header they are 0-based column numbers; by default the URL is the column
+    whose fields start with a scheme in most of the first 50 rows (a caption quoting a URL
+    does not start with one) and, with two columns, the other one the caption (CC3M writes
+    caption<TAB>url, CC12M url<TAB>caption). The key is the
     0-based data row (header excluded, blank lines counted): "<source>-000000042". Rows
     with too few fields are counted as ``malformed_row``.
     """
@@ -331,17 +348,17 @@ def _read_delimited(text, path: str, split: str, source: str, url_col: str | Non
             break
     if first is None:
         return result
-    if not any(_looks_like_url(f) for f in first[1]):
+    ahead = list(itertools.islice(records, _PEEK_ROWS))
+    records = itertools.chain(ahead, records)
+    if _is_header(first[1]):
         header = first[1]
     url_i = _column_index(url_col, header, _URL_NAMES, "url", "--url-col", path)
     caption_i = _column_index(caption_col, header, _CAPTION_NAMES, "caption", "--caption-col", path)
     if header is None:
         fields = first[1]
-        if url_i is None:
-            holding = [i for i, f in enumerate(fields) if _looks_like_url(f)]
-            url_i = holding[0] if len(holding) == 1 or (holding and caption_i is not None) else None
-            if url_i is None:
-                url_i = 0 if len(fields) == 2 and _looks_like_url(fields[0]) else 1
+        if url_i is None:  # the column whose fields are URLs in most of the first rows (CC3M: caption<TAB>url, CC12M: url<TAB>caption)
+            votes = Counter(i for _, row in [first, *ahead] for i, f in enumerate(row) if i != caption_i and _looks_like_url(f))
+            url_i = min(votes, key=lambda i: (-votes[i], i)) if votes else 1
         if caption_i is None:
             if len(fields) != 2:
                 raise SourceError(f"{path}:{first[0]}: {len(fields)} columns and no header row: say which is the caption with --caption-col N (0-based)")

@@ -244,6 +244,22 @@ def test_delimited_lists_read_as_a_person_reads_them(tmp_path, name, data):
     assert rows.rows_read == 2 and not rows.skipped and not rows.notes
 
 
+def test_the_url_column_is_told_from_many_rows_not_a_caption_quoting_a_url(tmp_path):
+    """A caption holding "http://" in the first row, a first row whose URL is empty, either layout."""
+    quoting = "a cat, see http://example.com/cat"
+    for name, text in (
+        ("cc3m.tsv", f"{quoting}\t{U1}\na star\t{U2}\n"),
+        ("cc12m.tsv", f"{U1}\t{quoting}\n{U2}\ta star\n"),
+    ):
+        (tmp_path / name).write_text(text)
+        assert _rows(sources.read_tsv(str(tmp_path / name), "train")) == [("cc3m-000000000", U1, quoting), ("cc3m-000000001", U2, "a star")]
+    (tmp_path / "empty_url.tsv").write_text(f"a red cup\t\na star\t{U2}\n")  # data, not a header: its URL is filtered downstream
+    assert _rows(sources.read_tsv(str(tmp_path / "empty_url.tsv"), "train")) == [("cc3m-000000000", "", "a red cup"), ("cc3m-000000001", U2, "a star")]
+    (tmp_path / "no_scheme.tsv").write_text(f"a red cup\twww.example.com/cup.jpg\na star\t{U2}\n")
+    with pytest.raises(sources.SourceError, match="names no url column .* if line 1 is data rather than a header, none of its fields is a URL"):
+        sources.read_tsv(str(tmp_path / "no_scheme.tsv"), "train")
+
+
 def test_quoted_fields_hold_tabs_newlines_and_quotes_and_quotes_elsewhere_are_text(tmp_path):
     tsv = tmp_path / "quoted.tsv"
     tsv.write_text(
