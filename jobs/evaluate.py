@@ -150,8 +150,10 @@ class EvaluateConfig:
             raise ValueError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.concurrency < 0:
             raise ValueError(f"--concurrency must be >= 0 (0: one actor per GPU, or 1), not {self.concurrency}")
-        if self.cpus_per_actor <= 0:
-            raise ValueError(f"--cpus-per-actor must be > 0, not {self.cpus_per_actor}")
+        if not (math.isfinite(self.cpus_per_actor) and self.cpus_per_actor > 0):
+            raise ValueError(f"--cpus-per-actor must be a number > 0, not {self.cpus_per_actor}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"--length-penalty must be a finite number, not {self.length_penalty}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.log_to is not None and "labels" not in self.task:
@@ -170,7 +172,7 @@ class EvaluateConfig:
         if self.max_length < 1 or self.beams < 1:
             raise ValueError(f"--max-length and --beams must be >= 1, not {self.max_length} and {self.beams}")
         self.class_field = self.class_field or ("labels" if self.class_source == "labels" else "label")
-        self.dataset = self.dataset or os.path.basename(self.shards.rstrip("/")) or "shards"
+        self.dataset = self.dataset or shards.location_name(self.shards)
 
 
 # ----------------------------------------------------------------------------- checks before any work
@@ -195,6 +197,8 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     with storage.reported(cfg.labels):
         require_published(cfg.labels, "labels output")
         found = shards.find_shards(cfg.shards, labels=cfg.labels)
+        shards.require_tars(found)
+        shards.check_labels_made_from(found[0], cfg.labels)  # labels of other shards match by key alone
     with storage.reported(cfg.output):
         evaluation.check_replaceable(cfg.output)
     if cfg.log_to is not None and not tracking.run_reporters(cfg.log_to):
@@ -210,6 +214,8 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[shards.Shard], list[dict], i
     if os.path.isdir(checkpoint):
         model_cfg = check_pretrained(checkpoint)
         image_size = model_cfg.vision.image_size
+        if "labels" in cfg.task and max(cfg.k) > model_cfg.n_logits:
+            raise ValueError(f"--k {max(cfg.k)} is larger than the model's vocabulary of {model_cfg.n_logits} tokens: k can be at most {model_cfg.n_logits}")
         check_caption_length(cfg, model_cfg, os.path.join(checkpoint, "tokenizer.model"))
     elif os.path.isfile(checkpoint):
         check_checkpoint_file(checkpoint, cfg.tokenizer)
@@ -315,6 +321,13 @@ def _print_summary(summary: dict, report_text: str, output: str) -> None:
     print(f"wrote {output}")
 
 
+def nothing_scored(summary: dict, output: str) -> str | None:
+    """Why the run is a failure although its outputs are written: no sample could be scored."""
+    if summary["scored"]:
+        return None
+    return f"no sample could be scored ({summary['samples']} sample(s); the errors above, and each sample's row in {output}, say why)"
+
+
 def caption_search(cfg: EvaluateConfig) -> dict:
     """The keyword arguments of ``model.generate.generate`` for --task caption."""
     return {"max_length": cfg.max_length, "beams": cfg.beams, "length_penalty": cfg.length_penalty}
@@ -364,7 +377,7 @@ def write_outputs(
                 "top1_accuracy": {r["k"]: r["top1_accuracy"] for r in report.to_pylist() if r["embedding"] == first["embedding"]},
                 "top5_accuracy": {r["k"]: r["top5_accuracy"] for r in report.to_pylist() if r["embedding"] == first["embedding"]},
             }
-            texts.append(evaluation.format_confusion(confusion, cfg.confusion_top))
+            texts.append(evaluation.format_confusion(confusion, cfg.confusion_top, first["classified"] or 0))
         if cfg.gallery:
             write_gallery(staging, cfg, run.table, reads or [], classes)
     if "caption" in cfg.task:
@@ -504,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_summary(summary, report_text, cfg.output)
+    if nothing := nothing_scored(summary, cfg.output):
+        print(f"error: {nothing}", file=sys.stderr)
+        return 1
     if cfg.log_to is not None:
         return log_to_run(cfg, report, chart)
     return 0

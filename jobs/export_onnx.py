@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -50,8 +51,8 @@ class ExportOnnxConfig:
     def __post_init__(self):
         if is_url(self.output):
             raise ValueError(f"--output {self.output}: onnxruntime reads local files, so the ONNX folder is written to a local path")
-        if self.check_images < 0 or self.tolerance <= 0:
-            raise ValueError("--check-images must be >= 0 and --tolerance > 0")
+        if self.check_images < 0 or not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise ValueError(f"--check-images must be >= 0 and --tolerance a number > 0, not {self.check_images} and {self.tolerance}")
 
 
 def main(argv: list[str] | None = None) -> int:

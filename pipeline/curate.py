@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.dedup import clusters, colour_close, colour_thumbnail, from_hex, near_pairs, thumbnails
 from pipeline.outputs import atomic_file, write_json
-from pipeline.shards import Shard, TarReader, index_tar, write_in_key_order
+from pipeline.shards import Shard, TarReader, index_tar, require_tars, write_in_key_order
 from schemas import CURATION, SHARD_MANIFEST, reason_rows, validate
 
 WORK = "_curate"
@@ -473,9 +473,7 @@ def curate(
     log = log or (lambda message: None)
     progress = progress or (lambda p: None)
     t0 = time.time()
-    missing = [s.name for s in [*shards, *exclude] if s.tar is None]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) have no tar, e.g. {missing[0]}")
+    require_tars([*shards, *exclude])
     method = settings.dedup if settings.dedup in ("phash", "dhash") else "exact"
     work = join(output, WORK)
 

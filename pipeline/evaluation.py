@@ -59,7 +59,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import outputs, storage
-from pipeline.shards import Shard, index_tar, label_table_path
+from pipeline.shards import Shard, check_label_table, index_tar, label_table_path
 from schemas import (
     CAPTION_REPORT,
     CAPTIONS,
@@ -181,6 +181,8 @@ def plan_reads(found: Sequence[Shard], labels: str, samples_per_task: int) -> li
         name = storage.basename(shard.tar)
         missing = f"not among the intact samples of {name}, which is damaged: {index.damage}" if index.damage else f"not in {name}"
         intact = set(index.keys)
+        fs, fs_path = storage.filesystem(label_file)
+        check_label_table(pq.read_schema(fs_path, filesystem=fs), label_file)
         label_keys = _read_parquet(label_file, ["key"]).column("key").to_pylist()
         unread = [key for key in label_keys if key not in intact]
         base = {"shard": shard.name, "tar": shard.tar, "labels": label_file}
@@ -799,9 +801,11 @@ def confusion_table(scored: pa.Table, classes, ks: Sequence[int]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CONFUSION)
 
 
-def format_confusion(confusion: pa.Table, top: int) -> str:
-    """The ``top`` most confused pairs at the largest k, as text."""
+def format_confusion(confusion: pa.Table, top: int, classified: int) -> str:
+    """The ``top`` most confused pairs at the largest k, as text (``classified``: samples with a class)."""
     rows = confusion.to_pylist()
+    if not classified:
+        return "no confused pair: no sample has a class of the list"
     if not rows:
         return "no confused pair: every top-1 class was right"
     k = max(r["k"] for r in rows)

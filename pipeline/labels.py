@@ -51,7 +51,7 @@ from pipeline.nouns import (
     check_available,
     is_truncated,
 )
-from pipeline.shards import LABELS_DIR, Shard, ShardReadError, TarReader, index_tar
+from pipeline.shards import LABELS_DIR, Shard, ShardReadError, TarReader, index_tar, sample_caption
 from schemas import LABEL_TABLE, VOCAB
 from schemas.validate import conform, write_table
 
@@ -126,16 +126,10 @@ def read_tar_captions(path: str) -> tuple[list[str], list[str | None]]:
 
 
 def _member_caption(members: Mapping[str, bytes], path: str, key: str) -> str | None:
-    if "txt" in members:
-        return members["txt"].decode("utf-8", errors="replace")
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except ValueError as err:
-            raise ShardReadError(f"{path}: the json member of sample {key} is not valid JSON ({err})") from None
-        caption = meta.get("caption") if isinstance(meta, dict) else None
-        return caption if isinstance(caption, str) else None
-    return None
+    try:
+        return sample_caption(members)
+    except ValueError as err:
+        raise ShardReadError(f"{path}: the json member of sample {key} is not valid JSON ({err})") from None
 
 
 def read_parquet_captions(path: str) -> tuple[list[str], list[str | None]]:

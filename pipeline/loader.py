@@ -54,7 +54,15 @@ from model.tokenizer import Tokenizer
 from model.vision import preprocess
 from pipeline import storage
 from pipeline.outputs import require_published
-from pipeline.shards import Shard, TarReader, find_shards, label_table_path
+from pipeline.shards import (
+    Shard,
+    TarReader,
+    check_label_table,
+    check_labels_made_from,
+    find_shards,
+    label_table_path,
+)
+from schemas.validate import SchemaError
 
 
 @dataclass
@@ -168,16 +176,25 @@ def rank_shards(shards: Sequence, rank: int, world_size: int) -> list:
 
 def resolve_mixture(datasets: Sequence[DatasetSpec], samples_per_epoch: int | None = 0) -> Mixture:
     """Weights of ``auto`` become the dataset's ingested samples (``pipeline.shards.ingested_samples``),
-    so that a mixture of only auto weights draws as a concatenation of the datasets would; a
+    so that a mixture of auto weights draws as a concatenation of the datasets would (auto beside
+    a number is refused: the two are not on one scale); a
     ``samples_per_epoch`` of 0 becomes the datasets' samples summed (an epoch counts samples);
     None: no epoch length is needed (a run of fixed steps)."""
     from pipeline.shards import ingested_samples
 
     count_all = samples_per_epoch is not None and samples_per_epoch <= 0
+    given = {d.name: parse_weight(d.weight) for d in datasets}
+    if "auto" in given.values() and any(w != "auto" for w in given.values()):
+        fixed = next(name for name, w in given.items() if w != "auto")
+        raise ValueError(
+            f"dataset {fixed}: weight {given[fixed]:g} beside auto weights: an auto weight becomes the dataset's sample count "
+            "(millions at scale), so a number beside it would draw that dataset almost never; give every dataset auto or every one a number"
+        )
     samples, sources, resolved, shards = {}, {}, [], {}
     for d in datasets:
         weight = parse_weight(d.weight)
         found = d.find()
+        check_labels_made_from(found[0], d.labels)  # labels of other shards match by key alone
         shards[d.name] = len(found)
         if weight == "auto" or count_all:
             samples[d.name], sources[d.name] = ingested_samples(found, d.labels)
@@ -350,9 +367,16 @@ def _shard_labels(spec: DatasetSpec, shard: Shard, stats: Counter, cache: Ordere
     entry = (spec.name, shard.name)
     if entry not in cache:
         try:
-            fs, path = storage.filesystem(label_table_path(spec.labels, shard.name))
-            table = pq.read_table(path, columns=["key", "labels"], filesystem=fs)
+            url = label_table_path(spec.labels, shard.name)
+            fs, path = storage.filesystem(url)
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f)
+                check_label_table(table.schema_arrow, url)
+                table = table.read(columns=["key", "labels"])
             cache[entry] = dict(zip(table.column("key").to_pylist(), table.column("labels").to_pylist()))
+        except SchemaError:
+            stats["bad_label_tables"] += 1
+            cache[entry] = {}
         except (OSError, ValueError):
             stats["missing_label_tables"] += 1
             cache[entry] = {}

@@ -42,16 +42,20 @@ stage does with a damaged shard:
 A missing label table (``<labels>/labels/<name>.parquet``, :func:`label_table_path`):
 training counts the shard in ``missing_label_tables`` and skips its samples;
 evaluation refuses to start, naming the shard (:func:`find_shards` with ``labels``).
+A label table whose ``key`` or ``labels`` column is missing or of another type
+(:func:`check_label_table`): training counts it in ``bad_label_tables`` and skips its
+samples; evaluation refuses to start, naming the file and the column.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 import re
 import tarfile
 import zlib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -120,6 +124,13 @@ def find_shards(location: str | Sequence[str], labels: str | None = None) -> lis
     return shards
 
 
+def require_tars(found: Sequence[Shard]) -> None:
+    """``FileNotFoundError`` naming the first shard found as a parquet without its tar (a stage that needs every tar)."""
+    missing = [s for s in found if s.tar is None]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) have no tar, e.g. {missing[0].parquet}: its tar {missing[0].name}.tar is missing")
+
+
 def _find_one(location: str) -> list[Shard]:
     fs, path = fsspec.core.url_to_fs(location)
     path = path.rstrip("/") or "/"
@@ -135,6 +146,8 @@ def _find_one(location: str) -> list[Shard]:
         if _GLOB.search(pattern):
             tars += [p for p in fs.glob(pattern) if p.endswith(".tar")]
         elif fs.isfile(pattern):
+            if not pattern.endswith(".tar"):
+                raise ValueError(f"{_url(fs, pattern)}: not a webdataset shard (<name>.tar); name a shard, a folder of them, a glob or a brace pattern")
             tars.append(pattern)
         elif pattern == path:
             raise FileNotFoundError(f"{location}: no such folder or shard")
@@ -176,12 +189,86 @@ def _folder_shards(fs, folder: str, location: str) -> list[Shard]:
     ]
 
 
+def location_name(location: str) -> str:
+    """A short name for a shard location: the last folder of its path without a glob or brace
+    pattern (``/data/coco_val/{00000..00009}.tar`` and ``s3://b/coco_val/`` -> ``coco_val``)."""
+    parts = [p for p in fsspec.core.split_protocol(location)[1].split("/") if p]
+    while parts and (_GLOB.search(parts[-1]) or "{" in parts[-1] or parts[-1].endswith(".tar")):
+        parts.pop()
+    return parts[-1] if parts else "shards"
+
+
 def label_table_path(labels: str, shard: str) -> str:
     """Where ``jobs.labels`` writes the label table of shard ``shard`` under its output ``labels``."""
     return posixpath.join(labels.rstrip("/"), LABELS_DIR, f"{shard}.parquet")
 
 
+def check_label_table(schema, where: str) -> None:
+    """``SchemaError`` (a ``ValueError``) naming ``where`` and the column when a label table's
+    ``key`` or ``labels`` column, the two every stage reads, is missing or not of
+    ``schemas.LABEL_TABLE``'s type (a ``labels`` column of comma-joined strings, say)."""
+    import pyarrow as pa
+
+    from schemas import LABEL_TABLE
+    from schemas.validate import validate
+
+    wanted = pa.schema([LABEL_TABLE.field("key"), LABEL_TABLE.field("labels")], metadata=LABEL_TABLE.metadata)
+    validate(pa.schema([schema.field(n) for n in wanted.names if n in schema.names]), wanted, where=where)
+
+
+def check_labels_made_from(shard: Shard, labels: str, samples: int = 16) -> None:
+    """``ValueError`` when ``shard``'s label table under ``labels`` was made from other samples:
+    the captions it stored for the tar's first ``samples`` captioned samples are not theirs.
+
+    Keys are per-shard counters in every ingestion (``00000000``...), so a label table of
+    another dataset (the train labels beside the validation shards, say) matches by key
+    alone; its captions do not. A missing table is left to the stage's own rule.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    if shard.tar is None:
+        return
+    url = label_table_path(labels, shard.name)
+    if not storage.isfile(url):
+        return
+    fs, path = storage.filesystem(url)
+    table = pq.read_table(path, columns=["key", "caption"], filesystem=fs)
+    stored = dict(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))
+    checked = 0
+    for sample in TarReader(shard.tar, read=lambda ext: ext.lower() in ("txt", "json")):
+        try:
+            caption = sample_caption(sample.data)
+        except ValueError:
+            continue
+        if caption is None or stored.get(sample.key) is None:
+            continue
+        if stored[sample.key] != caption:
+            raise ValueError(
+                f"{url} was not made from {shard.tar}: sample {sample.key}'s caption is {caption[:60]!r} in the tar "
+                f"but {stored[sample.key][:60]!r} in the label table (the labels of other shards? run jobs.labels on these)"
+            )
+        checked += 1
+        if checked >= samples:
+            return
+
+
 # ----------------------------------------------------------------------------- samples
+
+
+def sample_caption(members: Mapping[str, bytes]) -> str | None:
+    """A sample's caption as jobs.labels reads it: its ``txt`` member (UTF-8), else the
+    ``caption`` field of its ``json`` member; None without either. ``members``: extension ->
+    data; ``ValueError`` for a json member that does not parse."""
+    members = {ext.lower(): data for ext, data in members.items()}
+    if "txt" in members:
+        return members["txt"].decode("utf-8", errors="replace")
+    if "json" in members:
+        meta = json.loads(members["json"])
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        return caption if isinstance(caption, str) else None
+    return None
 
 
 def ingested_samples(found: Sequence[Shard], labels: str | None = None) -> tuple[int, str]:

@@ -184,7 +184,7 @@ def test_an_exclude_set_that_cannot_serve_is_refused(unusable_shards, tmp_path, 
     truncated.parent.mkdir()
     truncated.write_bytes(open(good, "rb").read()[:700])
     cases = {
-        str(table): "not a readable tar", str(truncated): "truncated", os.path.join(unusable_shards, "00000.tar"): "hold no samples: nothing to check against",
+        str(table): "not a webdataset shard", str(truncated): "truncated", os.path.join(unusable_shards, "00000.tar"): "hold no samples: nothing to check against",
         os.path.join(unusable_shards, "00001.tar"): "not a readable tar",
     }  # fmt: skip
     for path, why in cases.items():

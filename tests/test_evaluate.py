@@ -26,7 +26,7 @@ from model.tokenizer import Tokenizer
 from model.vision import preprocess
 from pipeline import evaluation
 from pipeline.evaluation import PREDICTED, SAMPLES, SCORED, error_code
-from pipeline.shards import Shard, find_shards, index_tar
+from pipeline.shards import Shard, TarReader, find_shards, index_tar
 from pipeline.tracking import RunLog
 from schemas import LABEL_TABLE, PREDICTIONS, REPORT, per_k_columns, read_table, write_table
 from tests.test_model import _tiny_model
@@ -343,6 +343,45 @@ def test_missing_inputs_are_named(tmp_path, export, small_dataset, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_unusable_inputs_are_refused_before_any_work(tmp_path, export, small_dataset, capsys):
+    """A label table of the wrong types, a parquet without its tar, --k past the vocabulary, a
+    file that is no shard: exit 2 naming the file (or the figure), nothing written, no Ray."""
+    import ray
+
+    shards, labels = small_dataset
+    table = os.path.join(labels, "labels", "00000.parquet")
+    good = pq.read_table(table)
+    out = str(tmp_path / "o")
+    joined = good.set_column(good.schema.get_field_index("labels"), "labels", pa.array([", ".join(v) for v in good.column("labels").to_pylist()]))
+    pq.write_table(joined, table)  # labels as one comma-joined string, as a CSV round trip writes them
+    assert job.main(_argv(export, shards, labels, out)) == 2
+    assert f"{table}: label_table: column 'labels' has type string, expected list<item: string>" in capsys.readouterr().err
+    pq.write_table(good.set_column(0, "key", pa.array(range(good.num_rows), pa.int64())), table)
+    assert job.main(_argv(export, shards, labels, out)) == 2
+    assert f"{table}: label_table: column 'key' has type int64" in capsys.readouterr().err
+    pq.write_table(good, table)
+    tar = os.path.join(shards, "00000.tar")
+    write_tar(tar, [(key, {"jpg": sample.data["jpg"], "txt": b"a red circle"}) for key, sample in zip(("000000000", "000000001"), TarReader(tar))])
+    assert job.main(_argv(export, shards, labels, out)) == 2  # the table's captions are "circle" and "star": made from other samples
+    assert f"{table} was not made from {tar}: sample 000000000's caption is 'a red circle' in the tar but 'circle'" in capsys.readouterr().err
+    pq.write_table(good.set_column(2, "caption", pa.array(["a red circle"] * good.num_rows)), table)
+    assert job.main(_argv(export, shards, labels, out, "--k", "5", "100000")) == 2
+    assert "--k 100000 is larger than the model's vocabulary of" in capsys.readouterr().err
+    parquet = os.path.join(shards, "00000.parquet")
+    pq.write_table(good, parquet)  # img2dataset's per-shard table beside its tar
+    assert job.main(_argv(export, parquet, labels, out)) == 2
+    assert f"{parquet}: not a webdataset shard (<name>.tar)" in capsys.readouterr().err
+    os.rename(os.path.join(shards, "00000.tar"), tmp_path / "moved.tar")  # the tar gone, its table left
+    assert job.main(_argv(export, shards, labels, out)) == 2
+    assert f"1 shard(s) have no tar, e.g. {parquet}: its tar 00000.tar is missing" in capsys.readouterr().err
+    assert not os.path.exists(out) and not ray.is_initialized()
+
+
+def test_a_run_that_scored_nothing_fails():
+    assert job.nothing_scored({"samples": 96, "scored": 3}, "/o") is None
+    assert job.nothing_scored({"samples": 96, "scored": 0}, "/o") == "no sample could be scored (96 sample(s); the errors above, and each sample's row in /o, say why)"
+
+
 def test_relative_paths_are_refused_under_job_submission(monkeypatch, capsys):
     monkeypatch.setenv(SUBMITTED, "{}")
     assert job.main(["--checkpoint", "/m", "--shards", "data/val", "--labels", "/l", "--output", "/o"]) == 2
@@ -363,6 +402,30 @@ def test_one_flag_under_two_names_takes_one_value(capsys):
         assert exit_.value.code == 2 and f"error: {said}: these are one flag under two names" in capsys.readouterr().err
     cfg = parse(job.EvaluateConfig, flags + ["--output", "/o", "--k", "5", "10", "--num-labels", "5", "10"], prog="evaluate", description=None)
     assert cfg.k == [5, 10]
+
+
+def test_one_flag_given_twice_takes_one_value(capsys):
+    """A repeated flag (a list, a scalar, a boolean's two forms) with different values is refused, not cut to its last value."""
+    from jobs.labels import LabelsConfig
+
+    flags = ["--checkpoint", "/m", "--shards", "/s", "--labels", "/l", "--output", "/o"]
+    for extra, said in (
+        (["--k", "5", "--k", "10"], "--k 5 and --k 10: the flag is given twice with different values"),
+        (["--task", "labels", "--task", "caption"], "--task labels and --task caption: the flag is given twice"),
+        (["--batch-size", "8", "--batch-size=16"], "--batch-size 8 and --batch-size 16: the flag is given twice"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parse(job.EvaluateConfig, flags + extra, prog="evaluate", description=None)
+        assert exit_.value.code == 2 and f"error: {said}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        parse(LabelsConfig, ["--shards", "/s", "--output", "/o", "--keep-numbers", "--no-keep-numbers"], prog="labels", description=None)
+    assert exit_.value.code == 2 and "--keep-numbers and --no-keep-numbers: these contradict each other" in capsys.readouterr().err
+    for extra in (["--cpus-per-actor", "inf"], ["--length-penalty=nan"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse(job.EvaluateConfig, flags + extra, prog="evaluate", description=None)
+        assert exit_.value.code == 2 and f"error: {' '.join(extra).replace('=', ' ')}: this flag takes a finite number" in capsys.readouterr().err
+    cfg = parse(job.EvaluateConfig, flags + ["--k", "5", "--k", "5", "--task", "labels", "caption"], prog="evaluate", description=None)
+    assert cfg.k == [5] and cfg.task == ["labels", "caption"]  # the same value twice is one value
 
 
 def test_stage_plan_follows_the_cluster():

@@ -48,10 +48,10 @@ def shard(tmp_path, world) -> tuple[str, str]:
     """(tar, labels folder): four samples with a class in their json, captions in their label table, a class column."""
     good = _jpeg(world, 3)
     members = [
-        ("a", {"jpg": good[0], "json": json.dumps({"label": "star", "caption": "x"}).encode()}),
+        ("a", {"jpg": good[0], "json": json.dumps({"label": "star", "caption": "a star\nA white star in the sky"}).encode()}),
         ("b", {"jpg": good[1], "json": json.dumps({"label": 2}).encode()}),
         ("c", {"jpg": good[2], "json": b"{not json"}),
-        ("d", {"txt": b"no image"}),
+        ("d", {"txt": b"a cup"}),  # no image; its caption is the label table's (made from this tar)
     ]
     tar = write_tar(tmp_path / "00000.tar", members)
     labels = str(tmp_path / "labels")
@@ -139,7 +139,10 @@ def test_score_stage_adds_closed_set_columns_and_the_driver_writes_its_tables(tm
     confusion = evaluation.confusion_table(out, CLASSES, [1, 2])
     write_table(confusion, tmp_path / "confusion.parquet", CONFUSION)
     assert [(r["k"], r["true_class"], r["predicted_class"], r["count"], r["share"]) for r in confusion.to_pylist()] == [(1, "cup", "circle", 1, 1.0), (2, "cup", "circle", 1, 1.0)]
-    assert "cup -> circle: 1 (100%)" in evaluation.format_confusion(confusion, 5)
+    assert "cup -> circle: 1 (100%)" in evaluation.format_confusion(confusion, 5, classified=3)
+    empty = confusion.slice(0, 0)
+    assert evaluation.format_confusion(empty, 5, classified=3) == "no confused pair: every top-1 class was right"
+    assert evaluation.format_confusion(empty, 5, classified=0) == "no confused pair: no sample has a class of the list"
 
 
 def test_caption_tables_score_what_has_an_image_and_references(tmp_path):

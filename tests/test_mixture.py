@@ -83,17 +83,39 @@ def test_fixed_weights_stay_and_a_shard_without_manifest_counts_its_label_rows(t
     a = dataset(tmp_path, "a", [10, 20])
     b = dataset(tmp_path, "b", [5], manifest=False, label_rows=4)
     assert ingested_samples(find_shards(b.shards), b.labels) == (4, "label tables")
-    mixture = resolve_mixture([DatasetSpec("a", a.shards, a.labels, 2.0), b], samples_per_epoch=0)
-    assert [(d.name, d.weight) for d in mixture.datasets] == [("a", 2.0), ("b", 4.0)]
+    fixed = [DatasetSpec("a", a.shards, a.labels, 2.0), DatasetSpec("b", b.shards, b.labels, 0.5)]
+    mixture = resolve_mixture(fixed, samples_per_epoch=0)
+    assert [(d.name, d.weight) for d in mixture.datasets] == [("a", 2.0), ("b", 0.5)]
     assert mixture.samples_per_epoch == 34 and mixture.sources == {"a": "manifest", "b": "label tables"}
+    assert [(d.name, d.weight) for d in resolve_mixture([a, b]).datasets] == [("a", 30.0), ("b", 4.0)]
     # a fixed epoch length is kept; a run of fixed steps counts only what is auto
     assert resolve_mixture([a, b], samples_per_epoch=1000).samples_per_epoch == 1000
-    only_b = resolve_mixture([DatasetSpec("a", a.shards, a.labels, 2.0), b], samples_per_epoch=None)
-    assert only_b.samples == {"b": 4} and only_b.samples_per_epoch == 0
+    steps_only = resolve_mixture(fixed, samples_per_epoch=None)
+    assert steps_only.samples == {} and steps_only.samples_per_epoch == 0
     # a shard neither in a manifest nor labelled cannot be counted
     os.remove(os.path.join(b.labels, "labels", "00000.parquet"))
     with pytest.raises(FileNotFoundError, match="not in its folder's manifest.parquet and no label table"):
         resolve_mixture([b])
+
+
+def test_auto_beside_a_number_is_refused(tmp_path):
+    """An auto weight becomes a sample count: a number beside it would draw its dataset almost never."""
+    a = dataset(tmp_path, "a", [10, 20])
+    b = dataset(tmp_path, "b", [5])
+    with pytest.raises(ValueError, match="dataset b: weight 2 beside auto weights: .* give every dataset auto or every one a number"):
+        resolve_mixture([a, DatasetSpec("b", b.shards, b.labels, 2.0)])
+
+
+def test_labels_of_other_shards_are_refused(tmp_path):
+    """The validation shards with the train labels: same keys, other captions."""
+    from tests.test_shards import write_tar
+
+    a = dataset(tmp_path, "a", [2])
+    write_tar(os.path.join(a.shards, "00000.tar"), [(f"a-0-{j}", {"jpg": b"x", "txt": b"a dog"}) for j in range(2)])
+    resolve_mixture([a])  # the table's captions are "a dog"
+    write_tar(os.path.join(a.shards, "00000.tar"), [(f"a-0-{j}", {"jpg": b"x", "txt": b"a cat on a mat"}) for j in range(2)])
+    with pytest.raises(ValueError, match="00000.parquet was not made from .*00000.tar: sample a-0-0's caption is 'a cat on a mat' in the tar"):
+        resolve_mixture([a])
 
 
 def test_the_training_config_takes_auto_and_resolves_the_epoch(tmp_path, world):

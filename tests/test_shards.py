@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 
 import fsspec
@@ -13,9 +14,13 @@ from pipeline.shards import (
     Shard,
     ShardReadError,
     TarReader,
+    check_label_table,
+    check_labels_made_from,
     find_shards,
     index_tar,
     label_table_path,
+    location_name,
+    require_tars,
     split_member,
     write_in_key_order,
 )
@@ -90,6 +95,56 @@ def test_label_tables_are_required_when_asked(folder, tmp_path):
         find_shards(os.path.join(folder, "*.tar"), labels=str(labels))
     with pytest.raises(FileNotFoundError, match="no such labels folder"):
         find_shards(pattern, labels=str(tmp_path / "nowhere"))
+
+
+def test_a_file_that_is_no_tar_and_a_parquet_without_its_tar_are_named(folder):
+    with pytest.raises(ValueError, match=r"00000.parquet: not a webdataset shard \(<name>.tar\)"):
+        find_shards(os.path.join(folder, "00000.parquet"))
+    found = find_shards(folder)
+    require_tars(found[:4])
+    with pytest.raises(FileNotFoundError, match=r"1 shard\(s\) have no tar, e.g. .*00007.parquet: its tar 00007.tar is missing"):
+        require_tars(found)
+
+
+def test_a_location_is_named_by_its_last_plain_folder():
+    for location in ("/data/coco_val/", "/data/coco_val/*.tar", "/data/coco_val/{00000..00329}.tar", "s3://b/coco_val/0000[0-3].tar", "/data/coco_val/00012.tar"):
+        assert location_name(location) == "coco_val", location
+    assert location_name("/") == "shards"
+
+
+def test_a_label_table_of_other_types_is_named_by_file_and_column():
+    import pyarrow as pa
+
+    from schemas import LABEL_TABLE
+    from schemas.validate import SchemaError
+
+    check_label_table(LABEL_TABLE, "t.parquet")
+    check_label_table(pa.schema([("key", pa.string()), ("labels", pa.list_(pa.string())), ("class", pa.int64())]), "t.parquet")  # extra columns are the user's
+    for fields, said in (
+        ([("key", pa.string()), ("labels", pa.string())], "column 'labels' has type string, expected list<item: string>"),
+        ([("key", pa.int64()), ("labels", pa.list_(pa.string()))], "column 'key' has type int64, expected string"),
+        ([("key", pa.string())], "missing column 'labels'"),
+    ):
+        with pytest.raises(SchemaError, match=f"^t.parquet: label_table: {re.escape(said)}"):
+            check_label_table(pa.schema(fields), "t.parquet")
+
+
+def test_labels_made_from_other_shards_are_named(tmp_path):
+    """Keys are per-shard counters in every ingestion: a table of other shards matches by key, not by caption."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = Shard("00000", write_tar(tmp_path / "00000.tar", [("000", {"jpg": b"x", "txt": b"a dog"}), ("001", {"jpg": b"y", "json": b'{"caption": "a cup"}'})]))
+    labels = tmp_path / "labels"
+    os.makedirs(labels / "labels")
+    check_labels_made_from(shard, str(labels))  # no table: the stage's own rule applies
+    for captions, wrong in ((["a dog", "a cup"], None), (["a dog", None], None), (["a dog", "a fish on a plate"], "001"), (["a star", "a cup"], "000")):
+        pq.write_table(pa.table({"key": ["000", "001"], "caption": captions, "labels": [["dog"], ["cup"]]}), label_table_path(str(labels), "00000"))
+        if wrong is None:
+            check_labels_made_from(shard, str(labels))
+        else:
+            with pytest.raises(ValueError, match=f"00000.parquet was not made from .*00000.tar: sample {wrong}'s caption is"):
+                check_labels_made_from(shard, str(labels))
 
 
 def test_two_shards_with_one_name_are_refused(folder, tmp_path):
