@@ -48,11 +48,26 @@ from pipeline.tracking import check_reporters
 DATA_FLAG = "NAME=SHARDS,LABELS[,WEIGHT[,BATCH]]"
 
 
+def _split_outside_braces(text: str) -> list[str]:
+    """``text`` split on the commas that are not inside ``{...}`` (a brace pattern's alternatives stay whole)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
 def _dataset(args: list[str]) -> DatasetSpec:
-    """One --data value; an empty WEIGHT is the default 1 (``coco=SHARDS,LABELS,,8``: a batch size, no weight)."""
+    """One --data value; an empty WEIGHT is the default 1 (``coco=SHARDS,LABELS,,8``: a batch size, no weight).
+    Commas inside a brace pattern (``/shards/{00000,00003}.tar``) belong to the pattern."""
     (spec,) = args
     name, _, rest = spec.partition("=")
-    parts = rest.split(",")
+    parts = _split_outside_braces(rest)
     if not name or len(parts) not in (2, 3, 4) or not all(parts[:2]):
         raise ValueError(f"--data {spec!r}: expected {DATA_FLAG}")
     weight = parse_weight(parts[2]) if len(parts) > 2 and parts[2].strip() else 1.0
@@ -167,7 +182,7 @@ class TrainConfig:
     save_every: int = 1000
     """DeepSpeed checkpoint every N steps (and at the end, with export)"""
     keep_checkpoints: int = 2
-    """newest checkpoints kept on disk"""
+    """newest checkpoints kept on disk (0: keep all)"""
     log_every: int = 10
     """steps between metric lines (metrics.jsonl, TensorBoard, W&B)"""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -211,9 +226,17 @@ class TrainConfig:
         if not self.data:
             raise ValueError(f"no datasets: give --data {DATA_FLAG} or a data: list in the YAML")
         self._merge_batch_sizes()
+        if self.export_to and not self.export:
+            raise ValueError(f"--export-to {self.export_to} with --no-export: nothing would be exported there; give one of them")
         for d in self.data:
             for path in (d.shards, d.labels):
-                if not storage.exists(re.split(r"[*?\[{]", path)[0].rstrip("/") or "/"):
+                try:
+                    storage.check_reachable(path)  # no credentials, no bucket, no access: said as such
+                    with storage.reported(path):
+                        found = storage.exists(re.split(r"[*?\[{]", path)[0].rstrip("/") or "/")
+                except storage.StorageError as err:  # a usage error like the others here (exit 2)
+                    raise ValueError(f"dataset {d.name}: {err}") from err
+                if not found:
                     raise ValueError(f"dataset {d.name}: {path} does not exist")
         if storage.is_url(self.run_dir):
             raise ValueError(f"run_dir {self.run_dir}: DeepSpeed checkpoints need a POSIX path (local or a shared file system); use --export-to for a URL")
@@ -229,9 +252,16 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         if self.steps <= 0 and self.epochs <= 0:
             raise ValueError("set steps, or epochs (over samples_per_epoch, default the datasets' ingested samples)")
-        for name in ("batch_size", "grad_accum", "save_every", "log_every"):
+        for name in ("batch_size", "grad_accum", "save_every", "log_every", "image_size", "patch_size", "decoder_layers", "max_text_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("steps", "epochs", "samples_per_epoch", "warmup_steps", "weight_decay", "grad_clip", "caption_weight", "num_workers", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0: keep all), not {self.keep_checkpoints}")
+        if self.train_vision_blocks < -1:
+            raise ValueError(f"train_vision_blocks must be >= 0, or -1 for the whole ViT, not {self.train_vision_blocks}")
         if self.global_batch < 0:
             raise ValueError("global_batch must be >= 0 (0: batch_size x grad_accum x world size)")
         if self.global_batch and self.grad_accum != 1:
@@ -239,7 +269,7 @@ class TrainConfig:
         if self.global_batch % self.batch_size:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of batch_size {self.batch_size}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError("need 0 <= min_lr <= lr and lr > 0")
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0 (min_lr {self.min_lr}, lr {self.lr})")
         if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
             raise ValueError(f"resume: {self.resume!r} is neither auto, never nor a checkpoint folder")
         if not 0 < self.caption_fraction <= 1:
@@ -277,6 +307,24 @@ class TrainConfig:
         global_batch = self.batch_size * self.gradient_accumulation(world_size) * world_size
         return math.ceil(self.epochs * math.ceil(self.samples_per_epoch / global_batch))
 
+    def check_inputs(self) -> None:
+        """Raise FileNotFoundError (or storage.StorageError) for an input the run would fail on only after the
+        model is built: a tokenizer, LLaMA or CLIP file that is not there, a labels folder without label tables
+        (not a jobs.labels output) or, on object storage, one without its _SUCCESS marker."""
+        from pipeline.outputs import require_published
+
+        local = {"tokenizer": self.tokenizer} if self.model in ("tiny", "pretrained") else {}
+        if self.model == "pretrained":
+            local |= {"llama": self.llama, "clip_weights": self.clip_weights}
+        for name, path in local.items():
+            if path and not (os.path.isfile(path) or (name == "llama" and os.path.isdir(path))):
+                raise FileNotFoundError(f"{name} {path}: no such file" + (" (a local file)" if storage.is_url(path) else ""))
+        for d in self.data:
+            with storage.reported(d.labels):
+                require_published(d.labels, "labels output")  # on object storage: only a whole one
+                if not storage.isdir(storage.join(d.labels, "labels")):
+                    raise FileNotFoundError(f"dataset {d.name}: no label tables in {d.labels}/labels (not a jobs.labels output: run jobs.labels)")
+
     def resolve_data(self) -> Mixture:
         """Auto weights and an auto epoch length from the datasets' manifests, in place; the mixture."""
         mixture = resolve_mixture(self.data, self.samples_per_epoch if self.steps <= 0 else None)
@@ -291,8 +339,28 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict]:
     args = list(sys.argv[1:] if argv is None else argv)
     args = [a for i, a in enumerate(args) if not (a.startswith(("--local_rank", "--local-rank")) or (i and args[i - 1] in ("--local_rank", "--local-rank")))]
     cfg = parse(TrainConfig, args, prog="deepspeed jobs/train.py", description=__doc__)
-    with open(cfg.deepspeed) as fh:
-        return cfg, json.load(fh)
+    return cfg, _read_deepspeed_json(cfg.deepspeed)
+
+
+def _read_deepspeed_json(path: str) -> dict:
+    """The DeepSpeed JSON at ``path`` (a local file); a usage error (exit 2) when it is missing or not a JSON object."""
+    problem = None
+    try:
+        with open(path) as fh:
+            value = json.load(fh)
+    except FileNotFoundError:
+        problem = "no such file"
+    except OSError as err:
+        problem = f"cannot be read ({err.strerror or err})"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem = f"not a JSON file ({err})"
+    else:
+        if not isinstance(value, dict):
+            problem = f"not a DeepSpeed config (a JSON object), but a JSON {type(value).__name__}"
+    if problem:
+        print(f"error: --deepspeed {path}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return value
 
 
 def _release_shm_names() -> None:
@@ -341,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:  # ranks share this machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     try:
+        cfg.check_inputs()  # before the model is built and anything is written to the run folder
         mixture = cfg.resolve_data()  # every rank reads the same manifests: the same weights everywhere
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, storage.StorageError) as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         torch.distributed.destroy_process_group()

@@ -4,7 +4,9 @@
 when there is one, ``never`` starts fresh and refuses a run folder that already holds
 checkpoints (two runs in one folder would corrupt both), and a path resumes from a
 checkpoint tag folder (``.../checkpoints/step800``) or a checkpoints folder with DeepSpeed's
-``latest`` file, e.g. of another run.
+``latest`` file, e.g. of another run. A run folder that already holds checkpoints of its own
+refuses another run's, unless its run began from that same path (its recorded config says
+so): a re-run of the command that began it continues from the folder's own latest checkpoint.
 
 Beside each checkpoint the trainer writes ``run_state.json`` (:data:`RUN_STATE`, rank 0, after
 every rank saved): step, samples seen, world size, global batch, ZeRO stage, the training
@@ -61,6 +63,7 @@ class Checkpoint:
     world_size: int  # data-parallel ranks that wrote it
     zero_stage: int
     state: dict | None  # its run_state.json; None for a checkpoint without one (see read_checkpoint)
+    note: str | None = None  # why this checkpoint and not the one asked for (find_checkpoint), for the log
 
     @property
     def path(self) -> str:
@@ -129,11 +132,37 @@ def find_checkpoint(resume: str, save_dir: str) -> Checkpoint | None:
     else:
         raise ResumeError(f"--resume {resume}: neither a DeepSpeed checkpoint folder (*_model_states.pt) nor a checkpoints folder with a latest file")
     if own and os.path.realpath(parent) != os.path.realpath(save_dir):
+        if _same_path(resume, _resumed_from(save_dir)):  # this run began from that checkpoint: a re-run of its command
+            ckpt = read_checkpoint(save_dir, own)
+            ckpt.note = (
+                f"--resume {resume}: {save_dir} already holds this run's own checkpoints, begun from that one: "
+                f"continuing from its latest, {ckpt.path}"
+            )
+            return ckpt
         raise ResumeError(
-            f"--resume {resume}: {save_dir} already holds checkpoints of its own run ({own}); continuing another run's "
-            "checkpoint there would mix the two: choose a new --run-dir"
+            f"--resume {resume}: {save_dir} already holds checkpoints of its own run ({own}), which did not begin from "
+            f"{resume}; continuing another run's checkpoint there would mix the two: choose a new --run-dir, or "
+            "--resume auto to continue the run already there"
         )
     return read_checkpoint(parent, tag)
+
+
+def _same_path(a: str, b: set[str]) -> bool:
+    return os.path.realpath(os.path.abspath(a.rstrip("/"))) in {os.path.realpath(os.path.abspath(p.rstrip("/"))) for p in b}
+
+
+def _resumed_from(save_dir: str) -> set[str]:
+    """The ``--resume`` paths the launches of the run in ``save_dir``'s folder were given, as recorded in its
+    checkpoints' run_state.json and the run folder's train_config.json (auto and never left out)."""
+    configs = []
+    for _, tag in checkpoint_tags(save_dir):
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(save_dir, tag, RUN_STATE)) as f:
+                configs.append(json.load(f).get("train_config", {}))
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(os.path.dirname(os.path.abspath(save_dir)), "train_config.json")) as f:
+            configs.append(json.load(f))
+    return {c["resume"] for c in configs if isinstance(c, dict) and isinstance(c.get("resume"), str) and c["resume"] not in ("auto", "never")}
 
 
 def checkpoint_tags(save_dir: str) -> list[tuple[int, str]]:

@@ -177,8 +177,24 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss(metrics_path: str, out_png: str) -> None:
-    """The loss curve (and learning rate) of a run as a PNG."""
+def check_not_past_end(ckpt, global_batch: int, total: int) -> None:
+    """Raise ResumeError when the checkpoint (its run_state.json) has seen more samples than the config's
+    ``total`` steps of ``global_batch`` hold: the run would resume past its end, train nothing and export the
+    checkpoint as it is. A checkpoint exactly at the end (a finished run's, or one killed before its export)
+    passes; one without run_state.json is only known once loaded (Trainer.run warns then)."""
+    if ckpt.state is None or "samples" not in ckpt.state:
+        return
+    step, _ = resume.resume_step(ckpt.state["samples"], global_batch)
+    if step > total:
+        raise resume.ResumeError(
+            f"{ckpt.path} has seen {ckpt.state['samples']:,} samples: step {step} at a global batch of {global_batch}, past "
+            f"this run's last step {total}; nothing would train: give more than {step} --steps (or the --epochs that make them) to continue it, "
+            "or --model with its export to start a new run from it"
+        )
+
+
+def plot_loss(metrics_path: str, out_png: str) -> bool:
+    """The loss curve (and learning rate) of a run as a PNG; False (nothing written) when no step was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +202,7 @@ def plot_loss(metrics_path: str, out_png: str) -> None:
 
     rows = MetricsLog.read(metrics_path)
     if not rows:
-        return
+        return False
     by_samples = all("samples" in r for r in rows)  # steps are renumbered where a resume changed the global batch
     axis = "samples" if by_samples else "step"
     x = [r[axis] for r in rows]
@@ -207,6 +223,7 @@ def plot_loss(metrics_path: str, out_png: str) -> None:
     with atomic_file(out_png) as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
+    return True
 
 
 def state_dict_from_checkpoint(save_dir: str, tag: str) -> dict[str, torch.Tensor]:
@@ -316,8 +333,11 @@ class Trainer:
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         ckpt = resume.find_checkpoint(cfg.resume, self.save_dir)
         if ckpt is not None:
+            if ckpt.note:
+                self.on_message(ckpt.note)
             self._say_changes(ckpt, world, recipe.global_batch, stage)  # and refuse a change that breaks the run
             resume.check_stage(ckpt, stage)
+            check_not_past_end(ckpt, recipe.global_batch, total)
         model, self.tokenizer = self._build_model()
         self.model_cfg = model.cfg
         ds = fill_model_sizes(ds, max(model.cfg.decoder.dim, model.cfg.vision.width))
@@ -358,6 +378,12 @@ class Trainer:
         self._exported_from = None
         if ckpt is not None:
             step, samples, stats = self._load(engine, ckpt, universal, recipe.global_batch, total)
+            if step >= total:  # known only now for a checkpoint without its run_state.json
+                self.on_message(
+                    f"warning: nothing to train: the run resumes at step {step}, and the config's last step is {total}"
+                    + (f" (the checkpoint is {step - total} step(s) past it)" if step > total else "")
+                    + ("; exporting the checkpoint's weights as they are" if cfg.export else "")
+                )
         log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl"), step, samples if ckpt is not None else None) if rank == 0 else None
         self.on_start(
             {
@@ -550,8 +576,9 @@ class Trainer:
         out = save_pretrained(model, self.tokenizer, os.path.join(self.cfg.run_dir, "export"), extra={"step": step, "checkpoint": tag}, card=card)
         if getattr(self.cfg, "export_to", None):
             self.on_message(f"copied the exported model to {export_copy(out, self.cfg.export_to)}")
-        plot_loss(os.path.join(self.cfg.run_dir, "metrics.jsonl"), os.path.join(self.cfg.run_dir, "loss.png"))
-        self.on_message(f"exported {out} (step {step}); loss curve {os.path.join(self.cfg.run_dir, 'loss.png')}")
+        png = os.path.join(self.cfg.run_dir, "loss.png")
+        plotted = plot_loss(os.path.join(self.cfg.run_dir, "metrics.jsonl"), png)
+        self.on_message(f"exported {out} (step {step})" + (f"; loss curve {png}" if plotted else "; no loss curve: metrics.jsonl has no logged step"))
 
 
 class _Window:

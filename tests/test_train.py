@@ -251,3 +251,19 @@ def test_zero3_with_the_papers_freezing_policy_and_per_dataset_batches(train_set
         )
         assert changed == trains, f"{key}: {'changed' if changed else 'unchanged'}"
     assert torch.equal(before["decoder.embed.base.weight"], after["decoder.embed.base.weight"]), "ordinary embedding rows stay"
+
+
+def test_a_labels_folder_without_label_tables_is_refused_before_the_model_is_built(repo_root, tmp_path):
+    """An input the loader would fail on after the model is built: said once (rank 0), exit 2, the run folder left empty."""
+    shards, labels = tmp_path / "shards", tmp_path / "not_labels"
+    os.makedirs(shards)
+    os.makedirs(labels)
+    open(shards / "00000.tar", "wb").close()
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    config = {"model": "tiny", "tokenizer": str(tmp_path / "tokenizer.model"), "data": [{"name": "a", "shards": str(shards), "labels": str(labels)}],
+              "steps": 2, "num_workers": 0, "report_to": ["none"]}  # fmt: skip
+    run = str(tmp_path / "run")
+    output = _launch(repo_root, config, "zero2", run, expect_code=2)
+    assert output.count(f"error: dataset a: no label tables in {labels}/labels") == 1, output[-3000:]  # 2 ranks, said once
+    assert "Traceback" not in output, output[-3000:]
+    assert os.listdir(run) == []  # no train_config.json, ds_config.json or metrics.jsonl

@@ -172,6 +172,29 @@ def _loss_and_grads(model: NxTP, batch: dict, **kwargs):
     return out["loss"].detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
+def test_a_label_table_of_other_types_is_counted_and_trains_nothing(tmp_path):
+    """Labels as one comma-joined string (a CSV round trip) would train on single letters: the
+    table is counted in ``bad_label_tables`` instead, apart from a missing one."""
+    from collections import Counter, OrderedDict
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.loader import _shard_labels
+    from pipeline.shards import Shard, label_table_path
+
+    spec = DatasetSpec("d", str(tmp_path / "shards"), str(tmp_path / "labels"))
+    os.makedirs(tmp_path / "labels" / "labels")
+    good = pa.table({"key": ["a", "b"], "labels": [["dog", "cup"], ["sky"]]})
+    pq.write_table(good, label_table_path(spec.labels, "00000"))
+    pq.write_table(good.set_column(1, "labels", pa.array(["dog, cup", "sky"])), label_table_path(spec.labels, "00001"))
+    stats, cache = Counter(), OrderedDict()
+    assert _shard_labels(spec, Shard("00000", "x.tar"), stats, cache) == {"a": ["dog", "cup"], "b": ["sky"]}
+    assert _shard_labels(spec, Shard("00001", "x.tar"), stats, cache) == {}
+    assert _shard_labels(spec, Shard("00002", "x.tar"), stats, cache) == {}
+    assert stats == Counter(bad_label_tables=1, missing_label_tables=1)
+
+
 def test_target_count_from_the_cpu_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     model = NxTP(tiny_config(100, image_size=64))
@@ -292,3 +315,236 @@ def test_the_training_step_never_waits_for_the_device(sync_report):
     assert len(reads) == 1, json.dumps(sync_report, indent=1)
     counts = [r for r in sync_report if "_host_side" in r["functions"]]
     assert len(counts) == 3 * 2, "one CPU-side count per micro-batch"
+
+
+# ----------------------------------------------------------------------------- inputs refused up front
+
+
+def _small_config(tmp_path, **changes) -> TrainConfig:
+    """A tiny-model config over one local dataset (an empty tar, labels/ with no tables): what __post_init__ checks."""
+    shards, labels = tmp_path / "shards", tmp_path / "labels"
+    os.makedirs(shards, exist_ok=True)
+    os.makedirs(labels / "labels", exist_ok=True)
+    (shards / "00000.tar").touch()
+    (tmp_path / "tokenizer.model").touch()
+    values = {"deepspeed": "jobs/configs/zero2.json", "run_dir": str(tmp_path / "run"), "model": "tiny",
+              "tokenizer": str(tmp_path / "tokenizer.model"), "data": [DatasetSpec("a", str(shards), str(labels), 1.0)], "steps": 4}  # fmt: skip
+    return TrainConfig(**(values | changes))
+
+
+def test_export_to_with_no_export_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--export-to .* with --no-export: nothing would be exported"):
+        _small_config(tmp_path, export=False, export_to=str(tmp_path / "out"))
+    assert _small_config(tmp_path, export=False).export_to is None
+    assert _small_config(tmp_path, export_to=str(tmp_path / "out")).export
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("warmup_steps", -5), ("caption_weight", -1.0), ("weight_decay", -0.1), ("grad_clip", -1.0), ("steps", -3), ("epochs", -1.0),
+     ("samples_per_epoch", -1), ("num_workers", -1), ("shuffle_buffer", -1), ("keep_checkpoints", -1), ("min_lr", -1e-6),
+     ("caption_fraction", 0.0), ("caption_fraction", 1.5), ("caption_fraction", -0.5), ("train_vision_blocks", -2),
+     ("max_text_len", 0), ("image_size", 0), ("patch_size", 0), ("decoder_layers", 0)],
+)  # fmt: skip
+def test_values_out_of_range_are_refused(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        _small_config(tmp_path, **{field: value})
+
+
+def test_edges_of_the_ranges_are_taken(tmp_path):
+    cfg = _small_config(tmp_path, warmup_steps=0, caption_weight=0.0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=0, num_workers=0,
+                        shuffle_buffer=0, min_lr=0.0, caption_fraction=1.0, train_vision_blocks=-1)  # fmt: skip
+    assert cfg.keep_checkpoints == 0
+
+
+def test_keep_checkpoints_0_keeps_all_and_says_so(tmp_path):
+    import inspect
+
+    from pipeline.training import prune_checkpoints
+
+    save = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        os.makedirs(save / f"step{step}")
+    (save / "latest").write_text("step3")
+    assert prune_checkpoints(str(save), 0) == [] and len(os.listdir(save)) == 4
+    assert sorted(prune_checkpoints(str(save), 1)) == ["step1", "step2"]
+    assert '"""newest checkpoints kept on disk (0: keep all)"""' in inspect.getsource(TrainConfig)  # the --help text
+
+
+def test_data_flag_keeps_commas_inside_braces(tmp_path):
+    from jobs.train import _dataset
+
+    spec = _dataset(["a=/shards/{00000,00003}.tar,/labels"])
+    assert (spec.name, spec.shards, spec.labels, spec.weight, spec.batch_size) == ("a", "/shards/{00000,00003}.tar", "/labels", 1.0, None)
+    spec = _dataset(["a=/s/{00000..00003}-{a,b}.tar,/l/{x,y},0.5,8"])
+    assert (spec.shards, spec.labels, spec.weight, spec.batch_size) == ("/s/{00000..00003}-{a,b}.tar", "/l/{x,y}", 0.5, 8)
+    with pytest.raises(ValueError, match="expected NAME=SHARDS,LABELS"):
+        _dataset(["a=/shards/{00000,00003}.tar"])
+
+
+def _parse(argv: list[str], capsys) -> tuple[int | None, str]:
+    from jobs.train import parse_args
+
+    try:
+        parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code, capsys.readouterr().err
+    return None, capsys.readouterr().err
+
+
+def test_data_flag_with_a_brace_pattern_parses(tmp_path, capsys):
+    cfg = _small_config(tmp_path)
+    (tmp_path / "shards" / "00003.tar").touch()
+    from jobs.train import parse_args
+
+    parsed, _ = parse_args(["--deepspeed", "jobs/configs/zero2.json", "--tokenizer", cfg.tokenizer, "--run-dir", cfg.run_dir, "--steps", "2",
+                            "--data", f"a={tmp_path}/shards/{{00000,00003}}.tar,{tmp_path}/labels"])  # fmt: skip
+    assert parsed.data[0].shards == f"{tmp_path}/shards/{{00000,00003}}.tar" and parsed.data[0].weight == 1.0
+
+
+@pytest.mark.parametrize("flags, message", [(["--warmup-steps", "-5"], "warmup_steps must be >= 0"), (["--caption-weight", "-1"], "caption_weight must be >= 0"),
+                                            (["--no-export", "--export-to", "/tmp/x"], "with --no-export")])  # fmt: skip
+def test_range_errors_are_usage_errors(tmp_path, capsys, flags, message):
+    cfg = _small_config(tmp_path)
+    base = ["--deepspeed", "jobs/configs/zero2.json", "--tokenizer", cfg.tokenizer, "--run-dir", cfg.run_dir, "--steps", "2",
+            "--data", f"a={tmp_path}/shards,{tmp_path}/labels"]  # fmt: skip
+    code, err = _parse(base + flags, capsys)
+    assert code == 2 and message in " ".join(err.replace("│", " ").split()), err
+
+
+def test_a_missing_or_invalid_deepspeed_json_is_a_usage_error(tmp_path, capsys):
+    cfg = _small_config(tmp_path)
+    base = ["--tokenizer", cfg.tokenizer, "--run-dir", cfg.run_dir, "--steps", "2", "--data", f"a={tmp_path}/shards,{tmp_path}/labels"]
+    (tmp_path / "notes.md").write_text("# not JSON\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for path, said in [(tmp_path / "nope.json", "no such file"), (tmp_path / "notes.md", "not a JSON file (Expecting value"),
+                       (tmp_path / "list.json", "not a DeepSpeed config (a JSON object), but a JSON list"), (tmp_path, "cannot be read")]:  # fmt: skip
+        code, err = _parse(["--deepspeed", str(path), *base], capsys)
+        assert code == 2 and err.startswith(f"error: --deepspeed {path}: {said}") and len(err.splitlines()) == 1, err
+        assert "Traceback" not in err
+
+
+def test_inputs_that_would_fail_after_the_model_is_built_are_named(tmp_path):
+    cfg = _small_config(tmp_path)
+    cfg.check_inputs()
+    os.rmdir(tmp_path / "labels" / "labels")  # a folder that is no jobs.labels output
+    with pytest.raises(FileNotFoundError, match=r"dataset a: no label tables in .*/labels/labels \(not a jobs.labels output"):
+        cfg.check_inputs()
+    os.makedirs(tmp_path / "labels" / "labels")
+    cfg.check_inputs()
+    cfg.tokenizer = str(tmp_path / "nope.model")
+    with pytest.raises(FileNotFoundError, match=f"tokenizer {tmp_path}/nope.model: no such file"):
+        cfg.check_inputs()
+    cfg.tokenizer = str(tmp_path)  # a folder
+    with pytest.raises(FileNotFoundError, match="tokenizer .*: no such file"):
+        cfg.check_inputs()
+
+
+@pytest.fixture
+def s3_without_credentials(s3, monkeypatch):
+    """The session's S3 server, reached with no credentials from this process (s3fs's cached clients dropped before and after)."""
+    import s3fs
+
+    from tests import s3_server
+
+    for key in set(os.environ) - set(s3_server.without_credentials(dict(os.environ))):
+        monkeypatch.delenv(key)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.s3
+def test_s3_data_without_credentials_is_a_usage_error(tmp_path, s3_without_credentials):
+    with pytest.raises(ValueError, match=r"dataset a: s3://nxtp/shards: no credentials for s3:// .*AWS_ACCESS_KEY_ID"):
+        _small_config(tmp_path, data=[DatasetSpec("a", "s3://nxtp/shards", str(tmp_path / "labels"), 1.0)])
+
+
+@pytest.mark.s3
+def test_s3_labels_without_their_success_marker_are_named(tmp_path, s3):
+    import fsspec
+
+    from pipeline.outputs import UnpublishedOutputError
+
+    fs = fsspec.filesystem("s3")
+    fs.pipe("nxtp/train-labels-unpublished/labels/00000.parquet", b"not read")
+    cfg = _small_config(tmp_path, data=[DatasetSpec("a", str(tmp_path / "shards"), "s3://nxtp/train-labels-unpublished", 1.0)])
+    with pytest.raises(UnpublishedOutputError, match="s3://nxtp/train-labels-unpublished: not a published labels output"):
+        cfg.check_inputs()
+    fs.pipe("nxtp/train-labels-unpublished/_SUCCESS", b"")
+    cfg.check_inputs()
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _fake_checkpoint(save_dir, step: int, samples: int, world: int = 1, resume: str = "auto") -> str:
+    """A checkpoint folder as find_checkpoint sees it: DeepSpeed's model-states file, run_state.json, latest."""
+    tag = os.path.join(save_dir, f"step{step}")
+    os.makedirs(tag)
+    open(os.path.join(tag, "mp_rank_00_model_states.pt"), "wb").close()
+    state = {"step": step, "samples": samples, "world_size": world, "zero_stage": 2, "global_batch": samples // step, "train_config": {"resume": resume}}
+    with open(os.path.join(tag, "run_state.json"), "w") as f:
+        json.dump(state, f)
+    with open(os.path.join(save_dir, "latest"), "w") as f:
+        f.write(f"step{step}")
+    return tag
+
+
+def test_rerunning_a_resume_into_a_new_run_dir_continues_its_own_checkpoints(tmp_path):
+    from pipeline.resume import ResumeError, find_checkpoint
+
+    other = _fake_checkpoint(str(tmp_path / "f" / "checkpoints"), 4, 64, world=2)
+    save = str(tmp_path / "g3" / "checkpoints")
+    first = find_checkpoint(other, save)  # the first launch: the other run's checkpoint, nothing said
+    assert (first.save_dir, first.tag, first.note) == (os.path.dirname(other), "step4", None)
+    _fake_checkpoint(save, 10, 80, resume=other)  # what that launch wrote, its config naming --resume
+    for again in (other, other + "/", os.path.relpath(other)):  # the same command, the path as typed
+        ckpt = find_checkpoint(again, save)
+        assert (ckpt.save_dir, ckpt.tag) == (save, "step10")
+        assert "already holds this run's own checkpoints, begun from that one: continuing from its latest" in ckpt.note
+        assert ckpt.path in ckpt.note
+    # a run folder whose own run began elsewhere still refuses, and says how to continue it
+    elsewhere = _fake_checkpoint(str(tmp_path / "x" / "checkpoints"), 2, 32)
+    with pytest.raises(ResumeError, match=r"already holds checkpoints of its own run \(step10\), which did not begin from .*--resume auto"):
+        find_checkpoint(elsewhere, save)
+
+
+def test_the_resume_recorded_in_train_config_counts_when_run_state_is_missing(tmp_path):
+    from pipeline.resume import ResumeError, find_checkpoint
+
+    other = _fake_checkpoint(str(tmp_path / "f" / "checkpoints"), 4, 64)
+    save = str(tmp_path / "g" / "checkpoints")
+    own = _fake_checkpoint(save, 6, 96, resume=other)
+    os.remove(os.path.join(own, "run_state.json"))  # killed between DeepSpeed's save and run_state.json
+    open(os.path.join(own, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "wb").close()
+    with pytest.raises(ResumeError, match="which did not begin from"):
+        find_checkpoint(other, save)
+    (tmp_path / "g" / "train_config.json").write_text(json.dumps({"resume": other}))
+    ckpt = find_checkpoint(other, save)
+    assert (ckpt.tag, ckpt.state, ckpt.world_size) == ("step6", None, 1) and ckpt.note
+
+
+def test_a_checkpoint_past_the_configured_end_is_refused_before_the_model_is_built(tmp_path):
+    from pipeline.resume import ResumeError, read_checkpoint
+    from pipeline.training import check_not_past_end
+
+    tag = _fake_checkpoint(str(tmp_path / "checkpoints"), 4, 64, world=2)  # 2 ranks x 8: step 4, 64 samples
+    ckpt = read_checkpoint(*os.path.split(tag))
+    with pytest.raises(ResumeError, match=r"has seen 64 samples: step 8 at a global batch of 8, past this run's last step 6; nothing would train"):
+        check_not_past_end(ckpt, 8, 6)  # 1 rank x 8: step 8 of 6
+    check_not_past_end(ckpt, 8, 8)  # exactly at the end (a finished run re-run, or killed before its export): warned, exported
+    check_not_past_end(ckpt, 16, 6)
+    ckpt.state = None  # without run_state.json: known only once loaded
+    check_not_past_end(ckpt, 8, 6)
+
+
+def test_no_loss_curve_without_logged_steps(tmp_path):
+    from pipeline.training import plot_loss
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert plot_loss(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png")) is False
+    assert not (tmp_path / "loss.png").exists()
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples": 8, "loss": 2.0, "lr": 1e-3}) + "\n")
+    assert plot_loss(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png")) is True
+    assert (tmp_path / "loss.png").stat().st_size > 0
