@@ -35,6 +35,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 # 8192 x 8192: larger than any camera's photo a web page shows, and 64x smaller than a 64k x 64k bomb;
 # decoding one such image takes about 200 MB (RGB), 270 MB with an alpha channel.
 DEFAULT_MAX_IMAGE_AREA = 8192 * 8192
+MAX_SIDE = 65500  # the longest side a JPEG (and OpenCV's encoder) can hold
 # Pillow refuses larger images on its own (DecompressionBombError, 2 x Image.MAX_IMAGE_PIXELS)
 PILLOW_AREA_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
@@ -234,13 +235,21 @@ class ImageResizer:
             raise ImageRefused("image too small")
         import cv2  # the data stack's: decoding alone (jobs.infer, the infer extra) needs only Pillow
 
-        pixels = np.asarray(img)
         size = target_size(*original, self.image_size, self.resize_mode)
-        if size != (img.width, img.height):
-            shrink = size[0] * size[1] < img.width * img.height
-            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
-        pixels = self._crop_or_pad(pixels)
-        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), self.encode_quality])
+        if size[0] * size[1] > self.max_image_area or max(size) > MAX_SIDE:  # a sliver (65536 x 1) scaled up: gigabytes
+            raise ImageRefused(
+                f"aspect ratio too large: {original[0]}x{original[1]} would be scaled to {size[0]}x{size[1]} "
+                f"(more than {self.max_image_area:,} pixels (--max-image-area) or {MAX_SIDE:,} on a side)"
+            )
+        pixels = np.asarray(img)
+        try:
+            if size != (img.width, img.height):
+                shrink = size[0] * size[1] < img.width * img.height
+                pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+            pixels = self._crop_or_pad(pixels)
+            ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), self.encode_quality])
+        except cv2.error as err:  # whatever OpenCV refuses is this image's failure, never its shard's
+            raise ImageRefused(f"decode_error: could not resize or re-encode ({str(err).strip().splitlines()[-1]})") from None
         if not ok:  # pragma: no cover - an RGB uint8 array always encodes
             raise ImageRefused("decode_error: could not re-encode")
         return encoded.tobytes(), pixels.shape[1], pixels.shape[0], original[0], original[1]

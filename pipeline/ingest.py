@@ -180,8 +180,10 @@ class FetchPolicy:
     disallowed_header_directives: tuple[str, ...] = X_ROBOTS_DIRECTIVES  # () honours none
 
     def __post_init__(self):
-        if self.retries < 0 or self.backoff_s < 0 or self.timeout <= 0 or self.max_bytes < 1:
-            raise ValueError("retries and backoff must be >= 0, timeout and max_bytes > 0")
+        if self.retries < 0 or not 0 <= self.backoff_s < math.inf or not 0 < self.timeout < math.inf or self.max_bytes < 1:
+            raise ValueError("retries and backoff must be >= 0, timeout and max_bytes > 0 (finite numbers)")
+        # X-Robots-Tag directives are compared lower-cased (img2dataset lower-cases the header's)
+        object.__setattr__(self, "disallowed_header_directives", tuple(d.strip().lower() for d in self.disallowed_header_directives if d.strip()))
 
     def user_agent(self) -> str:
         if not self.user_agent_token:
@@ -219,7 +221,10 @@ def _fetch_once(url: str, policy: FetchPolicy) -> tuple[bytes | None, str | None
     from img2dataset.downloader import is_disallowed
 
     token = (policy.user_agent_token or "").strip().lower() or None
-    request = urllib.request.Request(url, headers={"User-Agent": policy.user_agent()})
+    try:
+        request = urllib.request.Request(request_url(url), headers={"User-Agent": policy.user_agent()})
+    except ValueError as err:  # UnicodeError (a host IDNA refuses) included; never quote the URL: its text would be classified
+        return None, f"invalid URL ({type(err).__name__})", None
     try:
         with urllib.request.urlopen(request, timeout=policy.timeout) as r:
             if policy.disallowed_header_directives and is_disallowed(r.headers, token, set(policy.disallowed_header_directives)):
@@ -235,6 +240,22 @@ def _fetch_once(url: str, policy: FetchPolicy) -> tuple[bytes | None, str | None
         return None, str(err), _retry_after(err.headers)
     except Exception as err:  # noqa: BLE001 - every network failure is a counted reason, as in img2dataset
         return None, str(err) or type(err).__name__, None
+
+
+def request_url(url: str) -> str:
+    """``url`` as a browser sends it: a non-ASCII host IDNA-encoded; spaces and non-ASCII
+    characters of the path and query percent-encoded as UTF-8 (``%XX`` already there kept);
+    the fragment, which is never sent, dropped. ``ValueError`` for a host IDNA refuses."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url.strip())
+    netloc = parts.netloc
+    if not netloc.isascii():
+        userinfo, at, hostport = netloc.rpartition("@")
+        host, colon, port = hostport.partition(":")
+        netloc = userinfo + at + host.encode("idna").decode("ascii") + colon + port
+    safe = "/%:@!$&'()*+,;=-._~"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=safe), urllib.parse.quote(parts.query, safe=safe + "?"), ""))
 
 
 def fetch_url(url: str, policy: FetchPolicy, sleep: Callable[[float], None] = time.sleep) -> Fetched:
@@ -794,7 +815,7 @@ def run_ingest(
     done = {s for s in done_shards(output) if s in planned}
     attempts_path = storage.join(output, "ingest_attempts.json")
     attempts = _load_attempts(attempts_path)
-    result = IngestResult(output, build_manifest(output, planned, attempts, digits), shards, len(done & set(range(shards))))
+    result = IngestResult(output, build_manifest(output, planned, attempts, digits), shards, len(done))
     manifest_path = storage.join(output, "manifest.parquet")
     samples_done = sum(result.manifest.column("samples").to_pylist())
     successes = sum(result.manifest.column("successes").to_pylist())

@@ -136,6 +136,21 @@ def test_decompression_bombs_are_refused_before_decoding():
         ImageResizer(64, max_image_area=10**12)
 
 
+def test_slivers_that_resizing_would_blow_up_are_refused():
+    """A 65536 x 1 PNG of a few bytes would scale to 16,777,216 x 256 (about 13 GB) in keep_ratio."""
+    sliver = encode(Image.new("L", (65536, 1)), "PNG")
+    assert len(sliver) < 1000
+    for mode in ("keep_ratio", "center_crop"):
+        error = ImageResizer(256, mode)(io.BytesIO(sliver))[-1]
+        assert error.startswith("aspect ratio too large: 65536x1 would be scaled to 16777216x256"), error
+        assert ingest.classify_error(error) == "aspect_ratio_too_large"
+    assert ImageResizer(256, "border")(io.BytesIO(sliver))[-1] is None  # scaled down to 256 x 1, then padded
+    wide = encode(Image.new("L", (400, 1)), "PNG")  # 102,400 x 256: over the 65,500 px a JPEG can hold on a side
+    assert ImageResizer(256)(io.BytesIO(wide))[-1].startswith("aspect ratio too large: 400x1")
+    img, width, height = ImageResizer(256)(io.BytesIO(encode(Image.new("L", (100, 1)), "PNG")))[:3]  # 25,600 x 256: kept
+    assert (width, height) == (25600, 256) and img[:3] == b"\xff\xd8\xff"
+
+
 def test_undecodable_bodies_say_why():
     resizer = ImageResizer(64)
     jpeg = browser_formats()["baseline.jpg"]
@@ -217,6 +232,21 @@ def test_x_robots_tag_directives_and_user_agent_token(site):
     assert error("otherbot: noai", user_agent_token="mybot") is None  # addressed to another crawler
     assert ingest.classify_error(error("mybot: noimageai", user_agent_token="MyBot")) == "disallowed_by_robots"
     assert error("noai", disallowed_header_directives=()) is None
+    assert ingest.classify_error(error("noai", disallowed_header_directives=("NoAI ",))) == "disallowed_by_robots"  # any case
+
+
+def test_urls_are_sent_as_a_browser_sends_them(site):
+    """Spaces and non-ASCII letters percent-encoded (the file is found), a URL's own text never a reason."""
+    base, root = site
+    (root / "café photo.jpg").write_bytes((root / "baseline.jpg").read_bytes())
+    fetched = ingest.fetch_url(f"{base}/café photo.jpg", ingest.FetchPolicy())
+    assert fetched.error is None and fetched.data == (root / "baseline.jpg").read_bytes()
+    assert ingest.request_url("http://bücher.example/a b.jpg?q=é#top") == "http://xn--bcher-kva.example/a%20b.jpg?q=%C3%A9"
+    assert ingest.request_url(f"{base}/a%20b.jpg") == f"{base}/a%20b.jpg"  # already encoded: kept
+    named = ingest.fetch_url(f"{base}/status/404/timeout.jpg", ingest.FetchPolicy())
+    assert ingest.classify_error(named.error) == "http_404" and named.retries == 0
+    bad_host = ingest.fetch_url("http://" + "a" * 70 + "é.example/timeout.jpg", ingest.FetchPolicy(retries=2))
+    assert bad_host.error == "invalid URL (UnicodeError)" and ingest.classify_error(bad_host.error) == "other" and bad_host.retries == 0
 
 
 # ----------------------------------------------------------------------------- the job
@@ -296,6 +326,9 @@ def test_web_ingestion_retries_refetches_and_stores_every_format(site, ray_drive
     summary = summary_of(out)
     assert summary["failed"]["connection_error"] == 1 and summary["failed"]["http_404"] == 1
     assert summary["selected"] == summary["downloaded"] + sum(summary["failed"].values())
+    assert (summary["shards"]["done_before"], summary["shards"]["done_this_run"]) == (main_shards + 1, 1)  # round 1's shard counted before
     # nothing qualifies: no round is planned
     assert run_job(*args, "--retry-failed", "http_5xx") == 0
     assert len(json.load(open(os.path.join(out, ingest.RETRY_ROUNDS)))) == 2
+    shards = summary_of(out)["shards"]
+    assert (shards["done"], shards["done_before"], shards["done_this_run"]) == (main_shards + 2, main_shards + 2, 0)
