@@ -72,6 +72,8 @@ class CurateConfig:
     def __post_init__(self):
         if self.concurrency < 0 or self.cpus_per_actor < 1:
             raise ValueError("--concurrency must be >= 0 and --cpus-per-actor >= 1")
+        if self.exclude_near and self.dedup == "none":
+            raise ValueError("--exclude-near drops the copies of an evaluation set's images, a dedup: give --dedup exact, phash or dhash with it, not none")
         self.settings(1, 0)  # checks the filters
 
     def settings(self, concurrency: int, gpus: float):
@@ -107,8 +109,9 @@ def check_files(cfg: CurateConfig) -> None:
         raise FileNotFoundError(f"--clip-model {cfg.clip_model}: no such folder")
 
 
-def check_resume(cfg: CurateConfig, settings) -> None:
-    """A re-run on an output must decide by the same rules (else the cached tables would mix two runs)."""
+def check_resume(cfg: CurateConfig, settings, input_shards: list[str]) -> None:
+    """A re-run on an output must decide by the same rules on the same shards (else the cached
+    tables would mix two runs, and the shards written before would keep what the new decision drops)."""
     path = storage.join(cfg.output, "curate_config.json")
     if not storage.exists(path):
         return
@@ -117,6 +120,11 @@ def check_resume(cfg: CurateConfig, settings) -> None:
     changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
     if changed:
         raise ValueError(f"{cfg.output} holds a curation made with other settings ({'; '.join(changed)}): use a new --output")
+    if "input_shards" in before and before["input_shards"] != input_shards:
+        added, gone = sorted(set(input_shards) - set(before["input_shards"])), sorted(set(before["input_shards"]) - set(input_shards))
+        said = ", ".join(f"{len(names)} {what} (e.g. {names[0]})" for names, what in ((added, "added"), (gone, "gone")) if names)
+        raise ValueError(f"{cfg.output} holds a curation of other shards: since it began, {cfg.shards} has {said}; "
+                         "dedup and the top fraction decide over every shard at once: use a new --output")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,9 +171,9 @@ def run(argv: list[str] | None) -> int:
             cpus = ray.cluster_resources().get("CPU", 1)
             concurrency = cfg.concurrency or (int(gpus) if gpus >= 1 else max(1, int(cpus) // 2))
             settings = cfg.settings(concurrency, 1.0 if gpus >= 1 else 0.0)
-            check_resume(cfg, settings)
+            check_resume(cfg, settings, [s.name for s in found])
             storage.makedirs(cfg.output)
-            record = {**dataclasses.asdict(cfg), **settings.decision_fields()}
+            record = {**dataclasses.asdict(cfg), **settings.decision_fields(), "input_shards": [s.name for s in found]}
             write_json(curate.join(cfg.output, "curate_config.json"), record)
             bars: dict = {}
 

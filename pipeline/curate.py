@@ -303,7 +303,7 @@ class ClipScorer:
                 continue
             img = Image.open(io.BytesIO(sample.data[_image_member(sample)])).convert("RGB")
             lines = [line for line in (_caption(sample) or "").split("\n") if line.strip()] or [""]
-            pending.append((sample.key, img, lines[:5]))
+            pending.append((sample.key, img, lines))
             if len(pending) >= self.batch_size:
                 flush()
         flush()
@@ -408,7 +408,7 @@ def decide_scores(table: pa.Table, settings: CurateSettings) -> tuple[list[str |
     threshold = None
     if settings.top_fraction is not None:
         left = [i for i, r in enumerate(reasons) if r is None and clip[i] is not None]
-        keep = math.ceil(settings.top_fraction * len(left))
+        keep = math.ceil(round(settings.top_fraction * len(left), 9))  # 0.07 x 100 is 7.000000000000001 in floats: 7
         keys = table["key"].to_pylist()
         ranked = sorted(left, key=lambda i: (-clip[i], keys[i]))
         for i in ranked[keep:]:

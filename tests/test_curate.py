@@ -118,6 +118,32 @@ def test_bad_numbers_are_usage_errors(flags, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_top_fraction_keeps_its_share_exactly():
+    """0.07 x 100 is 7.000000000000001 in floats: 7 kept, not 8; a share of a count that does not divide rounds up."""
+    for fraction, n, kept in ((0.07, 100, 7), (0.14, 100, 14), (0.55, 100, 55), (0.3, 7, 3), (1.0, 5, 5)):
+        table = pa.table({"key": [f"{i:03d}" for i in range(n)], "reason": pa.array([None] * n, pa.string()),
+                          "clip_score": [i / n for i in range(n)], "classifier_score": pa.array([None] * n, pa.float64())})  # fmt: skip
+        reasons, _ = curate.decide_scores(table, curate.CurateSettings(clip_model="ViT-B-32", top_fraction=fraction))
+        assert reasons.count(None) == kept, (fraction, n)
+
+
+def test_an_exclude_set_needs_a_dedup_and_a_resume_the_same_shards(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        curate_job.main(["--shards", str(tmp_path), "--output", str(tmp_path / "out"), "--dedup", "none", "--exclude-near", str(tmp_path)])
+    said = " ".join(capsys.readouterr().err.replace("│", " ").split())  # tyro wraps the message in a box
+    assert exit_.value.code == 2 and "--exclude-near drops the copies of an evaluation set's images, a dedup: give --dedup exact, phash or dhash" in said
+    cfg = curate_job.CurateConfig(shards="/data/laion", output=str(tmp_path / "out"))
+    settings = cfg.settings(1, 0)
+    (tmp_path / "out").mkdir()
+    record = {"shards": cfg.shards, "exclude_near": None, **settings.decision_fields(), "input_shards": ["00000", "00001"]}
+    (tmp_path / "out" / "curate_config.json").write_text(json.dumps(record))
+    curate_job.check_resume(cfg, settings, ["00000", "00001"])  # the same shards: completes what is missing
+    with pytest.raises(ValueError, match=r"holds a curation of other shards: since it began, /data/laion has 1 added \(e.g. 00002\); dedup"):
+        curate_job.check_resume(cfg, settings, ["00000", "00001", "00002"])
+    with pytest.raises(ValueError, match=r"1 added \(e.g. 00002\), 1 gone \(e.g. 00001\)"):
+        curate_job.check_resume(cfg, settings, ["00000", "00002"])
+
+
 def jpeg(colour: tuple[int, int, int]) -> bytes:
     from PIL import Image
 
