@@ -28,6 +28,7 @@ Then, for every source:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import io
@@ -219,14 +220,28 @@ def _records(lines: Iterable[str], delimiter: str) -> Iterator[tuple[int, list[s
         reader = csv.reader(src, delimiter=delimiter, quotechar='"', doublequote=True, strict=True)
         try:
             for row in reader:
+                if len(src.taken) > 1 and _holds_a_record(row, delimiter):
+                    break  # a stray opening quote took the next line's record into this field
                 yield start, row
                 src.taken = []
                 start = src.number + 1
-            return
+            else:
+                return
         except csv.Error:
-            first, rest = src.taken[0], src.taken[1:]
-            src.push_back(rest)
-            yield start, first.rstrip("\r\n").split(delimiter)
+            pass
+        first, rest = src.taken[0], src.taken[1:]
+        src.push_back(rest)
+        yield start, first.rstrip("\r\n").split(delimiter)
+
+
+def _holds_a_record(row: list[str], delimiter: str) -> bool:
+    """A field spanning lines holds, after a delimiter, a URL: a record of its own, which a
+    stray opening quote (``"Best of<TAB>https://...``) made part of the field."""
+    return any(
+        any(_looks_like_url(part) for line in field.splitlines() for part in line.split(delimiter)[1:])
+        for field in row
+        if "\n" in field or "\r" in field
+    )
 
 
 def _open_text(path: str, encoding: str):
@@ -270,10 +285,20 @@ def _looks_like_url(text: str) -> bool:
     return _URL_START.match(text) is not None
 
 
-def _is_header(fields: list[str]) -> bool:
-    """No field is a URL and none is empty (a header names every column; a first data row whose
-    URL is empty is data, its URL then filtered, not a header naming nothing)."""
-    return not any(_looks_like_url(f) for f in fields) and all(f.strip() for f in fields)
+def _is_header(fields: list[str], later: list[list[str]]) -> bool:
+    """No field is a URL and none is empty, trailing ones apart, and the column holding URLs in
+    the ``later`` rows is one it names (a header names every column; a first data row whose URL
+    is empty is data, its URL then filtered, not a header naming nothing)."""
+    named = fields[: max((i for i, f in enumerate(fields) if f.strip()), default=-1) + 1]  # a trailing delimiter names nothing
+    if not named or any(_looks_like_url(f) for f in named) or not all(f.strip() for f in named):
+        return False
+    votes = _url_votes(later)
+    return not votes or min(votes, key=lambda i: (-votes[i], i)) < len(named)
+
+
+def _url_votes(rows: list[list[str]], skip: int | None = None) -> Counter:
+    """Per column, the rows whose field there starts with a URL scheme (column ``skip`` left out)."""
+    return Counter(i for row in rows for i, f in enumerate(row) if i != skip and _looks_like_url(f))
 
 
 def read_tsv(
@@ -318,6 +343,15 @@ def read_tsv(
     raise SourceError(f"{path}: cannot decode the text ({errors[-1]})")
 
 
+@contextlib.contextmanager
+def _utf8_only(path: str) -> Iterator[None]:
+    """A file that must be UTF-8 (JSON lines, a blocklist): a byte that is not is a SourceError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path}: not UTF-8 ({err.reason} at byte {_first_bad_utf8(path)}); save it as UTF-8") from None
+
+
 def _first_bad_utf8(path: str) -> int:
     """The offset in the (decompressed) file of its first byte that is not UTF-8."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -350,14 +384,14 @@ def _read_delimited(text, path: str, split: str, source: str, url_col: str | Non
         return result
     ahead = list(itertools.islice(records, _PEEK_ROWS))
     records = itertools.chain(ahead, records)
-    if _is_header(first[1]):
+    if _is_header(first[1], [row for _, row in ahead]):
         header = first[1]
     url_i = _column_index(url_col, header, _URL_NAMES, "url", "--url-col", path)
     caption_i = _column_index(caption_col, header, _CAPTION_NAMES, "caption", "--caption-col", path)
     if header is None:
         fields = first[1]
         if url_i is None:  # the column whose fields are URLs in most of the first rows (CC3M: caption<TAB>url, CC12M: url<TAB>caption)
-            votes = Counter(i for _, row in [first, *ahead] for i, f in enumerate(row) if i != caption_i and _looks_like_url(f))
+            votes = _url_votes([first[1], *(row for _, row in ahead)], skip=caption_i)
             url_i = min(votes, key=lambda i: (-votes[i], i)) if votes else 1
         if caption_i is None:
             if len(fields) != 2:
@@ -546,7 +580,7 @@ def read_openimages(path: str, url_map: str, split: str, part: str | None = None
                 urls[row["ImageID"]] = row["OriginalURL"]
     narratives: dict[str, list[str]] = {}
     result = SourceRows(URL_TABLE.empty_table(), 0)
-    with storage.reported(path), _open_text(path, "utf-8-sig") as f:
+    with _utf8_only(path), storage.reported(path), _open_text(path, "utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -632,7 +666,7 @@ class Blocklist:
         if path is None:
             return cls()
         _require_file(path, "blocklist")
-        with storage.reported(path), _open_text(path, "utf-8-sig") as f:
+        with _utf8_only(path), storage.reported(path), _open_text(path, "utf-8-sig") as f:
             return cls.parse(f)
 
     def patterns(self) -> list[str]:
@@ -642,11 +676,12 @@ class Blocklist:
         """Boolean per URL: blocked. URLs must already be http(s)."""
         host = pc.struct_field(pc.extract_regex(urls, _HOST), "host")
         host = pc.utf8_rtrim(pc.utf8_lower(pc.fill_null(host, "")), ".")
-        blocked = pc.is_in(host, value_set=pa.array(sorted(self.hosts), pa.string()))
+        listed = pa.array(sorted(self.hosts), pa.string())
+        blocked = pc.is_in(host, value_set=listed)
         parent = host
-        for _ in range(16) if self.hosts else ():  # parent domains, one label at a time
+        while self.hosts and pc.any(pc.not_equal(parent, "")).as_py():  # parent domains, one label at a time, to the root
             parent = pc.replace_substring_regex(parent, r"^[^.]*\.?", "")
-            blocked = pc.or_(blocked, pc.is_in(parent, value_set=pa.array(sorted(self.hosts), pa.string())))
+            blocked = pc.or_(blocked, pc.is_in(parent, value_set=listed))
         if self.host_globs:
             regex = "^(?:" + "|".join(_glob_regex(g) for g in self.host_globs) + ")$"
             blocked = pc.or_(blocked, pc.match_substring_regex(host, regex))

@@ -260,6 +260,23 @@ def test_the_url_column_is_told_from_many_rows_not_a_caption_quoting_a_url(tmp_p
         sources.read_tsv(str(tmp_path / "no_scheme.tsv"), "train")
 
 
+def test_a_stray_quote_never_takes_the_next_record_and_a_trailing_tab_keeps_the_header(tmp_path):
+    (tmp_path / "stray.tsv").write_text(f'"Best of\t{U1}\nrecord 12"\t{U2}\n"a two-line\ncaption"\t{U1}\n')
+    rows = sources.read_tsv(str(tmp_path / "stray.tsv"), "train")
+    assert _rows(rows) == [("cc3m-000000000", U1, '"Best of'), ("cc3m-000000001", U2, 'record 12"'), ("cc3m-000000002", U1, "a two-line\ncaption")]
+    (tmp_path / "trailing.tsv").write_text(f"caption\turl\t\na red cup\t{U1}\t\n")  # a spreadsheet's trailing delimiter
+    assert _rows(sources.read_tsv(str(tmp_path / "trailing.tsv"), "train")) == [("cc3m-000000000", U1, "a red cup")]
+
+
+def test_a_blocked_domain_blocks_every_subdomain_and_a_bad_file_is_named(tmp_path):
+    blocklist = sources.Blocklist.parse(["example.com"])
+    urls = [f"http://{'a.' * n}example.com/x.jpg" for n in (0, 1, 16, 17, 40)] + ["http://example.org/x.jpg", "http://notexample.com/x.jpg"]
+    assert blocklist.matches(pa.array(urls)).to_pylist() == [True] * 5 + [False, False]
+    (tmp_path / "blocklist.txt").write_bytes(b"caf\xe9.example\n")
+    with pytest.raises(sources.SourceError, match=r"blocklist.txt: not UTF-8 \(invalid continuation byte at byte 3\)"):
+        sources.Blocklist.from_file(str(tmp_path / "blocklist.txt"))
+
+
 def test_quoted_fields_hold_tabs_newlines_and_quotes_and_quotes_elsewhere_are_text(tmp_path):
     tsv = tmp_path / "quoted.tsv"
     tsv.write_text(
