@@ -89,6 +89,8 @@ class InferConfig:
             raise ValueError("--onnx runs one-shot labels only: --caption and --attention-map need the PyTorch model (--checkpoint)")
         if self.onnx and (self.device == "cuda" or self.precision not in ("auto", "fp32")):
             raise ValueError("--onnx runs on the CPU in float32: --device cuda and --precision bf16/fp16 need --checkpoint")
+        if self.max_steps is not None and self.max_steps < 2:
+            raise ValueError(f"--max-steps must be >= 2 (a label's first token, then its end), not {self.max_steps}")
         if self.num_labels < 1:
             raise ValueError("--num-labels must be >= 1")
         if self.precision not in PRECISIONS:
@@ -109,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"infer config: {json.dumps(asdict(cfg))}", file=log)
     from model.checkpoint import load_model
     from model.generate import generate
-    from model.precision import place, resolve_dtype
+    from model.precision import place, resolve_device, resolve_dtype
     from model.sampling import one_shot
     from model.vision import preprocess
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() and not cfg.onnx else "cpu" if cfg.device == "auto" else cfg.device)
     try:
+        device = torch.device("cpu") if cfg.onnx else resolve_device(cfg.device)
         if cfg.onnx:
             if importlib.util.find_spec("onnxruntime") is None:
                 print("error: --onnx needs onnxruntime: pip install 'nxtp[onnx]'", file=sys.stderr)

@@ -70,13 +70,11 @@ class Predictor:
     """
 
     def __init__(self, cfg: ServeConfig):
-        import torch
-
         from model.checkpoint import load_model
-        from model.precision import place, resolve_dtype
+        from model.precision import place, resolve_device, resolve_dtype
         from model.vision import preprocess
 
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+        self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.precision, self.device)
         model, self.tokenizer, self.notes = load_model(cfg.checkpoint, cfg.tokenizer, cfg.clip_weights, cfg.llama_params)
         self.model = place(model, self.device, self.dtype)
@@ -123,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(cfg.checkpoint) and not hub.is_hub_id(cfg.checkpoint):
         print(f"error: checkpoint not found: {cfg.checkpoint}", file=sys.stderr)
         return 2
+    if cfg.device == "cuda":
+        from model.precision import resolve_device
+
+        try:
+            resolve_device(cfg.device)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if importlib.util.find_spec("streamlit") is None:
         print("error: the page needs Streamlit: pip install 'nxtp[serve]'", file=sys.stderr)
         return 2

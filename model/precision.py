@@ -29,6 +29,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REDUCED = (torch.bfloat16, torch.float16)
 
 
+def resolve_device(choice: str) -> torch.device:
+    """``auto``: a CUDA GPU when one is visible, else the CPU; ``cuda`` where none is: a ValueError saying so."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
 def resolve_dtype(precision: str, device: str | torch.device) -> torch.dtype:
     """The dtype of ``precision`` on ``device``.
 

@@ -228,6 +228,23 @@ def test_infer_k_is_at_most_the_vocabulary_and_given_once(tmp_path, world, capsy
     assert infer.main(["--checkpoint", export, "--image", image, "--k=3", "--num-labels", "3", "--format", "json"]) == 0
     (got,) = json.loads(capsys.readouterr().out)
     assert 1 <= len(got["labels"]) <= 3
+    for bad in ("0", "-4"):  # 0 meant the default and a negative number was clamped, in silence
+        with pytest.raises(SystemExit) as exit_:
+            infer.main(["--checkpoint", export, "--image", image, "--max-steps", bad])
+        assert exit_.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path, world, capsys):
+    """Said before any model is loaded, by infer and by the page's launcher."""
+    from jobs import serve
+
+    tok = Tokenizer(world.tokenizer)
+    export = save_pretrained(_tiny_model(tok), tok, str(tmp_path / "export"))
+    assert infer.main(["--checkpoint", export, "--image", _images(world, 1)[0], "--device", "cuda"]) == 2
+    assert "error: --device cuda: no CUDA GPU is visible here" in capsys.readouterr().err
+    assert serve.main(["--checkpoint", export, "--device", "cuda"]) == 2
+    assert "error: --device cuda: no CUDA GPU is visible here" in capsys.readouterr().err
 
 
 def test_infer_says_what_a_checkpoint_file_is(tmp_path, world, capsys):
