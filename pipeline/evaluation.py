@@ -59,7 +59,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import outputs, storage
-from pipeline.shards import Shard, check_label_table, index_tar, label_table_path
+from pipeline.shards import Shard, index_tar, label_table_path, read_label_table
 from schemas import (
     CAPTION_REPORT,
     CAPTIONS,
@@ -181,9 +181,7 @@ def plan_reads(found: Sequence[Shard], labels: str, samples_per_task: int) -> li
         name = storage.basename(shard.tar)
         missing = f"not among the intact samples of {name}, which is damaged: {index.damage}" if index.damage else f"not in {name}"
         intact = set(index.keys)
-        fs, fs_path = storage.filesystem(label_file)
-        check_label_table(pq.read_schema(fs_path, filesystem=fs), label_file)
-        label_keys = _read_parquet(label_file, ["key"]).column("key").to_pylist()
+        label_keys = read_label_table(label_file, ["key"]).column("key").to_pylist()
         unread = [key for key in label_keys if key not in intact]
         base = {"shard": shard.name, "tar": shard.tar, "labels": label_file}
         images = [(s.key, *(s.members[ext] if (ext := s.first(IMAGE_EXTENSIONS)) else (-1, 0)), *s.members.get("json", (-1, 0))) for s in index.samples]

@@ -42,7 +42,6 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -57,10 +56,10 @@ from pipeline.outputs import require_published
 from pipeline.shards import (
     Shard,
     TarReader,
-    check_label_table,
     check_labels_made_from,
     find_shards,
     label_table_path,
+    read_label_table,
 )
 from schemas.validate import SchemaError
 
@@ -367,12 +366,7 @@ def _shard_labels(spec: DatasetSpec, shard: Shard, stats: Counter, cache: Ordere
     entry = (spec.name, shard.name)
     if entry not in cache:
         try:
-            url = label_table_path(spec.labels, shard.name)
-            fs, path = storage.filesystem(url)
-            with fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f)
-                check_label_table(table.schema_arrow, url)
-                table = table.read(columns=["key", "labels"])
+            table = read_label_table(label_table_path(spec.labels, shard.name))
             cache[entry] = dict(zip(table.column("key").to_pylist(), table.column("labels").to_pylist()))
         except SchemaError:
             stats["bad_label_tables"] += 1

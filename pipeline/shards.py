@@ -216,6 +216,20 @@ def check_label_table(schema, where: str) -> None:
     validate(pa.schema([schema.field(n) for n in wanted.names if n in schema.names]), wanted, where=where)
 
 
+def read_label_table(url: str, columns: Sequence[str] = ("key", "labels")):
+    """``columns`` of the label table at ``url`` (a ``pyarrow.Table``), its ``key`` and ``labels``
+    checked first (:func:`check_label_table`); the file is opened once."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        table = pq.ParquetFile(f)
+        check_label_table(table.schema_arrow, url)
+        return table.read(columns=list(columns))
+
+
 def check_labels_made_from(shard: Shard, labels: str, samples: int = 16) -> None:
     """``ValueError`` when ``shard``'s label table under ``labels`` was made from other samples:
     the captions it stored for the tar's first ``samples`` captioned samples are not theirs.
