@@ -257,56 +257,73 @@ class ClipScorer:
 
     The model (and classifier) load once, in ``__init__``. A sample's score is the mean
     cosine between its image and each line of its caption (COCO-style samples hold several).
+    Images are decoded and preprocessed by ``threads`` threads (the actor's CPUs; PIL and
+    torch release the GIL), the next batch's while the model embeds the last one, so that
+    a GPU is not left waiting on one decoding thread (on an H100 the model alone scores
+    about 8x what one thread decodes).
     """
 
     def __init__(self, model_name: str, weights: str | None, classifier: str | None, batch_size: int, threads: int = 1):
         import torch
 
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
+        torch.set_num_threads(self.threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.preprocess, self.tokenizer = load_clip(model_name, weights, self.device)
         self.classifier = load_classifier(classifier) if classifier else None
         self.batch_size = batch_size
 
-    def embed(self, images: list, captions: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
-        """(image-caption cosine per sample, image embeddings) of one batch."""
+    def pixels(self, data: bytes):
+        """One encoded image -> the model's input tensor [3, S, S] (on the CPU)."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            return self.preprocess(img.convert("RGB"))
+
+    def embed(self, pixels, captions: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """(image-caption cosine per sample, image embeddings) of one batch: ``pixels`` [N, 3, S, S] from :meth:`pixels`."""
         import torch
 
         lines = [c for cs in captions for c in cs]
         owner = np.repeat(np.arange(len(captions)), [len(cs) for cs in captions])
         with torch.no_grad():
-            pixels = torch.stack([self.preprocess(img) for img in images]).to(self.device)
-            image = self.model.encode_image(pixels, normalize=True).float()
+            image = self.model.encode_image(pixels.to(self.device, non_blocking=True), normalize=True).float()
             text = self.model.encode_text(self.tokenizer(lines).to(self.device), normalize=True).float()
             cos = (image[torch.from_numpy(owner).to(self.device)] * text).sum(-1).cpu().numpy()
         sums = np.bincount(owner, weights=cos, minlength=len(captions))
         return sums / np.maximum(1, [len(cs) for cs in captions]), image.cpu().numpy()
 
     def score_shard(self, tar: str, keys: Sequence[str]) -> pa.Table:
-        from PIL import Image
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
 
         wanted = set(keys)
         rows: list[dict] = []
-        pending: list[tuple[str, object, list[str]]] = []
 
-        def flush() -> None:
-            if not pending:
-                return
-            scores, embeddings = self.embed([p[1] for p in pending], [p[2] for p in pending])
-            unsafe = self.classifier(embeddings) if self.classifier is not None else [None] * len(pending)
-            for (key, _, _), s, c in zip(pending, scores, unsafe):
+        def score(batch: list[tuple[str, object, list[str]]]) -> None:
+            pixels = torch.stack([future.result() for _, future, _ in batch])
+            scores, embeddings = self.embed(pixels, [b[2] for b in batch])
+            unsafe = self.classifier(embeddings) if self.classifier is not None else [None] * len(batch)
+            for (key, _, _), s, c in zip(batch, scores, unsafe):
                 rows.append({"key": key, "clip_score": float(s), "classifier_score": None if c is None else float(c)})
-            pending.clear()
 
-        for sample in TarReader(tar, read=lambda ext: ext.lower() in (*IMAGE_EXTS, "txt", "json")):
-            if sample.key not in wanted:
-                continue
-            img = Image.open(io.BytesIO(sample.data[_image_member(sample)])).convert("RGB")
-            lines = [line for line in (_caption(sample) or "").split("\n") if line.strip()] or [""]
-            pending.append((sample.key, img, lines))
-            if len(pending) >= self.batch_size:
-                flush()
-        flush()
+        # one batch decoding in the pool while the one before it is embedded
+        current: list[tuple[str, object, list[str]]] = []
+        previous: list[tuple[str, object, list[str]]] = []
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="clip-decode") as pool:
+            for sample in TarReader(tar, read=lambda ext: ext.lower() in (*IMAGE_EXTS, "txt", "json")):
+                if sample.key not in wanted:
+                    continue
+                lines = [line for line in (_caption(sample) or "").split("\n") if line.strip()] or [""]
+                current.append((sample.key, pool.submit(self.pixels, sample.data[_image_member(sample)]), lines))
+                if len(current) >= self.batch_size:
+                    if previous:
+                        score(previous)
+                    previous, current = current, []
+            for batch in (previous, current):
+                if batch:
+                    score(batch)
         return pa.Table.from_pylist(rows, schema=SCORES)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

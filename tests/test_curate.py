@@ -358,6 +358,32 @@ def test_clip_filter_drops_mismatches_more_often(hygiene, curated):
     assert np.mean([r["clip_score"] for r in mismatch]) < np.mean([r["clip_score"] for r in match])
 
 
+def test_clip_scores_do_not_depend_on_decode_threads(hygiene):
+    """The actor's decode pool: 1 or 3 threads, a batch size that leaves a short last batch, the same
+    scores in the same order, equal to the model's own cosine of each image with its caption."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    world, folders, clip = hygiene
+    shard = find_shards(folders["train"])[0]
+    with tarfile.open(shard.tar) as tar:
+        keys = sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})[:23]
+    assert len(keys) == 23
+    tables = [curate.ClipScorer(clip, None, None, batch_size=5, threads=threads).score_shard(shard.tar, keys) for threads in (1, 3)]
+    assert tables[0].equals(tables[1])
+    assert tables[0]["key"].to_pylist() == keys
+    model, _, preprocess = open_clip.create_model_and_transforms(clip)
+    with tarfile.open(shard.tar) as tar:
+        first = keys[0]
+        image = Image.open(tar.extractfile(f"{first}.jpg")).convert("RGB")
+        lines = [line for line in tar.extractfile(f"{first}.txt").read().decode().split("\n") if line.strip()]
+    with torch.no_grad():
+        a = model.encode_image(preprocess(image)[None], normalize=True)
+        b = model.encode_text(open_clip.get_tokenizer(clip)(lines), normalize=True)
+    assert tables[0]["clip_score"][0].as_py() == pytest.approx(float((a * b).sum(-1).mean()), abs=1e-5)
+
+
 def test_classifier_drops_what_it_flags(hygiene, curated):
     world, folders, _ = hygiene
     out, _ = curated
