@@ -142,6 +142,62 @@ def clip_rate(images: list[bytes], captions: list[str], device: str, batch: int)
     return max(rates)
 
 
+def clip_scorer_rates(images: list[bytes], captions: list[str], batch: int, n: int, threads: list[int], repeats: int = 3) -> dict:
+    """CLIP scoring as the curation job's actor runs it (``pipeline.curate.ClipScorer``: one actor, the GPU when
+    there is one), ViT-B/32 shapes, random weights: ``n`` samples in one webdataset tar (the images repeated
+    under distinct keys). Rates, the best of ``repeats``: the actor's (``score_shard``: read the tar, decode
+    and preprocess in a pool of each of ``threads`` threads, embed) and the model's alone (the same batch
+    already preprocessed on the device: encode image and text, cosine)."""
+    import tarfile
+
+    import torch
+
+    from pipeline.curate import ClipScorer
+
+    keys = [f"{i:09d}" for i in range(n)]
+    actor: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = os.path.join(tmp, "00000.tar")
+        with tarfile.open(tar, "w") as tf:
+            for i, key in enumerate(keys):
+                for ext, data in (("jpg", images[i % len(images)]), ("txt", captions[i % len(captions)].encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        for t in threads:
+            scorer = ClipScorer("ViT-B-32", None, None, batch, threads=t)
+            sync = torch.cuda.synchronize if scorer.device == "cuda" else (lambda: None)
+            scorer.score_shard(tar, keys[:batch])  # warm-up: cuBLAS / cuDNN plans
+            runs = []
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                table = scorer.score_shard(tar, keys)
+                sync()
+                runs.append(n / (time.perf_counter() - start))
+            if table.num_rows != n:
+                raise RuntimeError(f"scored {table.num_rows} of {n} samples")
+            actor[str(t)] = {"images_per_s": round(max(runs), 1), "runs": [round(r, 1) for r in runs]}
+    pixels = torch.stack([scorer.pixels(images[i % len(images)]) for i in range(batch)])
+    model_only = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(0, n, batch):
+            scorer.embed(pixels, [[captions[i % len(captions)]] for i in range(batch)])
+        sync()
+        model_only.append(n // batch * batch / (time.perf_counter() - start))
+    return {
+        "device": scorer.device,
+        "samples": n,
+        "batch": batch,
+        "actor_by_threads": actor,
+        "actor_images_per_s": max(v["images_per_s"] for v in actor.values()),
+        "model_only_images_per_s": round(max(model_only), 1),
+        "model_only_runs": [round(r, 1) for r in model_only],
+    }
+
+
 MEMORY_CHILD = r"""
 import io, json, os, resource, sys, tempfile
 sys.path.insert(0, sys.argv[1])
@@ -195,7 +251,17 @@ def main() -> int:
     p.add_argument("--clip-images", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument(
+        "--clip-only", action="store_true",
+        help="only CLIP scoring through the job's actor (pipeline.curate.ClipScorer) on --clip-images samples in batches "
+             "of --clip-batch, on the GPU when there is one; writes benchmarks/results/curate_clip_<cuda|cpu>.json",
+    )  # fmt: skip
+    p.add_argument("--clip-batch", type=int, default=256, help="--clip-only: the actor's batch (default 256)")
+    p.add_argument("--clip-threads", type=int, nargs="+", default=[1], help="--clip-only: the actor's decode threads, one run each (default 1)")
+    p.add_argument("--out", default=None, help="--clip-only: result file (default benchmarks/results/curate_clip_<device>.json)")
     args = p.parse_args()
+    if args.clip_only:
+        return clip_only(args)
     load = os.getloadavg()
     t0 = time.time()
     quality = dedup_quality(args.n)
@@ -224,6 +290,32 @@ def main() -> int:
         print(name, json.dumps(q["copy_distance"]), json.dumps(q["distinct_nearest"]))
         for row in q["by_distance"]:
             print("   ", row)
+    return 0
+
+
+def clip_only(args) -> int:
+    import torch
+
+    from benchmarks.sampling_bench import device_name
+
+    world = synthetic.write_world(tempfile.mkdtemp(), 400, 0, seed=1, bad_fraction=0.0)
+    rows = world.samples("train")
+    images = [open(os.path.join(world.root, r["file"]), "rb").read() for r in rows]
+    captions = [r["caption"].split("\n")[0] for r in rows]
+    rates = clip_scorer_rates(images, captions, args.clip_batch, args.clip_images, args.clip_threads)
+    device = torch.device(rates.pop("device"))
+    result = {
+        "benchmark": "CLIP scoring, ViT-B/32 shapes, random weights: the curation job's actor (read, decode and preprocess in its threads, embed) and the model alone",
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m benchmarks.curate_bench " + " ".join(sys.argv[1:]),
+        "device": device_name(device),
+        "cpu": device_name(torch.device("cpu")),
+        "torch": torch.__version__,
+        **rates,
+    }
+    out = args.out or os.path.join(RESULTS, f"curate_clip_{device.type}.json")
+    write_json(out, result)
+    print(json.dumps(result, indent=2))
     return 0
 
 

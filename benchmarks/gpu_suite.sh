@@ -5,34 +5,43 @@
 #   bash benchmarks/gpu_suite.sh --cpu      # a CPU, small shapes: the same scripts, so regressions show without a GPU
 #   bash benchmarks/gpu_suite.sh --dry-run  # print the commands only
 #   bash benchmarks/gpu_suite.sh --only sampling,train --budget 540   # a subset, inside 9 minutes
+#   bash benchmarks/gpu_suite.sh --only curate,evaluate,train --batches 128 --compile-ab --budget 540
 #
 # GPU mode, in this order (each step under its own time limit, so the suite ends in time even
 # when one step does not):
 #   1. sampling   benchmarks.sampling_bench, g3m shapes, batch 64, top-10 and top-100, KV-cached vs recompute
 #   2. evaluation benchmarks.evaluate_bench, g3m shapes, batch 64, 5000 images, 1 predictor actor
-#   3. training   benchmarks.train_bench --shapes g3m (1.78B, the paper's freezing policy), 1 rank,
+#   3. curate     benchmarks.curate_bench --clip-only: CLIP scoring (ViT-B/32 shapes) through the
+#                 curation job's actor on the GPU, 1024 samples, batch 256, 1, 4 and 8 decode threads
+#   4. training   benchmarks.train_bench --shapes g3m (1.78B, the paper's freezing policy), 1 rank,
 #                 batch 16, then 32, 64, 128 until one runs out of memory: the largest that ran is
-#                 the largest that fits (of those)
+#                 the largest that fits (of those); --batches picks the list; --compile-ab then runs
+#                 the largest batch that ran again with torch.compile of each block (A/B, same machine)
 # Results: benchmarks/results/suite_<cuda|cpu>/ (each benchmark's JSON / Markdown, suite.log, and
 # summary.md: the rows for BENCHMARKS.md), also copied into $OUT when that variable is set.
 # Needs the project's Python environment and LLaMA-2's tokenizer.model ($NXTP_TOKENIZER, default
 # assets/llama2_tokenizer.model; without it, `python -m benchmarks.stand_in_tokenizer FILE` writes a
-# stand-in of the same size). $PYTHON picks the interpreter (default: python). --budget S caps the
+# stand-in of the same size). $PYTHON picks the interpreter (default: python); $NXTP_EMBEDDING_MODEL, when
+# set, is the evaluation job's --embedding-model (a sentence-transformers folder). --budget S caps the
 # whole suite: each step's limit is cut to the time left, and the batch sweep stops early.
 set -uo pipefail
 
 usage() {
-    echo "usage: benchmarks/gpu_suite.sh [--cpu] [--dry-run] [--only sampling,evaluate,train] [--budget SECONDS]" >&2
+    echo "usage: benchmarks/gpu_suite.sh [--cpu] [--dry-run] [--only sampling,evaluate,train,curate] [--budget SECONDS] [--batches '16 32 64 128'] [--compile-ab]" >&2
     echo "  --cpu      small shapes on the CPU (no GPU needed)" >&2
     echo "  --dry-run  print the commands without running them" >&2
-    echo "  --only     run only these steps (default: all three)" >&2
+    echo "  --only     run only these steps, in the suite's order (default: all four)" >&2
     echo "  --budget   seconds for the whole suite (default 1500)" >&2
+    echo "  --batches  GPU training batches, smallest first (default '16 32 64 128'; stops at the first that does not fit)" >&2
+    echo "  --compile-ab  GPU: also train the largest batch that ran with torch.compile" >&2
 }
 
 MODE=cuda
 DRY=0
-ONLY=sampling,evaluate,train
+ONLY=sampling,evaluate,train,curate
 BUDGET=1500
+BATCHES="16 32 64 128"
+COMPILE_AB=0
 ARGS="$*"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,13 +49,18 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --only) ONLY=${2:?--only needs a list}; shift ;;
         --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
+        --batches) BATCHES=${2:?--batches needs a list}; shift ;;
+        --compile-ab) COMPILE_AB=1 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown option: $1" >&2; usage; exit 2 ;;
     esac
     shift
 done
+for b in $BATCHES; do
+    [[ "$b" =~ ^[1-9][0-9]*$ ]] || { echo "--batches: not a positive number: $b" >&2; usage; exit 2; }
+done
 for s in ${ONLY//,/ }; do
-    case "$s" in sampling | evaluate | train) ;; *) echo "unknown step in --only: $s" >&2; usage; exit 2 ;; esac
+    case "$s" in sampling | evaluate | train | curate) ;; *) echo "unknown step in --only: $s" >&2; usage; exit 2 ;; esac
 done
 wants() { [[ ",$ONLY," == *",$1,"* ]]; }
 
@@ -109,25 +123,34 @@ if [ "$MODE" = cuda ]; then
     fi
     if wants evaluate; then
         step evaluate 540 "$PY" -m benchmarks.evaluate_bench --device cuda --config g3m --batch 64 --images 5000 --actors 1 \
-            --model-only-images 1280 --workdir .cache/evaluate_bench_g3m --out "$RES/evaluate_cuda_g3m" || FAILED=1
+            --model-only-images 1280 --workdir .cache/evaluate_bench_g3m --out "$RES/evaluate_cuda_g3m" \
+            ${NXTP_EMBEDDING_MODEL:+--embedding-model "$NXTP_EMBEDDING_MODEL"} || FAILED=1
+    fi
+    if wants curate; then
+        step curate 240 "$PY" -m benchmarks.curate_bench --clip-only --clip-images 1024 --clip-batch 256 --clip-threads 1 4 8 \
+            --out "$RES/curate_clip_cuda.json" || FAILED=1
     fi
     if wants train; then
-        step train_b16 360 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch 16 --steps 60 --skip 20 --log-every 5 \
-            --out "$RES/train_b16"
-        B16=$?
-        [ "$B16" = 0 ] || FAILED=1
-        for batch in 32 64 128; do
-            [ "$B16" = 0 ] || break  # no sweep after a failed batch 16
-            if [ "$DRY" = 0 ] && [ $((BUDGET - ($(date +%s) - STARTED))) -lt 360 ]; then
+        FITS=""
+        for batch in $BATCHES; do
+            if [ -n "$FITS" ] && [ "$DRY" = 0 ] && [ $((BUDGET - ($(date +%s) - STARTED))) -lt 360 ]; then
                 say "train_b$batch: skipped (less than 6 minutes of the --budget left)"
                 break
             fi
-            if ! step "train_b$batch" 300 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$batch" --steps 40 --skip 15 --log-every 4 \
+            if [ -z "$FITS" ]; then  # the first batch: more steps, and no sweep after it fails
+                step "train_b$batch" 360 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$batch" --steps 60 --skip 20 --log-every 5 \
+                    --out "$RES/train_b$batch" || { FAILED=1; break; }
+            elif ! step "train_b$batch" 300 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$batch" --steps 40 --skip 15 --log-every 4 \
                 --out "$RES/train_b$batch"; then
                 grep -qiE "out of memory|OutOfMemoryError" "$RES/train_b$batch.log" 2>/dev/null && say "batch $batch does not fit" || FAILED=1
                 break
             fi
+            FITS=$batch
         done
+        if [ "$COMPILE_AB" = 1 ] && [ -n "$FITS" ]; then
+            step "train_b${FITS}_compile" 420 "$PY" -m benchmarks.train_bench --shapes g3m --ranks 1 --batch "$FITS" --steps 40 --skip 15 --log-every 4 \
+                --compile --out "$RES/train_b${FITS}_compile" || FAILED=1
+        fi
     fi
 else
     if wants sampling; then
@@ -140,6 +163,10 @@ else
     fi
     if wants train; then
         step train 900 "$PY" -m benchmarks.train_bench --steps 60 --skip 20 --out "$RES/train" || FAILED=1
+    fi
+    if wants curate; then
+        step curate 600 "$PY" -m benchmarks.curate_bench --clip-only --clip-images 128 --clip-batch 32 --clip-threads 1 2 \
+            --out "$RES/curate_clip_cpu.json" || FAILED=1
     fi
 fi
 

@@ -1,6 +1,6 @@
 """The rows of BENCHMARKS.md's table from one gpu_suite.sh run: ``python -m benchmarks.suite_report <results folder>``.
 
-Reads the suite's result files (sampling_*.json, evaluate_*.json, train*/train_*.json) and
+Reads the suite's result files (sampling_*.json, evaluate_*.json, train*/train_*.json, curate_clip_*.json) and
 writes ``summary.md`` beside them: one table row per figure, with its device, command and
 goal, and whether a GPU goal was met (the goals are for one H100 or H200; on a CPU the
 figures are recorded for regressions, with only the relative goal checked).
@@ -67,8 +67,15 @@ def rows(folder: str) -> list[list[str]]:
         else:
             goal, met = f"data wait < {DATA_WAIT_GOAL:.0%}", _yes(r["data_wait_fraction"] < DATA_WAIT_GOAL)
         bench = f"{r['shapes']} shapes, {r['parameters'] / 1e6:,.1f}M parameters, {r['ranks']} rank(s), global batch {r['global_batch']}"
+        bench += ", torch.compile" if r.get("compile") else ""
         out.append(["training", bench, f"`{r['command']}`", r["device"], figure, goal, met, r["date"],
                     os.path.relpath(path, folder)])  # fmt: skip
+    for path, r in _load(os.path.join(folder, "curate_clip_*.json")):
+        by_threads = r.get("actor_by_threads") or {"1": {"images_per_s": r["actor_images_per_s"]}}
+        actor = ", ".join(f"{v['images_per_s']:,.1f} with {t} decode thread(s)" for t, v in by_threads.items())
+        figure = f"through the job's actor (read, decode, preprocess, embed): {actor}; model only {r['model_only_images_per_s']:,.1f} images/s"
+        bench = f"CLIP scoring, ViT-B/32 shapes, random weights, one actor, batch {r['batch']}, {r['samples']} samples"
+        out.append(["curation", bench, f"`{r['command']}`", r["device"], figure, "recorded", "-", r["date"], os.path.basename(path)])
     return out
 
 

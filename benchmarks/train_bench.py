@@ -146,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", type=int, default=20, help="first steps left out of the figures")
     p.add_argument("--log-every", type=int, default=None, help="steps per metrics line (default: 1 for the preset, 10 for small / g3m)")
     p.add_argument("--images", type=int, default=2000, help="synthetic training images")
+    p.add_argument("--compile", action="store_true", help="train with --compile (torch.compile of each ViT and decoder block)")
     p.add_argument("--export", action="store_true", help="also write the final checkpoint and export/ (off: they are not what is measured)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument("--out", default=RESULTS)
@@ -165,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_flags(args: argparse.Namespace) -> list[str]:
     """What the benchmark adds to the preset's recipe: no checkpoint before the end, none at the end and
     no export unless ``--export``, metrics every ``--log-every`` steps."""
-    return ["--save-every", str(args.steps + 1), "--log-every", str(args.log_every), "--export" if args.export else "--no-export"]
+    flags = ["--save-every", str(args.steps + 1), "--log-every", str(args.log_every), "--export" if args.export else "--no-export"]
+    return flags + (["--compile"] if args.compile else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": args.shapes,
         "precision": precision,
         "grad_clip": train_cfg["grad_clip"],
+        "compile": bool(train_cfg.get("compile")),
         "parameters": parameter_count(model_cfg),
         "image_tokens": model_cfg.vision.n_tokens,
         "text_positions_per_sample": round(text_len, 2),
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_file(os.path.join(args.out, f"train_{tag}_{name}.md"), "w") as f:
         f.write(f"# Training throughput ({name})\n\n")
         f.write(f"- date: {result['date']}\n- device: {device}, {args.ranks} rank(s)\n- command: `{result['command']}`\n")
-        f.write(f"- recipe: {args.preset}, {precision}, gradient clipping {train_cfg['grad_clip']}; metrics every {args.log_every} step(s)\n")
+        f.write(f"- recipe: {args.preset}, {precision}, gradient clipping {train_cfg['grad_clip']}; {'torch.compile of each block; ' if result['compile'] else ''}metrics every {args.log_every} step(s)\n")
         f.write(f"- model: {result['parameters'] / 1e6:.2f}M parameters, {result['image_tokens']} image tokens, "
                 f"{text_len:.1f} text positions ({target_len:.1f} with a target) per sample\n")  # fmt: skip
         f.write(f"- FLOP formula: {result['flop_formula']}; peak: {peak_note}\n\n")

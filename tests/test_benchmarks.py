@@ -95,6 +95,32 @@ def test_gpu_suite_refuses_unknown_options(repo_root):
     assert proc.returncode == 0 and "--device cpu --config small" in proc.stdout and "--shapes g3m" not in proc.stdout
 
 
+def test_gpu_suite_sweeps_the_batches_given_then_compiles_the_largest(repo_root):
+    run = lambda *a: subprocess.run(["bash", "benchmarks/gpu_suite.sh", *a], cwd=repo_root, capture_output=True, text=True, timeout=60)  # noqa: E731
+    proc = run("--dry-run", "--only", "train,curate", "--batches", "32 64", "--compile-ab")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    assert len(lines) == 4 and "benchmarks.curate_bench --clip-only" in lines[0] and "--clip-threads 1 4 8" in lines[0]
+    assert ["--batch 32" in lines[1], "--batch 64" in lines[2], "--batch 64" in lines[3]] == [True] * 3
+    assert "--compile" in lines[3].split() and "--compile" not in lines[1].split() + lines[2].split()
+    assert "--steps 60" in lines[1] and "--steps 40" in lines[2], "the first batch runs longer, the sweep shorter"
+    for bad in (["--batches", "0"], ["--batches", "16 x"], ["--only", "train,bogus"]):
+        proc = run("--dry-run", *bad)
+        assert proc.returncode == 2 and "usage: benchmarks/gpu_suite.sh" in proc.stderr, bad
+
+
+def test_suite_report_has_a_row_for_clip_scoring(tmp_path):
+    from benchmarks import suite_report
+
+    result = {"command": "python -m benchmarks.curate_bench --clip-only", "device": "a GPU", "date": "2026-11-26", "samples": 1024, "batch": 256,
+              "actor_by_threads": {"1": {"images_per_s": 300.0}, "8": {"images_per_s": 1900.0}}, "actor_images_per_s": 1900.0,
+              "model_only_images_per_s": 2500.0}  # fmt: skip
+    (tmp_path / "curate_clip_cuda.json").write_text(json.dumps(result))
+    assert suite_report.main([str(tmp_path)]) == 0
+    row = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| curation |"))
+    assert "300.0 with 1 decode thread(s), 1,900.0 with 8 decode thread(s); model only 2,500.0 images/s" in row and "| a GPU |" in row
+
+
 @pytest.mark.parametrize("shapes", ["small", "g3m"])
 def test_train_bench_measures_the_recipe_it_names(shapes):
     """At G3M shapes the G3M preset's recipe (clipping, precision), not the demo's; no checkpoint and
@@ -109,6 +135,7 @@ def test_train_bench_measures_the_recipe_it_names(shapes):
     flags = train_bench.run_flags(args)
     assert flags[flags.index("--save-every") + 1] == "91" and "--no-export" in flags and "--export" not in flags
     assert "--export" in train_bench.run_flags(train_bench.parse_args(["--shapes", shapes, "--export"]))
+    assert "--compile" not in flags and "--compile" in train_bench.run_flags(train_bench.parse_args(["--shapes", shapes, "--compile"]))
 
 
 def test_suite_profile_counts_cpu_by_test_and_kind(tmp_path, repo_root):
