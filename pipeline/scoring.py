@@ -79,13 +79,18 @@ def default_minilm_path() -> str:
 
 
 def clean_labels(labels: Iterable[str | None]) -> list[str]:
-    """Stripped, non-blank labels, each once, in their first order."""
-    seen: dict[str, None] = {}
+    """Stripped, non-blank labels, each once, in their first order and first spelling.
+
+    Labels that differ only in case or in the spaces between their words are one label
+    ("Dog", "dog", "hot  dog" / "hot dog"): exact matching ignores case, and the sentence
+    models are uncased, so two such spellings would take two top-k slots for one label.
+    """
+    seen: dict[str, str] = {}
     for label in labels:
         text = (label or "").strip()
         if text:
-            seen.setdefault(text, None)
-    return list(seen)
+            seen.setdefault(" ".join(text.split()).casefold(), text)
+    return list(seen.values())
 
 
 def reference_labels(labels: Iterable[str | None]) -> list[str]:
@@ -228,11 +233,13 @@ class CachedEmbedder:
         self.max_entries = max_entries
 
     def lookup(self, texts: Iterable[str]) -> dict[str, torch.Tensor]:
+        """{text: embedding} of ``texts``; when the cache would pass ``max_entries`` it keeps only this call's texts."""
         texts = list(dict.fromkeys(texts))
-        new = [t for t in texts if t not in self.cache]
+        hits = {t: self.cache[t] for t in texts if t in self.cache}
+        new = [t for t in texts if t not in hits]
         if new:
             if len(self.cache) + len(new) > self.max_entries:
-                self.cache.clear()
+                self.cache = dict(hits)
             self.cache.update(zip(new, self.embedder(new)))
         return {t: self.cache[t] for t in texts}
 

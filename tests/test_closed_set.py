@@ -120,3 +120,18 @@ def test_top1_top5_per_k_and_the_confusion_pairs(mapper):
     assert nothing.top1 == [0.0] and nothing.top5 == [0.0] and nothing.top1_class == [-1]
     pairs = confusion_pairs([[2], [2], [2, 3], [0], [1]], [4, 4, 5, 0, -1])
     assert pairs == {(2, 4): 2, (2, 5): 1, (3, 5): 1}
+
+
+def test_blank_and_repeated_labels_are_cut_as_recall_counts_them(mapper):
+    """A blank label is no class; with the nxtp protocol blanks are skipped and case repeats merged before
+    the top-k is cut (as R / P / F1 do); the reference protocol keeps the labels as made."""
+    ids, sims = mapper.map_labels(["", "  ", "tabby"])
+    assert ids == [-1, -1, 2] and sims == [None, None, 1.0]
+    got = score_sample(mapper, ["", "tabby", "banana"], [0.6, 0.3, 0.1], targets=[2], ks=[1])
+    assert got.top1 == [1.0] and got.top1_class == [2], "the blank took no top-1 slot and no class"
+    repeat = score_sample(mapper, ["Banana", "banana ", "tabby", "goldfish"], [0.3, 0.2, 0.4, 0.1], targets=[1], ks=[2])
+    assert repeat.ranked == [5, 2] and repeat.ranked_scores == pytest.approx([0.5, 0.4]), "the repeat merged, tabby still in the top-2"
+    assert repeat.top5 == [0.0] and score_sample(mapper, ["Banana", "banana ", "tabby", "goldfish"], [0.3, 0.2, 0.4, 0.1], [1], [3]).top5 == [1.0]
+    raw = score_sample(mapper, ["", "tabby", "banana"], [0.6, 0.3, 0.1], targets=[2], ks=[1], protocol="reference")
+    assert raw.top1 == [0.0] and raw.top1_class == [-1], "reference: the blank used the one slot"
+    assert rank_classes([-1, 3], [0.9, 0.1]) == ([3], pytest.approx([0.1]))

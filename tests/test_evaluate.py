@@ -28,7 +28,7 @@ from pipeline import evaluation
 from pipeline.evaluation import PREDICTED, SAMPLES, SCORED, error_code
 from pipeline.shards import Shard, TarReader, find_shards, index_tar
 from pipeline.tracking import RunLog
-from schemas import LABEL_TABLE, PREDICTIONS, REPORT, per_k_columns, read_table, write_table
+from schemas import CONFUSION, LABEL_TABLE, PREDICTIONS, REPORT, per_k_columns, read_table, write_table
 from tests.test_model import _tiny_model
 from tests.test_shards import write_tar
 
@@ -378,8 +378,30 @@ def test_unusable_inputs_are_refused_before_any_work(tmp_path, export, small_dat
 
 
 def test_a_run_that_scored_nothing_fails():
-    assert job.nothing_scored({"samples": 96, "scored": 3}, "/o") is None
-    assert job.nothing_scored({"samples": 96, "scored": 0}, "/o") == "no sample could be scored (96 sample(s); the errors above, and each sample's row in /o, say why)"
+    """Each task ran is judged by its own count: a caption run whose samples have no references scored nothing,
+    however many images were read (the top-level count is the labels task's rule)."""
+    labels = {"tasks": ["labels"], "samples": 96}
+    assert job.nothing_scored({**labels, "scored": 3, "labels": {"scored": 3}}, "/o") is None
+    assert job.nothing_scored({**labels, "scored": 0, "labels": {"scored": 0}}, "/o") == (
+        "no sample could be scored for --task labels (96 sample(s); the errors above, and each sample's row in /o, say why)")
+    caption = {"tasks": ["caption"], "samples": 96, "scored": 96}
+    assert job.nothing_scored({**caption, "caption": {"samples": 90}}, "/o") is None
+    assert "for --task caption (96 sample(s)" in job.nothing_scored({**caption, "caption": {"samples": 0}}, "/o")
+    both = {"tasks": ["labels", "caption"], "samples": 96, "scored": 5, "labels": {"scored": 5}, "caption": {"samples": 0}}
+    assert "for --task caption (" in job.nothing_scored(both, "/o")
+
+
+def test_unusable_label_items_are_left_out_and_a_confusion_table_of_none_is_empty():
+    """A null item in a label table's list is no target (never the text "None"); --confusion-top 0 prints nothing."""
+    assert evaluation._lists([["dog", None], None, [None]]) == [["dog"], [], []]
+    row = evaluation._sample_row("k", "00000", b"jpg", [None, " "], "l.parquet")
+    assert row["error"].startswith(evaluation.NO_TARGETS)
+    assert evaluation._sample_row("k", "00000", b"jpg", [None, "dog"], "l.parquet")["error"] is None
+    confusion = pa.Table.from_pylist(
+        [{"k": 5, "true_class_id": 0, "true_class": "cat", "predicted_class_id": 1, "predicted_class": "dog", "count": 2, "share": 0.5}], CONFUSION
+    )
+    assert evaluation.format_confusion(confusion, 0, 4) == ""
+    assert "cat -> dog: 2 (50%)" in evaluation.format_confusion(confusion, 10, 4)
 
 
 def test_relative_paths_are_refused_under_job_submission(monkeypatch, capsys):
@@ -705,3 +727,26 @@ def test_exactly_once_when_a_predictor_actor_is_killed(ray_head, labelled_shards
     keys = list(zip(run.table.column("shard").to_pylist(), run.table.column("key").to_pylist()))
     assert keys == _tar_keys(shards) and len(keys) > 30  # each sample exactly once, none lost to the kill
     assert all(p for p in run.table.column("predictions").to_pylist())  # the retried batch was predicted
+
+
+def test_an_embedding_model_by_folder_by_bare_name_or_missing(tmp_path, monkeypatch):
+    """--embedding-model takes a folder, an owner/name id or sentence-transformers' bare name from the local
+    Hugging Face cache; what cannot be found is named with the flag."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--sentence-transformers--tiny-st" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--sentence-transformers--tiny-st" / "refs").mkdir()
+    (cache / "models--sentence-transformers--tiny-st" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    job.check_embedding_model(str(snapshot))
+    job.check_embedding_model("tiny-st")
+    job.check_embedding_model("sentence-transformers/tiny-st")
+    with pytest.raises(FileNotFoundError, match=r"^--embedding-model all-MiniLM-L12-v2: sentence-transformers/all-MiniLM-L12-v2: no such local folder"):
+        job.check_embedding_model("all-MiniLM-L12-v2")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"^--embedding-model {empty}: {empty}: no sentence-transformers model there"):
+        job.check_embedding_model(str(empty))

@@ -55,7 +55,46 @@ def test_f1_and_label_cleaning():
     assert f1_score(0.5, 1.0) == pytest.approx(2 / 3)
     assert f1_score(0.0, 0.0) == 0.0
     assert f1_score(0.3, -0.3) == 0.0  # undefined: 0
-    assert clean_labels([" cup", "cup", "", "  ", None, "Star", "star"]) == ["cup", "Star", "star"]
+    assert clean_labels([" cup", "cup", "", "  ", None, "Star", "star", "hot  dog", "Hot dog "]) == ["cup", "Star", "hot  dog"]
+
+
+def test_case_repeats_take_one_top_k_slot(minilm):
+    """"dog" and "Dog" are one label (the sentence model is uncased): a case repeat must not push "cat" out of the top-2."""
+    scorer = LabelScorer([minilm], ks=[2])
+    repeated = scorer([["dog", "cat"]] * 2, [["dog", "Dog", "cat"], ["dog", "cat"]])
+    assert repeated.exact_recall[0, 0] == repeated.exact_recall[1, 0] == 1.0
+    assert repeated.recall[minilm.name][0, 0] == pytest.approx(repeated.recall[minilm.name][1, 0], abs=1e-6)
+    doubled_target = scorer([["Dog", "dog", "cat"]], [["dog"]])
+    single_target = scorer([["dog", "cat"]], [["dog"]])
+    assert doubled_target.recall[minilm.name][0, 0] == pytest.approx(single_target.recall[minilm.name][0, 0], abs=1e-6)
+
+
+class _Counting:
+    """A toy embedder: one-hot vectors by first letter, and a count of the texts it was asked for."""
+
+    name = "toy"
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    def __call__(self, texts):
+        self.asked += list(texts)
+        return torch.stack([torch.nn.functional.one_hot(torch.tensor(ord(t[0]) % 8), 8).float() for t in texts]) if texts else torch.zeros(0, 8)
+
+
+def test_a_full_embedding_cache_keeps_serving():
+    """Past max_entries the cache starts over with the call's own texts, and no lookup fails."""
+    from pipeline.scoring import CachedEmbedder
+
+    toy = _Counting()
+    cache = CachedEmbedder(toy, max_entries=3)
+    first = cache.lookup(["a", "b"])
+    second = cache.lookup(["a", "c", "d"])  # "a" cached; "c", "d" overflow the cache
+    assert set(second) == {"a", "c", "d"} and torch.equal(second["a"], first["a"])
+    assert toy.asked == ["a", "b", "c", "d"], "a cached text is not embedded again"
+    assert set(cache.cache) == {"a", "c", "d"}
+    cache.lookup(["e", "a"])
+    assert set(cache.cache) == {"a", "e"} and toy.asked[-1] == "e"
 
 
 def test_exact_recall_and_precision_by_hand():
