@@ -54,7 +54,8 @@ def test_recompute_batch_grows_with_the_device_and_refuses_what_cannot_fit():
 def test_sampling_bench_writes_each_k_as_it_goes(tmp_path, world):
     out = tmp_path / "sampling_cpu_small.json"
     # a tiny vocabulary: the synthetic world's tokenizer; small shapes, one repeat
-    args = ["--device", "cpu", "--config", "small", "--ks", "2", "3", "--batch", "1", "--repeats", "1", "--tokenizer", world.tokenizer, "--out", str(out)]
+    args = ["--device", "cpu", "--config", "small", "--ks", "2", "3", "--batch", "1", "--repeats", "1", "--tokenizer", world.tokenizer, "--out", str(out),
+            "--label-tokens", "2"]  # fmt: skip
     seen = []
     real_write = sampling_bench.write_json
 
@@ -69,7 +70,7 @@ def test_sampling_bench_writes_each_k_as_it_goes(tmp_path, world):
         sampling_bench.write_json = real_write
     assert seen == [[2], [2, 3]], "the file holds each k's figures as soon as they exist"
     result = json.load(open(out))
-    assert result["dtype"] == "float32" and result["device_memory_gib"] > 0
+    assert result["dtype"] == "float32" and result["device_memory_gib"] > 0 and result["label_tokens_target"] == 2.0
     for row in result["results"]:
         assert row["cached_images_per_s"] > 0 and row["recompute_images_per_s"] > 0 and row["recompute_batch"] == 1
         assert row["agreement"] == 1.0, "fp32: the cached labels are the recomputed ones"
@@ -81,6 +82,27 @@ def test_sampling_bench_writes_each_k_as_it_goes(tmp_path, world):
     summary = (tmp_path / "summary.md").read_text()
     assert "| model | one-shot top-2, KV-cached vs recompute, small shapes, batch 1, float32 |" in summary
     assert "| model | one-shot top-3," in summary and "python -m benchmarks.sampling_bench --device cpu" in summary
+
+
+def test_sampling_bench_calibrates_the_label_length(world):
+    """The delimiter bias found gives labels of about the asked length, and a larger bias shorter labels."""
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer(world.tokenizer)
+    cfg = sampling_bench.small_config(tok.n_base)
+    model = sampling_bench.build_model(cfg, tok).eval()
+    images = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=torch.Generator().manual_seed(1))
+    prompt = tok.prompt_ids(cfg.prompt)
+    lengths = {}
+    with torch.inference_mode():
+        for target in (2.0, 4.0):
+            bias, length = sampling_bench.calibrate_label_length(model, images, prompt, tok.delimiter_id, 5, cfg.max_label_steps, target)
+            assert abs(length - target) <= 0.75, (target, bias, length)
+            assert model.decoder.lm_head.weight[tok.delimiter_id, 0].item() == bias, "the model keeps the bias found"
+            _, _, sampled = sampling_bench.sample_tokens(model, images, prompt, tok.delimiter_id, 5, cfg.max_label_steps)
+            assert float(sampled.float().mean()) == length, "what was measured is what the model now samples"
+            lengths[target] = (bias, length)
+    assert lengths[2.0][0] > lengths[4.0][0]
 
 
 def test_gpu_suite_refuses_unknown_options(repo_root):
