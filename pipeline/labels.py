@@ -15,7 +15,9 @@ Load balancing is per shard, so a job uses at most as many actors as it has shar
 Captions come from img2dataset's per-shard parquet when it is present (only rows whose
 ``status`` is ``success``: those are the samples written into the tar, and the tar's
 member names are checked against them), else from each sample's ``txt`` member (or the
-``caption`` field of its ``json`` member) in the tar. A shard that cannot be read (a
+``caption`` field of its ``json`` member) in the tar; a parquet without a ``caption``
+column (curation's, beside a shard that had no parquet) gives the keys, checked the same
+way, and the tar the captions. A shard that cannot be read (a
 damaged tar as ``pipeline.shards`` defines it, a corrupt parquet, a tar missing beside
 its parquet, keys that do not match) is reported by name and reason. Without ``skip_bad_shards`` the first one stops
 the labelling, every shard not yet labelled is then checked (read only, in parallel
@@ -132,24 +134,30 @@ def _member_caption(members: Mapping[str, bytes], path: str, key: str) -> str | 
         raise ShardReadError(f"{path}: the json member of sample {key} is not valid JSON ({err})") from None
 
 
-def read_parquet_captions(path: str) -> tuple[list[str], list[str | None]]:
-    """(keys, captions) of the rows of img2dataset's per-shard parquet whose status is success, sorted by key."""
+def read_parquet_captions(path: str) -> tuple[list[str], list[str | None] | None]:
+    """(keys, captions) of the rows of img2dataset's per-shard parquet whose status is success, sorted by key.
+
+    captions is None when the parquet has no ``caption`` column (the parquet that
+    ``pipeline.curate`` writes beside a curated shard whose input had none: key, status,
+    scores); the captions are then the tar's.
+    """
     try:
         fs, fs_path = storage.filesystem(path)
         table = pq.read_table(fs_path, filesystem=fs)
     except (pa.ArrowException, OSError) as err:
         raise ShardReadError(f"{path}: cannot read parquet ({err})") from None
-    missing = [c for c in ("key", "caption", "status") if c not in table.column_names]
+    missing = [c for c in ("key", "status") if c not in table.column_names]
     if missing:
         raise ShardReadError(f"{path}: no column '{missing[0]}' (img2dataset's per-shard parquet has key, caption, status)")
-    table = table.filter(pc.equal(table["status"], "success")).select(["key", "caption"]).sort_by("key")
+    with_captions = "caption" in table.column_names
+    table = table.filter(pc.equal(table["status"], "success")).select(["key", "caption"] if with_captions else ["key"]).sort_by("key")
     keys = table["key"].to_pylist()
     if None in keys:
         raise ShardReadError(f"{path}: a success row has no key")
     duplicated = [a for a, b in zip(keys, keys[1:]) if a == b]
     if duplicated:
         raise ShardReadError(f"{path}: key {duplicated[0]} appears twice")
-    return keys, table["caption"].to_pylist()
+    return keys, table["caption"].to_pylist() if with_captions else None
 
 
 def read_shard(shard: Shard) -> tuple[list[str], list[str | None]]:
@@ -159,7 +167,10 @@ def read_shard(shard: Shard) -> tuple[list[str], list[str | None]]:
     if shard.parquet is None:
         return read_tar_captions(shard.tar)
     keys, captions = read_parquet_captions(shard.parquet)
-    in_tar = read_tar_keys(shard.tar)
+    if captions is None:  # a parquet without captions: the tar's, for the same keys
+        in_tar, captions = read_tar_captions(shard.tar)
+    else:
+        in_tar = read_tar_keys(shard.tar)
     if keys != in_tar:
         only_parquet = sorted(set(keys) - set(in_tar))
         only_tar = sorted(set(in_tar) - set(keys))
@@ -281,7 +292,8 @@ def shard_stats(table: pa.Table) -> dict:
         "labels_per_caption": dict(Counter(str(len(ls)) for ls in labels)),
         "bad_input": dict(kinds),
         "truncated": sum(map(is_truncated, captions)),
-        "label_counts": dict(Counter(label for ls in labels for label in ls)),
+        # captions whose label list holds each label (a label repeated under --protocol reference counts once)
+        "label_counts": dict(Counter(label for ls in labels for label in dict.fromkeys(ls))),
     }
 
 

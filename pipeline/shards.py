@@ -206,14 +206,16 @@ def label_table_path(labels: str, shard: str) -> str:
 def check_label_table(schema, where: str) -> None:
     """``SchemaError`` (a ``ValueError``) naming ``where`` and the column when a label table's
     ``key`` or ``labels`` column, the two every stage reads, is missing or not of
-    ``schemas.LABEL_TABLE``'s type (a ``labels`` column of comma-joined strings, say)."""
+    ``schemas.LABEL_TABLE``'s type (a ``labels`` column of comma-joined strings, say), or
+    when ``schema``'s metadata names another version of ``label_table``."""
     import pyarrow as pa
 
     from schemas import LABEL_TABLE
     from schemas.validate import validate
 
     wanted = pa.schema([LABEL_TABLE.field("key"), LABEL_TABLE.field("labels")], metadata=LABEL_TABLE.metadata)
-    validate(pa.schema([schema.field(n) for n in wanted.names if n in schema.names]), wanted, where=where)
+    # the file's metadata comes along, so that a table of a newer schema version is refused by name
+    validate(pa.schema([schema.field(n) for n in wanted.names if n in schema.names], metadata=schema.metadata), wanted, where=where)
 
 
 def read_label_table(url: str, columns: Sequence[str] = ("key", "labels")):

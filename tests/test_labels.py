@@ -129,6 +129,45 @@ def test_unreadable_shards_are_reported(job_shards, tmp_path):
         labels.read_shard(Shard("00009", str(garbage), None))
 
 
+def test_a_curated_tar_only_shard_takes_its_captions_from_the_tar(tmp_path):
+    """Curation writes a parquet of key, status and scores beside a shard that had none: its captions are the tar's."""
+    from pipeline import curate
+
+    src, out = tmp_path / "src", tmp_path / "curated"
+    src.mkdir()
+    out.mkdir()
+    samples = [
+        ("k0", {"txt": "two mice on a table"}),
+        ("k1", {"json": {"caption": "a dog on a sofa"}}),
+        ("k2", {}),
+        ("k3", {"txt": "a cat on a bench"}),  # dropped by curation
+    ]
+    tar = write_tar(str(src / "00000.tar"), samples)
+    curate.write_shard(tar, None, ["k0", "k1", "k2"], {"k0": 0.3, "k1": 0.2, "k2": None}, str(out), "00000")
+    assert pq.read_schema(out / "00000.parquet").names == ["key", "status", "clip_score"]
+    (shard,) = find_shards(str(out))
+    assert shard.parquet is not None
+    assert labels.read_shard(shard) == (["k0", "k1", "k2"], ["two mice on a table", "a dog on a sofa", None])
+
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    stage = labels.LabelShards(str(folder), labels.LabelSettings("spacy"))
+    error, stats = stage.label_shard(shard)
+    assert error is None and stats["captions"] == 3
+    assert [(r["key"], r["caption"], r["labels"]) for r in read_table(folder / "00000.parquet", LABEL_TABLE).to_pylist()] == [
+        ("k0", "two mice on a table", ["mouse", "table"]),
+        ("k1", "a dog on a sofa", ["dog", "sofa"]),
+        ("k2", None, []),
+    ]
+    # its keys are still checked against the tar
+    pq.write_table(pa.table({"key": ["k0", "k1", "k2", "k9"], "status": ["success"] * 4}), out / "00000.parquet")
+    with pytest.raises(ShardReadError, match=r"4 success rows but 3 samples .*\(k9 is not in the tar\)"):
+        labels.read_shard(shard)
+    pq.write_table(pa.table({"key": ["k0"], "clip_score": [0.3]}), out / "00000.parquet")
+    with pytest.raises(ShardReadError, match="no column 'status'"):
+        labels.read_shard(shard)
+
+
 def test_check_stage_reports_errors_as_rows(job_shards):
     specs = pa.Table.from_pylist(
         [{"shard": s.name, "tar": s.tar or "", "parquet": s.parquet or ""} for s in find_shards(job_shards)]
@@ -199,6 +238,24 @@ def test_write_shard_and_merge_stats(tmp_path):
     assert summary["bad_input"]["empty"] == 1
 
 
+def test_a_label_repeated_in_a_caption_counts_once():
+    """--protocol reference keeps a lemma twice ("a dog and two dogs" -> dog, dog); the vocabulary counts captions."""
+    rows = pa.Table.from_pylist(
+        [
+            {"key": "1", "shard": "00000", "caption": "a dog and two dogs", "labels": ["dog", "dog"], "extractor": "nltk"},
+            {"key": "2", "shard": "00000", "caption": "a cat", "labels": ["cat"], "extractor": "nltk"},
+        ],
+        schema=LABEL_TABLE,
+    )
+    stats = labels.shard_stats(rows)
+    assert stats["label_counts"] == {"dog": 1, "cat": 1}
+    vocab, _ = labels.merge_stats({"00000": stats})
+    assert vocab.to_pylist() == [
+        {"label": "cat", "count": 1, "document_frequency": 0.5},
+        {"label": "dog", "count": 1, "document_frequency": 0.5},
+    ]
+
+
 # ----------------------------------------------------------------------------- atomic output
 
 
@@ -254,6 +311,28 @@ def test_job_names_the_missing_nltk_tagger_before_starting_ray(job_shards, tmp_p
     argv = ["--shards", job_shards, "--output", str(tmp_path / "out"), "--extractor", "nltk", "--nltk-data", str(tmp_path)]
     assert job.main(argv) == 1
     assert "averaged_perceptron_tagger_eng" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_job_names_a_missing_spacy_model_before_starting_ray(tmp_path, monkeypatch, capsys):
+    from jobs import labels as job
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(str(shards / "00000.tar"), [("k0", {"txt": "a dog"})])
+    monkeypatch.chdir(tmp_path)
+    base = ["--shards", str(shards), "--output", str(tmp_path / "out")]
+    for name, said in (
+        ("./models/en_core_web_sm-3.7.1", f"spaCy model folder {tmp_path}/models/en_core_web_sm-3.7.1 does not exist"),  # resolved like the other paths
+        ("/opt/x-3.7.1", "spaCy model folder /opt/x-3.7.1 does not exist"),
+        ("en_core_web_sm.missing", "spaCy model en_core_web_sm.missing is not installed"),
+    ):
+        assert job.main([*base, "--spacy-model", name]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {said}" in err and "Traceback" not in err, err
+    monkeypatch.setenv(SUBMITTED, "{}")
+    assert job.main([*base, "--spacy-model", "./models/en_core_web_sm-3.7.1"]) == 2
+    assert "--spacy-model ./models/en_core_web_sm-3.7.1 is relative" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import nltk
 import pytest
@@ -45,6 +46,14 @@ HAND_WRITTEN = [
     ("an mp3 player next to 3 dogs", ["player", "dog"]),
     # lemmas shorter than 3 characters are dropped
     ("an ox in the field", ["field"]),
+    # commas and ampersands between words separate them (spaCy's comma infix rule is kept)
+    ("vintage poster,travel,beach,palm trees", ["vintage", "poster", "travel", "beach", "palm", "tree"]),
+    ("red apples,green pears", ["apple", "pear"]),
+    ("a cat&dog on a sofa", ["cat", "dog", "sofa"]),
+    # noise words go by their lemma too: plurals and possessives
+    ("abstract backgrounds with colorful lines", ["line"]),
+    ("vector illustrations of cats", ["vector", "cat"]),
+    ("a person's hand", ["hand"]),
 ]
 
 
@@ -104,6 +113,13 @@ def test_synthetic_world_captions_give_the_ground_truth(world, spacy_extractor):
         ("a dog on a table", "ok"),
         ("wedding rings", "ok"),
         ("Café de Flore in Paris at night", "ok"),
+        # a foreign name in an English caption: two function words, not a sizeable share
+        ("Plaza de la Constitución at night", "ok"),
+        ("Día de los Muertos altar with marigolds", "ok"),
+        ("Un chat noir dort sur le canapé du salon", "non_english"),  # three of nine words
+        # HTML references and tags are decoded first
+        ("&#1089;&#1086;&#1073;&#1072;&#1082;&#1072; &#1089;&#1080;&#1076;&#1080;&#1090;", "non_english"),
+        ("&nbsp;<br>", "whitespace"),
         # accents and full-width letters count as a-z once folded; other scripts stay non-English
         ("a jalapeño pizza", "ok"),
         ("the café", "ok"),
@@ -149,6 +165,68 @@ def test_very_long_caption_is_truncated(spacy_extractor):
 def test_normalize_folds_accents_and_full_width_letters(text, folded):
     assert nouns.normalize(text) == folded
 
+
+@pytest.mark.parametrize(
+    "text,normalized",
+    [
+        # a comma or ampersand between two non-spaces becomes a token of its own; others stay as they are
+        ("poster,travel&beach, a dog & a cat", "poster , travel & beach, a dog & a cat"),
+        ("3,000 dogs,", "3 , 000 dogs,"),
+        # HTML character references are decoded, tags become spaces
+        ("cat &amp; dog", "cat & dog"),
+        ("a dog&nbsp;on the beach", "a dog on the beach"),
+        ("caf&eacute; &#233;t&#xE9; &quot;menu&quot;", "cafe ete menu"),
+        ("<span>a dog</span> on a<br/>bench <!-- x -->", "a dog on a bench"),
+        # only references ending with ";" (not "&not" of "cat&notebook"), nor unknown names; "<3" is no tag
+        ("a cat&notebook &bogus; i <3 dogs", "a cat & notebook &bogus i 3 dogs"),
+    ],
+)
+def test_normalize_spaces_commas_and_decodes_html(text, normalized):
+    assert nouns.normalize(text) == normalized
+
+
+def test_html_captions_give_the_labels_of_their_plain_text(spacy_extractor):
+    pairs = [
+        ("cat &amp; dog", "cat & dog"),
+        ("a dog&nbsp;on the beach", "a dog on the beach"),
+        ("<span>a dog</span> on a bench", "a dog on a bench"),
+        ("&quot;a dog on a bench&quot;", "a dog on a bench"),
+        ("caf&eacute; tables on a street", "café tables on a street"),
+    ]
+    got = spacy_extractor([c for pair in pairs for c in pair])
+    assert got[0::2] == got[1::2]
+    assert got[1:] == [["dog"], ["dog", "beach"], ["dog", "beach"], ["dog", "bench"], ["dog", "bench"], ["dog", "bench"], ["dog", "bench"], ["cafe", "table", "street"], ["cafe", "table", "street"]]
+
+
+def test_spacy_tokenizer_keeps_hyphenated_words_and_splits_commas(spacy_extractor):
+    from spacy.lang.char_classes import ALPHA, HYPHENS
+
+    nlp = spacy_extractor._nlp
+    assert rf"(?<=[{ALPHA}0-9])(?:{HYPHENS})(?=[{ALPHA}])" in nlp.Defaults.infixes  # the rule removed
+    assert [t.text for t in nlp("a t-shirt,poster,e-mail")] == ["a", "t-shirt", ",", "poster", ",", "e-mail"]
+    # both backends' tokenizers split normalized lists alike
+    from nltk.tokenize import TreebankWordTokenizer
+
+    for caption in ("vintage poster,travel,beach,palm trees", "a cat&dog toy, 3,000 dogs & a t-shirt"):
+        line = nouns.normalize(caption)
+        assert TreebankWordTokenizer().tokenize(line) == [t.text for t in nlp(line)], line
+
+
+def test_labels_hold_no_comma_or_ampersand_and_no_noise_lemma(spacy_extractor):
+    tagged = [("poster,travel", "NN"), ("cat&dog", "NN"), ("dog", "NN"), ("backgrounds", "NNS"), ("images", "NNS"), ("days", "NNS")]
+    assert list(spacy_extractor._labels(tagged)) == ["dog"]
+    # the reference protocol keeps its released rule: noise lemmas stay
+    assert list(spacy_extractor._reference_labels(tagged[2:])) == ["dog", "background", "image", "day"]
+
+
+def test_a_caption_is_cut_at_a_word_boundary(spacy_extractor):
+    caption = "a dog on a mat " * 133 + "a cathedral"  # the limit falls after "cat" of "cathedral"
+    assert len(caption) > nouns.MAX_CAPTION_CHARS and caption[: nouns.MAX_CAPTION_CHARS].endswith(" cat")
+    assert nouns.cut(caption) == caption[: nouns.MAX_CAPTION_CHARS - 4]
+    assert nouns.normalize(caption).endswith("a mat a") and nouns.caption_lines(caption)[0].endswith("a mat a")
+    assert spacy_extractor([caption]) == [["dog", "mat"]]  # not "cat"
+    assert nouns.cut("x" * 3000) == "x" * nouns.MAX_CAPTION_CHARS  # one word longer than the limit
+    assert nouns.cut("ab " * 666 + "ab dog") == "ab " * 666 + "ab"  # the limit falls on a space
 
 def test_plain_ascii_is_not_changed_by_folding(world):
     captions = [row["caption"] for row in _world_rows(world, 300)] + [c for c, _ in HAND_WRITTEN]
@@ -217,6 +295,23 @@ def _tagged_sentences() -> list[list[tuple[str, str]]]:
 
 def _wordnet_root() -> str:
     return os.path.dirname(os.path.dirname(nltk.data.find("corpora/wordnet")))
+
+
+@pytest.mark.parametrize("name", ["./models/en_core_web_sm-3.7.1", "/opt/x-3.7.1", "en_core_web_sm.missing", "x-3.7.1", "no_such_model"])
+def test_a_missing_spacy_model_is_named(name):
+    with pytest.raises(ExtractorUnavailable, match=f"spaCy model (folder )?{re.escape(name)} "):
+        nouns.check_available("spacy", name)
+    with pytest.raises(ExtractorUnavailable, match=re.escape(name)):
+        NounExtractor("spacy", spacy_model=name)
+
+
+def test_a_spacy_model_folder_is_found(tmp_path, monkeypatch):
+    model = tmp_path / "models" / "en_core_web_sm-3.7.1"
+    model.mkdir(parents=True)
+    nouns.check_available("spacy", str(model))
+    monkeypatch.chdir(tmp_path)
+    nouns.check_available("spacy", "./models/en_core_web_sm-3.7.1")
+    nouns.check_available("spacy", "models/en_core_web_sm-3.7.1")
 
 
 def test_nltk_backend_names_the_missing_tagger(tmp_path, monkeypatch):

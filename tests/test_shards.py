@@ -129,6 +129,26 @@ def test_a_label_table_of_other_types_is_named_by_file_and_column():
             check_label_table(pa.schema(fields), "t.parquet")
 
 
+def test_a_label_table_of_a_newer_schema_version_is_refused_by_name(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.shards import read_label_table
+    from schemas import LABEL_TABLE
+    from schemas.validate import SchemaError
+
+    table = pa.table({"key": ["000"], "shard": ["00000"], "caption": ["a dog"], "labels": [["dog"]], "extractor": ["spacy"]}, schema=LABEL_TABLE)
+    current = tmp_path / "current.parquet"
+    pq.write_table(table, current)
+    assert read_label_table(str(current)).to_pylist() == [{"key": "000", "labels": ["dog"]}]
+    newer = tmp_path / "newer.parquet"
+    pq.write_table(table.replace_schema_metadata({**LABEL_TABLE.metadata, b"schema_version": b"99"}), newer)
+    with pytest.raises(SchemaError, match=f"^{re.escape(str(newer))}: label_table: written with schema version 99, this code reads version"):
+        read_label_table(str(newer))
+    with pytest.raises(SchemaError, match="schema version 99"):
+        check_label_table(pq.read_schema(newer), "t.parquet")
+
+
 def test_labels_made_from_other_shards_are_named(tmp_path):
     """Keys are per-shard counters in every ingestion: a table of other shards matches by key, not by caption."""
     import pyarrow as pa
