@@ -48,11 +48,10 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.dedup import clusters, colour_close, colour_thumbnail, from_hex, near_pairs, thumbnails
 from pipeline.outputs import atomic_file, write_json
-from pipeline.shards import Shard, TarReader, index_tar, require_tars, write_in_key_order
+from pipeline.shards import STATS_SUFFIX, Shard, TarReader, index_tar, require_tars, write_in_key_order
 from schemas import CURATION, SHARD_MANIFEST, reason_rows, validate
 
 WORK = "_curate"
-STATS_SUFFIX = "_stats.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 HASHES = pa.schema(
     [

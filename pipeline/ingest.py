@@ -69,13 +69,12 @@ from img2dataset.writer import WebDatasetSampleWriter
 from pipeline import storage
 from pipeline.images import DEFAULT_MAX_IMAGE_AREA, RESIZE_MODES, ImageResizer, image_format  # noqa: F401 - image_format re-exported
 from pipeline.outputs import atomic_file, write_json
-from pipeline.shards import write_in_key_order
+from pipeline.shards import STATS_SUFFIX, write_in_key_order
 from schemas import SHARD_MANIFEST, URL_TABLE, reason_counts, reason_rows, validate, write_table
 
 log = logging.getLogger(__name__)
 
 ADDITIONAL_COLUMNS = ["uid", "source", "split"]  # saved into each sample's json (uid = the URL table key)
-STATS_SUFFIX = "_stats.json"
 TMP = "_tmp"
 
 # ----------------------------------------------------------------------------- failure reasons

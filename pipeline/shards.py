@@ -8,7 +8,11 @@ brace pattern (``/data/{00000..00329}.tar``), or a URL of any of these (``s3://`
 ``gs://``, ``file://``, ``memory://``: every path goes through fsspec). A folder's shards
 are its ``<name>.tar`` files, plus each ``<digits>.parquet`` (img2dataset's per-shard
 table) whose tar is missing, so that the missing tar is reported rather than skipped.
-A shard's name is its file name without ``.tar``; shards are sorted by name.
+A shard's name is its file name without ``.tar``; shards are sorted by name. A folder
+still being written is refused (``ValueError``): when some of its shards have the
+``<name>_stats.json`` that ingestion and curation write last, a tar without its own is
+one whose run has not finished, and its samples may still change (a folder with no stats
+file at all is another tool's and is read as it is).
 
 Samples (:func:`split_member`): a tar member ``a/b.seg.jpg`` belongs to the sample with
 key ``a/b`` (extension ``seg.jpg``), webdataset's rule; a sample is a run of adjacent
@@ -161,6 +165,7 @@ def _find_one(location: str) -> list[Shard]:
     siblings: dict[str, set[str]] = {}
     for parent in {posixpath.dirname(t) for t in tars}:
         siblings[parent] = {posixpath.basename(p) for p in fs.ls(parent, detail=False)}
+        _check_finished(fs, parent, [posixpath.basename(t).removesuffix(".tar") for t in tars if posixpath.dirname(t) == parent], siblings[parent])
     shards = []
     for tar in sorted(set(tars)):
         parent, base = posixpath.split(tar)
@@ -184,9 +189,28 @@ def _folder_shards(fs, folder: str, location: str) -> list[Shard]:
     names = sorted(set(tars) | set(parquets))
     if not names:
         raise FileNotFoundError(f"{location}: holds no webdataset shard (<name>.tar)")
+    _check_finished(fs, folder, list(tars), {posixpath.basename(e.rstrip("/")) for e in fs.ls(folder, detail=False)})
     return [
         Shard(n, _url(fs, tars[n]) if n in tars else None, _url(fs, parquets[n]) if n in parquets else None) for n in names
     ]
+
+
+STATS_SUFFIX = "_stats.json"  # what ingestion and curation write last for each shard (img2dataset's rule for a finished one)
+
+
+def _check_finished(fs, folder: str, names: Sequence[str], files: Collection[str]) -> None:
+    """``ValueError`` when ``folder`` holds shards of a run that has not finished: some of its shards have their
+    ``<name>_stats.json`` (ingestion and curation write it last) and one of ``names`` has a tar without it, so
+    that its samples may still change when the run is re-run (a folder with no stats file at all is another
+    tool's, and is taken as it is)."""
+    if not any(f.endswith(STATS_SUFFIX) for f in files):
+        return
+    unfinished = sorted(n for n in names if f"{n}{STATS_SUFFIX}" not in files)
+    if unfinished:
+        raise ValueError(
+            f"{_url(fs, folder)}: {len(unfinished)} shard(s) have no {STATS_SUFFIX} beside their tar, e.g. {unfinished[0]}.tar: "
+            "the ingestion or curation writing this folder has not finished (or was stopped); re-run it to complete the folder first"
+        )
 
 
 def location_name(location: str) -> str:

@@ -280,3 +280,18 @@ def test_a_copy_of_a_damaged_tar_is_refused_or_keeps_what_is_intact(tmp_path):
     intact = index_tar(str(path)).keys
     assert 0 < len(intact) < len(SAMPLES)
     assert write_in_key_order(str(path), io.BytesIO(), allow_damage=True) == intact
+
+
+def test_a_folder_whose_run_has_not_finished_is_refused(tmp_path):
+    """Ingestion and curation write a shard's _stats.json last: a tar without it, beside shards that have
+    theirs, is one still being written (or whose run was stopped), and its samples may yet change."""
+    for name in ("00000", "00001"):
+        write_tar(str(tmp_path / f"{name}.tar"), [("a", {"jpg": b"x"})])
+    assert [s.name for s in find_shards(str(tmp_path))] == ["00000", "00001"], "no stats file at all: another tool's folder"
+    (tmp_path / "00000_stats.json").write_text("{}")
+    for location in (str(tmp_path), str(tmp_path / "*.tar"), str(tmp_path / "{00000..00001}.tar")):
+        with pytest.raises(ValueError, match=r"1 shard\(s\) have no _stats.json beside their tar, e.g. 00001.tar: the ingestion or curation"):
+            find_shards(location)
+    assert [s.name for s in find_shards(str(tmp_path / "00000.tar"))] == ["00000"], "the finished shard alone is fine"
+    (tmp_path / "00001_stats.json").write_text("{}")
+    assert len(find_shards(str(tmp_path))) == 2
