@@ -80,6 +80,22 @@ def _dataset(args: list[str]) -> DatasetSpec:
     return DatasetSpec(name, parts[0], parts[1], weight, batch)
 
 
+def _must_exist(path: str) -> str | None:
+    """What must exist for a --data path to name anything: the path itself, or, for a glob or brace pattern, the
+    folder holding its first component with a wildcard (``/data/cc3m/cc3m-{0000..0575}.tar`` and
+    ``/data/cc3m/part-*.tar``: ``/data/cc3m``); None where the wildcard is in a bucket's name (left to find_shards,
+    which names what is missing)."""
+    wildcard = re.search(r"[*?\[{]", path)
+    if wildcard is None:
+        return path.rstrip("/") or "/"
+    folder, slash, _ = path[: wildcard.start()].rpartition("/")
+    if not slash:
+        return "."  # a relative pattern in the working folder
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:/*", folder):  # s3://bucket-* (file:///x-*: the root)
+        return "/" if folder.startswith("file:") else None
+    return folder or "/"
+
+
 def _dataset_str(d: DatasetSpec) -> list[str]:
     return [f"{d.name}={d.shards},{d.labels},{d.weight}" + (f",{d.batch_size}" if d.batch_size is not None else "")]
 
@@ -230,14 +246,16 @@ class TrainConfig:
             raise ValueError(f"--export-to {self.export_to} with --no-export: nothing would be exported there; give one of them")
         for d in self.data:
             for path in (d.shards, d.labels):
+                folder = _must_exist(path)  # a pattern's files are found (or named missing) by find_shards
                 try:
                     storage.check_reachable(path)  # no credentials, no bucket, no access: said as such
                     with storage.reported(path):
-                        found = storage.exists(re.split(r"[*?\[{]", path)[0].rstrip("/") or "/")
+                        found = folder is None or storage.exists(folder)
                 except storage.StorageError as err:  # a usage error like the others here (exit 2)
                     raise ValueError(f"dataset {d.name}: {err}") from err
                 if not found:
-                    raise ValueError(f"dataset {d.name}: {path} does not exist")
+                    what = path if folder == (path.rstrip("/") or "/") else f"{path}: its folder {folder}"
+                    raise ValueError(f"dataset {d.name}: {what} does not exist")
         if storage.is_url(self.run_dir):
             raise ValueError(f"run_dir {self.run_dir}: DeepSpeed checkpoints need a POSIX path (local or a shared file system); use --export-to for a URL")
         if self.model == "pretrained" and not self.llama:
@@ -306,6 +324,25 @@ class TrainConfig:
             raise ValueError("samples_per_epoch is not known yet: resolve the mixture first (pipeline.loader.resolve_mixture)")
         global_batch = self.batch_size * self.gradient_accumulation(world_size) * world_size
         return math.ceil(self.epochs * math.ceil(self.samples_per_epoch / global_batch))
+
+    def warmup_warning(self, world_size: int, own_schedule: bool = True) -> str | None:
+        """A warning when the warmup does not end before the run does (``warmup_steps`` >= its steps): the learning
+        rate never reaches ``lr`` and never decays. Not refused: a short debug run is legitimate. None otherwise, and
+        where the steps are not known (a global batch the world size does not divide: the trainer says so).
+        ``own_schedule``: the config's linear warmup (False: a DeepSpeed JSON scheduler block, whose warmup differs)."""
+        try:
+            total = self.total_steps(world_size)
+        except (DeepSpeedConfigError, ValueError):
+            return None
+        if self.warmup_steps < total or total <= 0:
+            return None
+        last = self.lr * (total - 1) / self.warmup_steps  # the last update's lr (the warmup's lr x s / warmup_steps)
+        reached = f" (the last update's is {last:.3g})" if own_schedule else ""
+        return (
+            f"warning: warmup_steps {self.warmup_steps} >= the run's {total} steps: the warmup is not finished by step {total}, so "
+            f"the learning rate never reaches lr {self.lr:g}{reached} and never decays; fine for a short debug run, otherwise "
+            "lower --warmup-steps or train longer"
+        )
 
     def check_inputs(self) -> None:
         """Raise FileNotFoundError (or storage.StorageError) for an input the run would fail on only after the
@@ -422,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         print("mixture:\n  " + "\n  ".join(mixture.describe(world))
               + (f"\n  an epoch: {cfg.samples_per_epoch:,} samples" if cfg.steps <= 0 else ""), flush=True)  # fmt: skip
         print(f"train config: {json.dumps(dataclasses.asdict(cfg), indent=2)}", flush=True)
+        warning = cfg.warmup_warning(world, own_schedule="scheduler" not in ds_raw)
+        if warning:
+            print(warning, flush=True)
 
     def on_start(info: dict) -> None:
         nonlocal bar, board

@@ -332,6 +332,11 @@ def describe(ds: dict, recipe: Recipe, cuda: bool) -> dict:
             f"{kind} from the DeepSpeed JSON ({', '.join(f'{k}={v}' for k, v in params.items())}); "
             f"it replaces the config's schedule (linear warmup, cosine decay to min_lr {recipe.min_lr})"
         )
+    elif recipe.warmup_steps >= recipe.total_steps:  # a short run: the peak would come at step warmup_steps, after the last
+        schedule = (
+            f"linear warmup over {recipe.warmup_steps} steps to lr {recipe.lr}, warmup not finished by step {recipe.total_steps}; "
+            f"no decay (transformers' get_cosine_with_min_lr_schedule_with_warmup)"
+        )
     else:
         schedule = (
             f"linear warmup over {recipe.warmup_steps} steps to lr {recipe.lr}, cosine decay to min_lr {recipe.min_lr} "

@@ -25,10 +25,19 @@ one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader 
    sample's dataset index (its position in the mixture), for per-dataset losses.
 
 Determinism: the batches are a pure function of (seed, rank, world size, number of workers,
-start step, checkpoint interval). The stream restarts itself at every checkpoint step (the
-segment's worker streams are seeded with that step), inside the same worker processes,
-so that a run resumed from a checkpoint reads exactly the batches the uninterrupted run
-read, without new workers at every checkpoint.
+start step, samples seen at the start, checkpoint interval, batch size, accumulation). The
+stream restarts itself at every checkpoint step, inside the same worker processes, so that a
+run resumed from a checkpoint reads exactly the batches the uninterrupted run read, without
+new workers at every checkpoint. A segment's worker streams are seeded with its position in
+samples (the samples the run has trained before it), not its step number: with an unchanged
+global batch that is step x global batch (the same batches on resume), and a run resumed
+with another global batch, which renumbers its steps, draws fresh data instead of repeating
+batches it already trained.
+
+When none of a rank's own shards of a dataset gives a usable sample (each one's last read was
+damaged, or held no sample with labels), that rank reads the dataset's other shards instead
+(each such read counted in ``outside_share_reads``); only a dataset none of whose shards
+gives a usable sample stops the run.
 """
 
 from __future__ import annotations
@@ -229,9 +238,11 @@ class TrainStream(IterableDataset):
         protocol: str = "nxtp",
         segment_steps: int = 0,
         batches_per_step: int = 1,
+        start_samples: int | None = None,
     ):
         self.datasets = list(datasets)
-        self.shards = [rank_shards(d.find(), rank, world_size) for d in self.datasets]  # this rank's share of each
+        self.all_shards = [d.find() for d in self.datasets]  # every shard of each (read when the rank's own give nothing)
+        self.shards = [rank_shards(found, rank, world_size) for found in self.all_shards]  # this rank's share of each
         for d in self.datasets:
             require_published(d.labels, "labels output")  # on object storage: only a whole one
             if not storage.isdir(storage.join(d.labels, "labels")):
@@ -256,14 +267,24 @@ class TrainStream(IterableDataset):
         self.protocol = check_protocol(protocol)  # the label mask's (model.prompt.label_segments)
         self.segment_steps = segment_steps  # the checkpoint interval (0: one segment from start_step on)
         self.batches_per_step = batches_per_step  # gradient accumulation
+        self.global_batch = batch_size * batches_per_step * world_size  # samples per optimizer step, all ranks
+        # samples the run has trained before start_step (None: start_step x global batch, an unchanged global batch)
+        self.start_samples = start_step * self.global_batch if start_samples is None else start_samples
+        if self.start_samples < 0:
+            raise ValueError(f"start_samples must be >= 0, not {start_samples}")
+
+    def segment_samples(self, step: int) -> int:
+        """The position in samples of step ``step`` (>= start_step): the samples trained before it, which seed the
+        streams of a segment that starts there."""
+        return self.start_samples + (step - self.start_step) * self.global_batch
 
     def __iter__(self) -> Iterator[dict]:
         """Worker w of W yields batches w, w+W, ... (the DataLoader's order), counted from step 0.
 
         Batches are grouped in segments that start at ``start_step`` and at every multiple of
         ``segment_steps`` after it. Within a segment, batch j is the (j // W)-th batch of the
-        segment's stream number j % W, seeded with the segment's first step: what a loader
-        started at that step yields, whichever worker produces it.
+        segment's stream number j % W, seeded with the segment's first sample (:meth:`segment_samples`):
+        what a loader started at that step with those samples seen yields, whichever worker produces it.
         """
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -273,13 +294,15 @@ class TrainStream(IterableDataset):
         while True:
             start = max(first, b - b % per_segment) if per_segment > 0 else first
             if start != current:
-                current, batches = start, self._batches(worker, (b - start) % workers, start // self.batches_per_step)
+                current, batches = start, self._batches(worker, (b - start) % workers, self.segment_samples(start // self.batches_per_step))
             yield next(batches)
             b += workers
 
-    def _batches(self, worker: int, stream: int, start_step: int) -> Iterator[dict]:
-        """Collated batches of one segment's stream ``stream``, produced by ``worker``."""
-        rng = random.Random(_seed(self.seed, self.rank, stream, start_step))
+    def _batches(self, worker: int, stream: int, start_samples: int) -> Iterator[dict]:
+        """Collated batches of one segment's stream ``stream``, produced by ``worker``; the segment starts after
+        ``start_samples`` samples of the run (its seed: a run resumed with another global batch, whose steps are
+        renumbered, reads no segment it already trained)."""
+        rng = random.Random(_seed(self.seed, self.rank, stream, start_samples))
         tok = Tokenizer(self.tokenizer_path)
         transform = preprocess(self.image_size)
         stats: Counter = Counter(shards_read=Counter())  # counters, and "dataset/shard" -> reads of it
@@ -323,10 +346,19 @@ class TrainStream(IterableDataset):
             yield next(streams[i])
 
     def _dataset_samples(self, i: int, rng: random.Random, stats: Counter, cache: OrderedDict) -> Iterator[dict]:
-        spec, shards = self.datasets[i], self.shards[i]
-        failures = 0
+        """Dataset ``i``'s usable samples, from shards of this rank's share drawn at random; once every shard of the
+        share has given none at its last read, from the dataset's shards that may still give some (the others'
+        shares, each read counted in ``outside_share_reads``); RuntimeError once none of its shards gives any."""
+        spec, shards, every = self.datasets[i], self.shards[i], self.all_shards[i]
+        own = {s.name for s in shards}
+        failed: set[str] = set()  # the shards whose last read gave no usable sample
+        draws, distinct = 0, set()  # the reads in a row that gave none, and their shards
         while True:
-            shard = rng.choice(shards)
+            if not own <= failed:
+                shard = rng.choice(shards)
+            else:  # the rank's whole share is unusable: the dataset's other shards, rather than stopping the run
+                shard = rng.choice([s for s in every if s.name not in failed])
+                stats["outside_share_reads"] += 1
             stats["shards_read"][f"{spec.name}/{shard.name}"] += 1
             labels = _shard_labels(spec, shard, stats, cache)
             reader = TarReader(shard.tar)
@@ -346,9 +378,18 @@ class TrainStream(IterableDataset):
                 yield {"jpg": sample.data["jpg"], "labels": found, "caption": caption, "key": sample.key, "dataset": i}
             if reader.damage:
                 stats["bad_shards"] += 1
-            failures = 0 if yielded else failures + 1
-            if failures >= 10 * len(shards):
-                raise RuntimeError(f"dataset {spec.name}: {failures} shards in a row gave no usable sample (last: {shard.tar}: {reader.damage or 'no sample with labels'})")
+            if yielded:
+                failed.discard(shard.name)
+                draws, distinct = 0, set()
+                continue
+            failed.add(shard.name)
+            draws += 1
+            distinct.add(shard.name)
+            if len(failed) == len(every):
+                raise RuntimeError(
+                    f"dataset {spec.name}: none of its {len(every)} shard(s) gives a usable sample: {draws} draws ({len(distinct)} distinct shards) "
+                    f"in a row gave none (last: {shard.tar}: {reader.damage or 'no sample with labels'})"
+                )
 
     @staticmethod
     def _shuffled(samples: Iterator[dict], rng: random.Random, size: int) -> Iterator[dict]:

@@ -21,7 +21,10 @@ differs, rank 0 converts it once into a DeepSpeed *universal* checkpoint
 ``<run_dir>/checkpoints/universal/<tag>``, written under a temporary name and renamed), which
 any world size loads (``"checkpoint": {"load_universal": true}``). The learning-rate schedule
 and the data stream follow the samples seen, not the steps: the run resumes at step
-``samples // new global batch`` (:func:`resume_step`).
+``samples // new global batch`` (:func:`resume_step`), the data stream seeded by the samples
+seen (a changed global batch draws fresh data), and the schedule at the step of the samples of
+the updates applied (:func:`schedule_step`: fp16 updates that loss scaling skipped do not
+step it).
 
 DeepSpeed checkpoints are POSIX folders (a local disk, or a file system every node shares).
 """
@@ -256,6 +259,16 @@ def check_stage(ckpt: Checkpoint, zero_stage: int) -> None:
 def resume_step(samples: int, global_batch: int) -> tuple[int, int]:
     """(step, samples past it): the step at which a run that has seen ``samples`` continues with ``global_batch``."""
     return samples // global_batch, samples % global_batch
+
+
+def schedule_step(samples: int, global_batch: int, skipped_samples: int = 0) -> int:
+    """The learning-rate schedule's step for a run that has seen ``samples`` and continues with ``global_batch``.
+
+    DeepSpeed steps the schedule only on an update it applies: an fp16 update that dynamic loss
+    scaling skipped (an overflow; ``engine.skipped_steps``) does not step it, so an uninterrupted
+    fp16 run at step s uses the lr of step s - skipped. ``skipped_samples``: the samples of the
+    skipped updates (skipped x global batch while it did not change); they do not count."""
+    return max(0, samples - skipped_samples) // global_batch
 
 
 def write_run_state(checkpoint_dir: str, state: dict) -> None:

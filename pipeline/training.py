@@ -277,9 +277,11 @@ class Trainer:
             raise ValueError(f"the model reads {model.cfg.vision.image_size}px images, the config says image_size {cfg.image_size}")
         return model.train(), tok
 
-    def _data(self, start_step: int, rank: int, world: int, grad_accum: int, pin_memory: bool):
+    def _data(self, start_step: int, start_samples: int, rank: int, world: int, grad_accum: int, pin_memory: bool):
         """One loader for the whole run: its workers live until the end, and the stream reseeds itself
-        at every checkpoint step, so that a run resumed there reads what this one reads."""
+        at every checkpoint step, so that a run resumed there reads what this one reads. The seeds are
+        positions in samples (``start_samples``: seen before ``start_step``), so that a run resumed with
+        another global batch, whose steps are renumbered, does not read again the batches it trained."""
         from pipeline.loader import TrainStream, train_loader
 
         cfg = self.cfg
@@ -300,6 +302,7 @@ class Trainer:
             protocol=cfg.protocol,
             segment_steps=cfg.save_every,
             batches_per_step=grad_accum,
+            start_samples=start_samples,
         )
         return iter(train_loader(stream, cfg.num_workers, pin_memory=pin_memory))
 
@@ -376,6 +379,7 @@ class Trainer:
         )
         step, samples, stats = 0, 0, {}
         self._exported_from = None
+        self._skipped_base = (0, 0, recipe.global_batch)  # fp16's skipped updates: (their samples, engine count, global batch) at the start
         if ckpt is not None:
             step, samples, stats = self._load(engine, ckpt, universal, recipe.global_batch, total)
             if step >= total:  # known only now for a checkpoint without its run_state.json
@@ -404,7 +408,7 @@ class Trainer:
                 "deepspeed_config": ds,
             }
         )
-        data = self._data(step, rank, world, accum, pin_memory=cuda) if step < total else None
+        data = self._data(step, samples, rank, world, accum, pin_memory=cuda) if step < total else None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision, torch.float32)
         per_dataset = [d.name for d in cfg.data] if len(cfg.data) > 1 else []
         window = _Window(engine.device, per_dataset)
@@ -508,14 +512,33 @@ class Trainer:
             group.update(settings)
         samples = client.get("samples", engine.global_samples)
         step, extra = resume.resume_step(samples, global_batch)
+        # fp16: DeepSpeed steps no schedule on an update its loss scaling skipped (engine.skipped_steps, restored by the load)
+        skipped = client.get("skipped_samples")
+        if skipped is None:  # a checkpoint written before they were counted in samples: its updates were of its own global batch
+            skipped = engine.skipped_steps * ((ckpt.state or {}).get("global_batch") or global_batch)
+        self._skipped_base = (skipped, engine.skipped_steps, global_batch)
+        schedule_step = resume.schedule_step(samples, global_batch, skipped)
         if engine.lr_scheduler is not None:
-            resume.set_schedule_step(engine.lr_scheduler, step)
+            resume.set_schedule_step(engine.lr_scheduler, schedule_step)
         engine.global_steps, engine.global_samples = step, samples
         self._exported_from = (ckpt.save_dir, ckpt.tag)
         how = f" (universal checkpoint {universal})" if universal else ""
         by_samples = f"{samples:,} samples seen / global batch {global_batch} = step {step}" + (f", {extra} samples past it (not a multiple)" if extra else "")
-        self.on_message(f"resumed from {ckpt.path} at step {step}{how}: {by_samples}; the learning-rate schedule and the data stream continue from step {step} of {total}")
+        if schedule_step == step:
+            goes_on = f"the learning-rate schedule and the data stream continue from step {step} of {total}"
+        else:
+            goes_on = (
+                f"the data stream continues from step {step} of {total}, the learning-rate schedule from its step {schedule_step}: "
+                f"fp16's loss scaling skipped {engine.skipped_steps} update(s) ({skipped:,} samples), which do not step it"
+            )
+        self.on_message(f"resumed from {ckpt.path} at step {step}{how}: {by_samples}; {goes_on}")
         return step, samples, client.get("data_stats", {})  # the run-wide counters (on every rank: each saves them)
+
+    def _skipped_samples(self, engine) -> int:
+        """The samples of the run's updates that fp16's loss scaling skipped (they did not step the schedule), as of now:
+        those the checkpoint this launch resumed from recorded, plus the updates skipped since, of this global batch."""
+        samples, steps, global_batch = self._skipped_base
+        return samples + (engine.skipped_steps - steps) * global_batch
 
     def _host_side(self, batch: dict) -> tuple[dict, int]:
         """The model's inputs with the target counts, and the batch's tokens (image + target), all counted
@@ -551,7 +574,8 @@ class Trainer:
         if rank == 0 and os.path.isdir(os.path.join(self.save_dir, tag)):  # a checkpoint of this step before a change of the global batch
             shutil.rmtree(os.path.join(self.save_dir, tag))  # its files for another world size must not mix with these
         dist.barrier()
-        client = {"step": step, "samples": samples, "data_stats": stats, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        client = {"step": step, "samples": samples, "skipped_samples": self._skipped_samples(engine), "data_stats": stats,
+                  UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}  # fmt: skip
         engine.save_checkpoint(self.save_dir, tag=tag, client_state=client)
         dist.barrier()
         self._exported_from = (self.save_dir, tag)

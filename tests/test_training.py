@@ -4,6 +4,7 @@ checkpoints, activation checkpointing and compile, and a step that never waits f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -548,3 +549,125 @@ def test_no_loss_curve_without_logged_steps(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples": 8, "loss": 2.0, "lr": 1e-3}) + "\n")
     assert plot_loss(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png")) is True
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_a_wildcard_in_a_file_name_is_checked_by_its_folder(tmp_path):
+    """``cc3m-{0000..0575}.tar`` and ``part-*.tar``: the text before the wildcard is no path; its folder is what must exist."""
+    from jobs.train import _must_exist
+
+    assert _must_exist("/data/cc3m/cc3m-{0000..0575}.tar") == _must_exist("/data/cc3m/part-*.tar") == "/data/cc3m"
+    assert _must_exist("/data/{a,b}/x.tar") == "/data" and _must_exist("/data/cc3m/") == "/data/cc3m" and _must_exist("/x-*.tar") == "/"
+    assert _must_exist("s3://bucket/shards/part-{00..09}.tar") == "s3://bucket/shards" and _must_exist("s3://bucket/*.tar") == "s3://bucket"
+    assert _must_exist("s3://bucket-*/x.tar") is None and _must_exist("part-*.tar") == "." and _must_exist("file:///x-*.tar") == "/"
+    cfg = _small_config(tmp_path)
+    (tmp_path / "shards" / "00001.tar").touch()
+    for pattern in ("0000{0..1}.tar", "0000*.tar", "{00000,00001}.tar", "0000?.tar"):
+        spec = DatasetSpec("a", f"{tmp_path}/shards/{pattern}", f"{tmp_path}/labels", 1.0)
+        assert [s.name for s in spec.find()] == ["00000", "00001"], pattern
+        _small_config(tmp_path, data=[spec])  # accepted, as find_shards accepts it
+    missing = DatasetSpec("a", f"{tmp_path}/nope/part-*.tar", f"{tmp_path}/labels", 1.0)
+    with pytest.raises(ValueError, match=f"dataset a: {tmp_path}/nope/part-\\*.tar: its folder {tmp_path}/nope does not exist"):
+        _small_config(tmp_path, data=[missing])
+    with pytest.raises(ValueError, match=f"dataset a: {tmp_path}/nope does not exist"):
+        _small_config(tmp_path, data=[DatasetSpec("a", f"{tmp_path}/nope", f"{tmp_path}/labels", 1.0)])
+    assert cfg.data[0].shards == str(tmp_path / "shards")
+
+
+def test_a_warmup_longer_than_the_run_is_warned_and_described(tmp_path):
+    from pipeline.ds_config import Recipe, describe
+
+    short = Recipe(4, 1, 2, 2e-3, 1e-4, 0.1, 50, 4, 1.0, "fp32")  # the demo's warmup of 50 in a --steps 4 run
+    assert describe({}, short, cuda=False)["lr_schedule"] == (
+        "linear warmup over 50 steps to lr 0.002, warmup not finished by step 4; no decay (transformers' get_cosine_with_min_lr_schedule_with_warmup)"
+    )
+    assert "warmup not finished" in describe({}, dataclasses.replace(short, warmup_steps=4), cuda=False)["lr_schedule"]
+    assert "cosine decay to min_lr 0.0001 at step 4" in describe({}, dataclasses.replace(short, warmup_steps=3), cuda=False)["lr_schedule"]
+    warning = _small_config(tmp_path, warmup_steps=50, steps=4, lr=2e-3).warmup_warning(2)
+    assert warning.startswith("warning: warmup_steps 50 >= the run's 4 steps: the warmup is not finished by step 4") and "never decays" in warning
+    assert "the last update's is 0.00012" in warning  # 2e-3 x 3 / 50
+    assert "last update" not in _small_config(tmp_path, warmup_steps=50, steps=4).warmup_warning(2, own_schedule=False)  # a JSON's WarmupLR
+    assert _small_config(tmp_path, warmup_steps=4, steps=4).warmup_warning(1) is not None  # the peak would come after the last update
+    assert _small_config(tmp_path, warmup_steps=3, steps=4).warmup_warning(1) is None
+    assert _small_config(tmp_path, warmup_steps=0, steps=4).warmup_warning(1) is None
+    # the steps of an epoch: 2 epochs x ceil(40 / (4 x 2 ranks)) = 10 steps
+    assert "the run's 10 steps" in _small_config(tmp_path, warmup_steps=10, steps=0, epochs=2, samples_per_epoch=40, batch_size=4).warmup_warning(2)
+    assert _small_config(tmp_path, global_batch=8, batch_size=4, steps=0, epochs=1, samples_per_epoch=40).warmup_warning(3) is None  # the trainer refuses it
+
+
+class _Engine:
+    """What Trainer._load uses of a DeepSpeed engine; its load puts back the checkpoint's skipped_steps, as DeepSpeed's does."""
+
+    def __init__(self, scheduler, skipped_steps: int, client: dict):
+        self.lr_scheduler, self.basic_optimizer = scheduler, scheduler.optimizer
+        self.skipped_steps = self.global_steps = self.global_samples = 0
+        self._restored = (skipped_steps, client)
+
+    def load_checkpoint(self, load_dir, tag, load_lr_scheduler_states=True):
+        assert not load_lr_scheduler_states
+        self.skipped_steps = self._restored[0]
+        return os.path.join(load_dir, tag), dict(self._restored[1])
+
+
+def test_an_fp16_resume_puts_the_schedule_where_the_skipped_updates_left_it(tmp_path):
+    """DeepSpeed steps no schedule on an update that fp16's loss scaling skipped: the uninterrupted run at step s
+    uses the lr of step s - skipped, and so does the run resumed there (not the lr of step s)."""
+    from types import SimpleNamespace
+
+    from pipeline import resume
+    from pipeline.training import Trainer
+
+    def schedule():
+        return lr_schedule(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3), 5, 40, 1e-4)
+
+    run, lrs = schedule(), []
+    for step in range(12):  # updates 3 and 6 overflow
+        lrs.append(run.get_last_lr()[0])
+        run.optimizer.step()
+        if step not in (3, 6):
+            run.step()
+    unskipped = schedule()
+    resume.set_schedule_step(unskipped, 10)
+    assert unskipped.get_last_lr()[0] != pytest.approx(lrs[10])
+    messages: list[str] = []
+    trainer = Trainer(SimpleNamespace(run_dir=str(tmp_path)), {}, on_message=messages.append)
+    ckpt = resume.Checkpoint(str(tmp_path), "step10", 1, 2, {"global_batch": 8})
+    for client in ({"samples": 80, "skipped_samples": 16}, {"samples": 80}):  # the latter: a checkpoint from before skipped_samples
+        engine = _Engine(schedule(), 2, client)
+        assert trainer._load(engine, ckpt, None, 8, 40)[:2] == (10, 80)
+        assert engine.lr_scheduler.get_last_lr()[0] == pytest.approx(lrs[10], rel=1e-12), client
+        assert messages[-1].endswith("the data stream continues from step 10 of 40, the learning-rate schedule from its step 8: "
+                                     "fp16's loss scaling skipped 2 update(s) (16 samples), which do not step it")  # fmt: skip
+        assert trainer._skipped_samples(engine) == 16
+        engine.skipped_steps += 1  # one more overflow after the resume: what the next checkpoint records
+        assert trainer._skipped_samples(engine) == 24
+    # with another global batch the schedule goes by the samples of the updates applied: (80 - 16) // 16
+    engine = _Engine(schedule(), 2, {"samples": 80, "skipped_samples": 16})
+    assert trainer._load(engine, ckpt, None, 16, 20)[:2] == (5, 80)
+    placed = schedule()
+    resume.set_schedule_step(placed, 4)
+    assert engine.lr_scheduler.get_last_lr()[0] == placed.get_last_lr()[0]
+    assert trainer._skipped_samples(engine) == 16 and resume.schedule_step(80, 16, 16) == 4
+    # nothing skipped (bf16, fp32): the schedule at the step, said as before
+    engine = _Engine(schedule(), 0, {"samples": 80})
+    trainer._load(engine, ckpt, None, 8, 40)
+    assert engine.lr_scheduler.get_last_lr()[0] == unskipped.get_last_lr()[0]
+    assert messages[-1].endswith("the learning-rate schedule and the data stream continue from step 10 of 40")
+
+
+def test_the_trainers_loader_is_seeded_by_the_samples_seen(tmp_path, world, monkeypatch):
+    """Trainer._data gives the stream the samples seen at its start step, which seed its segments."""
+    from types import SimpleNamespace
+
+    from pipeline import loader
+    from pipeline.training import Trainer
+    from tests.test_loader import _dataset
+
+    spec = _dataset(str(tmp_path))
+    cfg = _small_config(tmp_path, data=[spec], tokenizer=world.tokenizer, batch_size=4, save_every=5, steps=20)
+    trainer = Trainer(cfg, {})
+    trainer.tokenizer = SimpleNamespace(path=world.tokenizer)
+    trainer.model_cfg = SimpleNamespace(decoder=SimpleNamespace(max_seq_len=128), vision=SimpleNamespace(n_tokens=16))
+    monkeypatch.setattr(loader, "train_loader", lambda stream, workers, pin_memory=False: [stream])
+    stream = next(trainer._data(5, 44, 0, 2, 2, pin_memory=False))  # 44 samples seen: resumed from another global batch
+    assert (stream.start_step, stream.start_samples, stream.global_batch) == (5, 44, 16)
+    assert stream.segment_samples(10) == 44 + 5 * 16
