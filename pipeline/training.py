@@ -141,6 +141,9 @@ def zero_memory_estimate(model: nn.Module, ds: dict, world_size: int, ranks_per_
     return out
 
 
+REPLACED = ".replaced"  # suffix of a same-numbered checkpoint of the run before a change of its global batch, while its successor is written
+
+
 def prune_checkpoints(save_dir: str, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
     latest = latest_tag(save_dir)
@@ -571,8 +574,14 @@ class Trainer:
         )
 
         tag = f"step{step}"
-        if rank == 0 and os.path.isdir(os.path.join(self.save_dir, tag)):  # a checkpoint of this step before a change of the global batch
-            shutil.rmtree(os.path.join(self.save_dir, tag))  # its files for another world size must not mix with these
+        # a checkpoint of this step from before a change of the global batch (possibly the one this run resumed
+        # from): its files for another world size must not mix with the new ones, and it is kept, under a name that
+        # is no checkpoint tag, until the new one is complete, so that a crash during this save loses neither
+        replaced = os.path.join(self.save_dir, f"{tag}{REPLACED}")
+        if rank == 0 and os.path.isdir(os.path.join(self.save_dir, tag)):
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(os.path.join(self.save_dir, tag), replaced)
+            self.on_message(f"step {step}: the checkpoint {tag} of the run before its global batch changed is kept as {replaced} until the new {tag} is written")
         dist.barrier()
         client = {"step": step, "samples": samples, "skipped_samples": self._skipped_samples(engine), "data_stats": stats,
                   UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}  # fmt: skip
@@ -582,6 +591,7 @@ class Trainer:
         if rank == 0:
             state = {"step": step, "samples": samples, **self._facts, "data_stats": stats, "data_by_rank": by_rank}
             resume.write_run_state(os.path.join(self.save_dir, tag), state)
+            shutil.rmtree(replaced, ignore_errors=True)
             if os.path.isdir(resume.universal_dir(self.save_dir)):
                 shutil.rmtree(resume.universal_dir(self.save_dir), ignore_errors=True)
             for old in prune_checkpoints(self.save_dir, self.cfg.keep_checkpoints):

@@ -671,3 +671,45 @@ def test_the_trainers_loader_is_seeded_by_the_samples_seen(tmp_path, world, monk
     stream = next(trainer._data(5, 44, 0, 2, 2, pin_memory=False))  # 44 samples seen: resumed from another global batch
     assert (stream.start_step, stream.start_samples, stream.global_batch) == (5, 44, 16)
     assert stream.segment_samples(10) == 44 + 5 * 16
+
+
+def test_a_same_numbered_checkpoint_is_kept_until_its_successor_is_written(tmp_path):
+    """After a change of the global batch the run renumbers its steps and may save a tag the run before it
+    wrote (the one it resumed from): that one is moved aside, not deleted, until the new one is complete."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from pipeline import resume
+    from pipeline.training import REPLACED, Trainer
+
+    save_dir = tmp_path / "checkpoints"
+    old = save_dir / "step4"
+    old.mkdir(parents=True)
+    (old / "weights").write_text("the run before")
+    seen_during_save = {}
+
+    class Engine:
+        skipped_steps = 0
+
+        def save_checkpoint(self, folder, tag, client_state):
+            seen_during_save.update(old=sorted(os.listdir(folder)), samples=client_state["samples"])
+            os.makedirs(os.path.join(folder, tag))
+            with open(os.path.join(folder, tag, "weights"), "w") as f:
+                f.write("this run")
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.save_dir, trainer._skipped_base = str(save_dir), (0, 0, 4)
+    trainer._facts = {"global_batch": 4, "world_size": 1, "zero_stage": 2}
+    trainer.cfg = SimpleNamespace(keep_checkpoints=0)
+    messages = []
+    trainer.on_message = messages.append
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        trainer._save(Engine(), 4, 16, {}, [], 0)
+    finally:
+        dist.destroy_process_group()
+    assert seen_during_save == {"old": [f"step4{REPLACED}"], "samples": 16}, "during the save the old checkpoint is aside, whole"
+    assert sorted(os.listdir(save_dir)) == ["step4"] and (save_dir / "step4" / "weights").read_text() == "this run"
+    assert resume.read_checkpoint(str(save_dir), "step4").state["samples"] == 16
+    assert any(f"kept as {save_dir / ('step4' + REPLACED)}" in m for m in messages)
