@@ -227,10 +227,9 @@ def run_job(head, export: str, shards: str, labels: str, out: str, batch: int, a
         cmd = [sys.executable, *cmd[1:]]
         print("$ " + " ".join(cmd), flush=True)
         result = subprocess.run(cmd, cwd=REPO, env=env, timeout=3600)  # its output streams into this one's
-        if result.returncode != 0:
-            raise RuntimeError(f"the evaluation job exited {result.returncode} (its output is above)")
     if result.returncode != 0:
-        raise RuntimeError(f"the evaluation job failed:\n{(result.stdout + result.stderr)[-4000:]}")
+        said = "its output is above" if head is None else (result.stdout + result.stderr)[-4000:]
+        raise RuntimeError(f"the evaluation job exited {result.returncode}:\n{said}")
     return json.load(open(os.path.join(out, "summary.json")))
 
 

@@ -127,7 +127,7 @@ def build_model(cfg: NxTPConfig, tok: Tokenizer, seed: int = 0, bias: float = 2.
     with torch.no_grad():
         model.decoder.embed.base.weight[:, 0] = 0.05
         model.decoder.embed.special[:, 0] = 0.05
-        model.decoder.lm_head.weight[tok.delimiter_id, 0] = bias
+    set_delimiter_bias(model, tok.delimiter_id, bias)
     return model
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.scoring import label_key
+
 NO_CLASS = "no_class"  # the sample's data names no class: predicted, not scored for accuracy
 UNKNOWN_CLASS = "unknown_class"  # the sample's class is not in the class list
 TOP = 5  # classes kept per image (top-5 accuracy)
@@ -311,7 +313,7 @@ def top_k_labels(predictions: Sequence[str], probabilities: Sequence[float], pro
     order: list[int] = []
     merged: list[float] = []
     for i, (label, p) in enumerate(zip(predictions, probabilities)):
-        key = " ".join((label or "").split()).casefold()
+        key = label_key(label)
         if not key:
             continue
         if key in first:

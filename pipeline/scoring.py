@@ -78,6 +78,11 @@ def default_minilm_path() -> str:
 # ----------------------------------------------------------------------------- labels and scores
 
 
+def label_key(label: str | None) -> str:
+    """What makes two labels one: their words, case and spacing aside ("" for a blank label)."""
+    return " ".join((label or "").split()).casefold()
+
+
 def clean_labels(labels: Iterable[str | None]) -> list[str]:
     """Stripped, non-blank labels, each once, in their first order and first spelling.
 
@@ -89,7 +94,7 @@ def clean_labels(labels: Iterable[str | None]) -> list[str]:
     for label in labels:
         text = (label or "").strip()
         if text:
-            seen.setdefault(" ".join(text.split()).casefold(), text)
+            seen.setdefault(label_key(text), text)
     return list(seen.values())
 
 

@@ -176,11 +176,12 @@ def _find_one(location: str) -> list[Shard]:
 
 
 def _folder_shards(fs, folder: str, location: str) -> list[Shard]:
-    tars, parquets = {}, {}
+    tars, parquets, files = {}, {}, set()
     for entry in fs.ls(folder, detail=True):
         if entry["type"] != "file":
             continue
         base = posixpath.basename(entry["name"].rstrip("/"))
+        files.add(base)
         stem, dot, ext = base.rpartition(".")
         if dot and ext == "tar":
             tars[stem] = entry["name"]
@@ -189,7 +190,7 @@ def _folder_shards(fs, folder: str, location: str) -> list[Shard]:
     names = sorted(set(tars) | set(parquets))
     if not names:
         raise FileNotFoundError(f"{location}: holds no webdataset shard (<name>.tar)")
-    _check_finished(fs, folder, list(tars), {posixpath.basename(e.rstrip("/")) for e in fs.ls(folder, detail=False)})
+    _check_finished(fs, folder, list(tars), files)
     return [
         Shard(n, _url(fs, tars[n]) if n in tars else None, _url(fs, parquets[n]) if n in parquets else None) for n in names
     ]
