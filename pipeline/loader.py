@@ -3,17 +3,21 @@
 Each dataset is a folder of shards (``jobs.ingest``) and a label folder (``jobs.labels``,
 one ``labels/<shard>.parquet`` per shard). The stream of one rank's data-loader worker:
 
-1. picks a dataset by its mixture weight, then a shard of its rank's share uniformly at
-   random (resampled, as open_clip's ``--dataset-resampled``: no epoch boundary, every rank
+1. picks a dataset by its mixture weight, then a shard of its rank's share at random
+   (resampled, as open_clip's ``--dataset-resampled``: no epoch boundary, every rank
    and worker draws with its own seed); with per-dataset batch sizes (OSM's
    ``--batch_size_coco 8 --batch_size_lvis 16``) each micro-batch instead holds exactly that
    many samples of each dataset, in an order drawn anew for every batch, each dataset read
    through its own shuffle buffer (a share of ``shuffle_buffer`` as large as its share of
    the batch). A rank's share of a dataset (:func:`rank_shards`): when the dataset has at
    least as many shards as there are ranks, shard i belongs to rank i % world size, so the
-   ranks read disjoint shards (the workers of one rank draw from the same share); a dataset
-   with fewer shards than ranks is read whole by every rank, so ranks may draw the same
-   samples (``Mixture.describe`` says so for each dataset);
+   ranks read disjoint shards (the workers of one rank draw from the same share); when the
+   shards do not divide evenly, the last N mod W shards are read by every rank, each at
+   1/W of the weight of a rank's own shards (:func:`share_weights`), so that over the ranks
+   every shard is drawn equally often (12 shards on 8 ranks would otherwise draw the shards
+   of the 1-shard ranks twice as often as the others); a dataset with fewer shards than ranks
+   is read whole by every rank. Ranks may then draw the same samples of the shards they share
+   (``Mixture.describe`` says so for each dataset);
 2. reads the shard's intact samples (``pipeline.shards``' rule); a damaged shard is
    counted (``bad_shards``) each time it is read, never a crash;
 3. joins each sample's labels by key from that shard's label table (loaded once per
@@ -169,17 +173,40 @@ class Mixture:
 def _split(shards: int | None, world_size: int) -> str:
     if world_size <= 1 or shards is None:
         return ""
-    if shards >= world_size:
-        return f"; {shards} shards over {world_size} ranks: each rank reads only its own (shard i on rank i mod {world_size}), disjoint"
-    return f"; only {shards} shard(s) for {world_size} ranks: every rank reads all of them, so ranks may draw the same samples"
+    if shards < world_size:
+        return f"; only {shards} shard(s) for {world_size} ranks: every rank reads all of them, so ranks may draw the same samples"
+    split = f"; {shards} shards over {world_size} ranks: each rank reads only its own (shard i on rank i mod {world_size})"
+    shared = shards % world_size
+    if not shared:
+        return split + ", disjoint"
+    return (
+        f"{split} and every rank the last {shared} (of the {shards} not dividing evenly), each at 1/{world_size} of an own shard's "
+        "weight so that every shard is drawn equally often; ranks may draw the same samples of those"
+    )
 
 
 def rank_shards(shards: Sequence, rank: int, world_size: int) -> list:
-    """The shards rank ``rank`` of ``world_size`` resamples from: shard i belongs to rank i % world_size when there
-    are at least as many shards as ranks (the ranks then read disjoint data), else all of them (they overlap)."""
+    """The shards rank ``rank`` of ``world_size`` resamples from, with N shards: all of them when N < world_size (the
+    ranks overlap); else shard i of the first world_size x (N // world_size) on rank i % world_size (disjoint), then the
+    last N % world_size, which every rank reads (drawn with :func:`share_weights`, so that every shard is drawn
+    equally often over the ranks)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size}")
-    return list(shards) if len(shards) < world_size else list(shards[rank::world_size])
+    if len(shards) < world_size:
+        return list(shards)
+    even = len(shards) - len(shards) % world_size
+    return list(shards[rank:even:world_size]) + list(shards[even:])
+
+
+def share_weights(shards: int, world_size: int) -> list[int] | None:
+    """The draw weights of the shards of a rank's share (:func:`rank_shards`' order) when a dataset has ``shards``
+    shards: None where the share is drawn uniformly (the shards divide evenly, or every rank reads all); else
+    world_size for each of the rank's own shards and 1 for each shared one. A rank then draws an own shard with
+    probability world_size / shards and a shared one 1 / shards, which the world_size ranks sum to world_size / shards:
+    every shard alike."""
+    if shards < world_size or shards % world_size == 0:
+        return None
+    return [world_size] * (shards // world_size) + [1] * (shards % world_size)
 
 
 def resolve_mixture(datasets: Sequence[DatasetSpec], samples_per_epoch: int | None = 0) -> Mixture:
@@ -243,6 +270,7 @@ class TrainStream(IterableDataset):
         self.datasets = list(datasets)
         self.all_shards = [d.find() for d in self.datasets]  # every shard of each (read when the rank's own give nothing)
         self.shards = [rank_shards(found, rank, world_size) for found in self.all_shards]  # this rank's share of each
+        self.share_weights = [share_weights(len(found), world_size) for found in self.all_shards]  # None: uniform
         for d in self.datasets:
             require_published(d.labels, "labels output")  # on object storage: only a whole one
             if not storage.isdir(storage.join(d.labels, "labels")):
@@ -349,13 +377,13 @@ class TrainStream(IterableDataset):
         """Dataset ``i``'s usable samples, from shards of this rank's share drawn at random; once every shard of the
         share has given none at its last read, from the dataset's shards that may still give some (the others'
         shares, each read counted in ``outside_share_reads``); RuntimeError once none of its shards gives any."""
-        spec, shards, every = self.datasets[i], self.shards[i], self.all_shards[i]
+        spec, shards, every, weights = self.datasets[i], self.shards[i], self.all_shards[i], self.share_weights[i]
         own = {s.name for s in shards}
         failed: set[str] = set()  # the shards whose last read gave no usable sample
         draws, distinct = 0, set()  # the reads in a row that gave none, and their shards
         while True:
             if not own <= failed:
-                shard = rng.choice(shards)
+                shard = rng.choice(shards) if weights is None else rng.choices(shards, weights)[0]
             else:  # the rank's whole share is unusable: the dataset's other shards, rather than stopping the run
                 shard = rng.choice([s for s in every if s.name not in failed])
                 stats["outside_share_reads"] += 1

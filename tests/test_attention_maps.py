@@ -50,8 +50,9 @@ def test_heat_overlay_and_figure(tmp_path):
         attention_maps.write_figure(str(tmp_path / "b.png"), image, ["cup"], [0.6, 0.3], [hot])
 
 
-def _ratios(export: str, world: synthetic.World) -> np.ndarray:
-    """Density ratio of each ground-truth object noun's map (mean over layers and heads) on its own boxes."""
+def _ratios(export: str, world: synthetic.World, layer: int | None = None) -> np.ndarray:
+    """Density ratio of each ground-truth object noun's map (one decoder layer's, or the mean over layers; the mean
+    over heads) on its own boxes."""
     model, tok = load_pretrained(export)
     model.eval()
     transform = preprocess(model.cfg.vision.image_size)
@@ -64,7 +65,7 @@ def _ratios(export: str, world: synthetic.World) -> np.ndarray:
             size, image = img.size, transform(img.convert("RGB"))
         nouns = sorted(set(row["objects"]))
         first = torch.tensor([first_label_ids(tok, model.cfg.prompt, nouns)])
-        maps = select(label_attention(model, image[None], prompt_ids, first)[0]).numpy()  # [K, g, g]
+        maps = select(label_attention(model, image[None], prompt_ids, first)[0], layer).numpy()  # [K, g, g]
         for noun, grid in zip(nouns, maps):
             cover = attention_maps.box_cover([b for b in row["boxes"] if b["noun"] == noun], size, grid.shape[0])
             ratios.append(attention_maps.density_ratio(grid, cover))
@@ -72,20 +73,25 @@ def _ratios(export: str, world: synthetic.World) -> np.ndarray:
 
 
 def test_demo_model_looks_at_the_objects_it_names(demo_run):
-    """A label's attention is denser on the boxes of the object it names than on the rest of the image.
+    """A label's attention in the decoder's last layer is denser on the boxes of the object it names than on the
+    rest of the image.
 
     Geometric mean over every object of the held-out images; the untrained model (same
     architecture and initialization) shows no such preference, so it is learned, not geometry.
+    The last layer, not the mean over layers: the first layers of the demo model do not
+    localize, and how much they dilute the mean depends on the training stream (two
+    demo models of 1000 steps on the same world whose streams differ: mean over layers
+    1.04 and 1.29, last layer 1.29 and 1.25; earlier ones: mean 1.10).
     """
     out, proc = demo_run
     assert proc.returncode == 0, f"jobs.demo exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     world = synthetic.load_world(os.path.join(out, "world"))
-    trained = _ratios(os.path.join(out, "run", "export"), world)
-    untrained = _ratios(os.path.join(out, "untrained"), world)
+    trained = _ratios(os.path.join(out, "run", "export"), world, layer=-1)
+    untrained = _ratios(os.path.join(out, "untrained"), world, layer=-1)
     assert len(trained) >= 150
     geo = float(np.exp(np.log(trained).mean()))
     geo_untrained = float(np.exp(np.log(untrained).mean()))
-    # measured on the demo's training (2-core CPU): geometric mean 1.10 and 0.585 of the objects above 1,
-    # untrained 1.00 and 0.54; the bounds leave room, since the demo's model differs a little between runs
-    assert geo >= 1.05 and (trained > 1).mean() >= 0.55, (geo, (trained > 1).mean())
-    assert geo >= geo_untrained + 0.05, (geo, geo_untrained)
+    # measured on the demo's training (2-core CPU, 2026-11-26): last layer's geometric mean 1.29 and 0.69 of the
+    # objects above 1, untrained 1.00 and 0.46; the bounds leave room, since the demo's model differs between runs
+    assert geo >= 1.15 and (trained > 1).mean() >= 0.6, (geo, (trained > 1).mean())
+    assert geo >= geo_untrained + 0.1, (geo, geo_untrained)

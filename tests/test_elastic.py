@@ -17,20 +17,32 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
+from fractions import Fraction
 
 import pytest
 import torch
 
 from model.checkpoint import load_pretrained
 from pipeline import ray_local, resume
-from pipeline.loader import DatasetSpec, TrainStream, rank_shards, resolve_mixture
+from pipeline.loader import DatasetSpec, TrainStream, rank_shards, resolve_mixture, share_weights
 from pipeline.training import MetricsLog, lr_schedule, state_dict_from_checkpoint
 from tests.test_ds_config import schedule_lrs
 from tests.test_train import _launch, train_setup  # noqa: F401 - train_setup: the tiny world and damaged data, as a fixture here
 
 
 def _share(names: list[str], rank: int, world: int) -> set[str]:
-    return set(names[rank::world]) if len(names) >= world else set(names)
+    """Rank ``rank``'s shards: all when there are fewer than ranks; else its own of the evenly dividing ones and
+    the last len(names) % world, which every rank shares."""
+    if len(names) < world:
+        return set(names)
+    even = len(names) - len(names) % world
+    return set(names[rank:even:world]) | set(names[even:])
+
+
+def _shared(names: list[str], world: int) -> set[str]:
+    """The shards more than one rank reads."""
+    return set(names) if len(names) < world else set(names[len(names) - len(names) % world :])
 
 
 # ----------------------------------------------------------------------------- without the launcher
@@ -38,9 +50,21 @@ def _share(names: list[str], rank: int, world: int) -> set[str]:
 
 def test_rank_shards_are_disjoint_when_there_are_enough():
     shards = [f"{i:05d}" for i in range(7)]
-    parts = [rank_shards(shards, r, 3) for r in range(3)]
-    assert parts == [["00000", "00003", "00006"], ["00001", "00004"], ["00002", "00005"]]
+    assert [rank_shards(shards[:6], r, 3) for r in range(3)] == [["00000", "00003"], ["00001", "00004"], ["00002", "00005"]]
+    assert share_weights(6, 3) is None, "an even split: each rank draws its own uniformly"
+    # 7 on 3: the 7th is every rank's, drawn at a third of an own shard's weight
+    assert [rank_shards(shards, r, 3) for r in range(3)] == [["00000", "00003", "00006"], ["00001", "00004", "00006"], ["00002", "00005", "00006"]]
+    assert share_weights(7, 3) == [3, 3, 1]
     assert rank_shards(shards[:2], 2, 3) == shards[:2], "fewer shards than ranks: every rank reads all"
+    assert share_weights(2, 3) is None
+    for n in range(1, 30):  # over the ranks, every shard is drawn equally often (exactly, in fractions)
+        for world in range(1, 9):
+            drawn = Counter()
+            for rank in range(world):
+                share, weights = rank_shards(list(range(n)), rank, world), share_weights(n, world)
+                weights = weights or [1] * len(share)
+                drawn.update({s: Fraction(w, sum(weights)) for s, w in zip(share, weights)})
+            assert set(drawn) == set(range(n)) and set(drawn.values()) == {Fraction(world, n)}, (n, world, drawn)
     with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
         rank_shards(shards, 3, 3)
 
@@ -48,7 +72,8 @@ def test_rank_shards_are_disjoint_when_there_are_enough():
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_each_rank_streams_only_its_share(labelled_shards, world, world_size):
     """TrainStream driven directly for ranks 0..W-1 with one seed: the shards each rank's batches came from
-    (the stream's own record) are its share, disjoint between ranks while there are at least W shards."""
+    (the stream's own record) are its share, disjoint between ranks while there are at least W shards (but for
+    the last 3 % W, which every rank reads)."""
     shards, labels = labelled_shards["train"]
     spec = DatasetSpec("world", shards, labels)
     names = [f"world/{s.name}" for s in spec.find()]
@@ -67,11 +92,16 @@ def test_each_rank_streams_only_its_share(labelled_shards, world, world_size):
         read.append(shards_read)
         assert read[-1] == share, (rank, read[-1], share)
     if world_size <= len(names):
-        assert all(not (a & b) for i, a in enumerate(read) for b in read[i + 1 :]), read
+        assert all(a & b == _shared(names, world_size) for i, a in enumerate(read) for b in read[i + 1 :]), read
         assert set().union(*read) == set(names)
     line = resolve_mixture([spec], None).describe(world_size)[0]
-    if world_size <= len(names):
+    if world_size == len(names):
         assert f"3 shards over {world_size} ranks: each rank reads only its own (shard i on rank i mod {world_size}), disjoint" in line
+    elif world_size < len(names):
+        assert (
+            "3 shards over 2 ranks: each rank reads only its own (shard i on rank i mod 2) and every rank the last 1 (of the 3 not dividing "
+            "evenly), each at 1/2 of an own shard's weight so that every shard is drawn equally often; ranks may draw the same samples of those"
+        ) in line
     else:
         assert "only 3 shard(s) for 4 ranks: every rank reads all of them, so ranks may draw the same samples" in line
 
@@ -168,7 +198,7 @@ def _assert_export_is(run: str, weights: dict[str, torch.Tensor], atol: float = 
 
 def _assert_disjoint_reads(state: dict, names: dict[str, list[str]]) -> None:
     """The shards each rank read (run_state.json's per-rank record): its own share of each dataset with at
-    least world-size shards, so that no two ranks read the same shard of it."""
+    least world-size shards, so that no two ranks read the same shard of it but the ones every rank shares."""
     world = state["world_size"]
     reads = [set(r["shards_read"]) for r in state["data_by_rank"]]
     assert len(reads) == world and all(reads), reads
@@ -178,7 +208,7 @@ def _assert_disjoint_reads(state: dict, names: dict[str, list[str]]) -> None:
         for rank in range(world):
             assert mine[rank] <= _share(full, rank, world), (dataset, rank, mine[rank])
         if len(full) >= world:
-            assert all(not (a & b) for i, a in enumerate(mine) for b in mine[i + 1 :]), (dataset, mine)
+            assert all(a & b <= _shared(full, world) for i, a in enumerate(mine) for b in mine[i + 1 :]), (dataset, mine)
 
 
 def _schedule_lrs(lr: float, warmup: int, total: int, min_lr: float = 0.0) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 
 import pyarrow as pa
 import pytest
@@ -79,6 +80,21 @@ def test_segments_are_seeded_by_their_first_sample(tmp_path, world):
 def _first(spec: DatasetSpec, tokenizer: str, n: int, **kwargs) -> list[dict]:
     it = iter(TrainStream([spec], tokenizer, 32, 4, seed=1, shuffle_buffer=2, max_text_len=32, **kwargs))
     return [next(it) for _ in range(n)]
+
+
+def test_ranks_draw_every_shard_equally_often_when_the_shards_do_not_divide_evenly(tmp_path, world):
+    """5 one-sample shards on 2 ranks, 300 draws each: rank 0 owns 2, rank 1 owns 2, both read the 5th at half an
+    own shard's weight, so that over the ranks each shard gives about 120 of the 600 samples (the old split, 3 shards
+    on rank 0 and 2 on rank 1, gave rank 1's 150 each and rank 0's 100). The draws are seeded: the same counts on
+    every run."""
+    spec = _dataset(str(tmp_path), shards=5, per=1)
+    drawn = Counter()
+    for rank in (0, 1):
+        stats = _first(spec, world.tokenizer, 75, rank=rank, world_size=2)[-1]["stats"]
+        assert stats["samples"] == 300, stats
+        drawn.update(stats["shards_read"])
+        assert set(stats["shards_read"]) == {f"d/{s:05d}" for s in ((0, 2, 4) if rank == 0 else (1, 3, 4))}, stats
+    assert sum(drawn.values()) >= 600 and all(95 <= n <= 145 for n in drawn.values()), drawn
 
 
 def test_a_rank_whose_only_shard_is_damaged_reads_the_others(tmp_path, world):
